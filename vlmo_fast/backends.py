@@ -1,0 +1,144 @@
+"""The one dispatch point for compute backends.
+
+Every op that has several implementations (the MoME feed-forward, the shared attention,
+the contrastive loss, ...) asks `resolve(op, requested, device)` which implementation to
+run. Resolution order: an explicit per-module/per-call request, then the process-wide
+override (`set_backend(...)` or the environment variable `VLMO_FAST_<OP>_BACKEND`), then
+the op's automatic policy. Implementations register themselves with `register`, so a
+kernel module plugs in without editing this file. Whatever ran is recorded in
+`last_used()` and logged once at INFO, so a run can always say which path it took.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+logger = logging.getLogger("vlmo_fast")
+
+AUTO = "auto"
+
+
+@dataclass
+class _Impl:
+    name: str
+    # available(device) -> None when usable, else a short reason string.
+    available: Callable[[torch.device], Optional[str]]
+
+
+@dataclass
+class _Op:
+    name: str
+    # auto preference order per device type; the first available implementation wins.
+    preference: Dict[str, List[str]] = field(default_factory=dict)
+    impls: Dict[str, _Impl] = field(default_factory=dict)
+    override: Optional[str] = None
+
+
+_OPS: Dict[str, _Op] = {}
+_LAST_USED: Dict[str, str] = {}
+_WARNED: set = set()
+
+
+def _always(_device: torch.device) -> Optional[str]:
+    return None
+
+
+def register(op: str, name: str, available: Callable[[torch.device], Optional[str]] = _always,
+             preference: Optional[Dict[str, List[str]]] = None) -> None:
+    """Register implementation `name` of `op`; `preference` (device type -> ordered names)
+    sets or replaces the op's automatic policy."""
+    entry = _OPS.setdefault(op, _Op(op))
+    entry.impls[name] = _Impl(name, available)
+    if preference is not None:
+        entry.preference.update(preference)
+
+
+def set_backend(op: str, name: Optional[str]) -> None:
+    """Process-wide override for `op` ("auto" or None restores the automatic choice)."""
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
+    if name not in (None, AUTO) and name not in _OPS[op].impls:
+        raise ValueError(f"unknown backend {name!r} for {op!r}; expected one of "
+                         f"{[AUTO] + sorted(_OPS[op].impls)}")
+    _OPS[op].override = None if name in (None, AUTO) else name
+
+
+def available_backends(op: str, device: torch.device | str = "cpu") -> Dict[str, Optional[str]]:
+    """name -> None if usable on `device`, else the reason it is not."""
+    device = torch.device(device)
+    return {n: impl.available(device) for n, impl in _OPS[op].impls.items()}
+
+
+def resolve(op: str, requested: Optional[str], device: torch.device | str) -> str:
+    """Pick the implementation of `op` to run on `device`.
+
+    An explicit request (argument, then override, then environment) that is not usable
+    raises: asking for a backend and silently getting another would hide a slow path.
+    """
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
+    entry = _OPS[op]
+    device = torch.device(device)
+    for source, name in (("argument", requested), ("set_backend", entry.override),
+                         ("environment", os.environ.get(f"VLMO_FAST_{op.upper()}_BACKEND"))):
+        if name in (None, "", AUTO):
+            continue
+        if name not in entry.impls:
+            raise ValueError(f"{op} backend {name!r} (from {source}) is unknown; expected one "
+                             f"of {[AUTO] + sorted(entry.impls)}")
+        reason = entry.impls[name].available(device)
+        if reason is not None:
+            raise RuntimeError(f"{op} backend {name!r} (from {source}) cannot run on "
+                               f"{device}: {reason}")
+        return _record(op, name, device)
+    order = entry.preference.get(device.type) or entry.preference.get("default") or list(entry.impls)
+    reasons = []
+    for name in order:
+        impl = entry.impls.get(name)
+        if impl is None:
+            continue
+        reason = impl.available(device)
+        if reason is None:
+            if reasons and device.type == "cuda":
+                key = (op, name)
+                if key not in _WARNED:
+                    _WARNED.add(key)
+                    warnings.warn(f"vlmo_fast: {op} falls back to {name!r} on {device}: "
+                                  + "; ".join(reasons), RuntimeWarning, stacklevel=3)
+            return _record(op, name, device)
+        reasons.append(f"{name} unavailable ({reason})")
+    raise RuntimeError(f"no usable {op} backend on {device}: " + "; ".join(reasons))
+
+
+def _record(op: str, name: str, device: torch.device) -> str:
+    key = f"{op}@{device.type}"
+    if _LAST_USED.get(key) != name:
+        logger.info("vlmo_fast: %s runs on backend %r (%s)", op, name, device.type)
+        _LAST_USED[key] = name
+    return name
+
+
+def last_used() -> Dict[str, str]:
+    """'op@device_type' -> the backend that ran most recently."""
+    return dict(_LAST_USED)
+
+
+def backend_report(device: torch.device | str | None = None) -> Dict[str, Dict[str, str]]:
+    """For each op: each backend and whether it is usable here (or why not)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    report = {}
+    for op in sorted(_OPS):
+        avail = available_backends(op, device)
+        report[op] = {n: ("ok" if r is None else f"unavailable: {r}") for n, r in avail.items()}
+        try:
+            report[op]["auto"] = resolve(op, AUTO, device)
+        except RuntimeError as exc:
+            report[op]["auto"] = f"none ({exc})"
+    return report
