@@ -1,6 +1,25 @@
-"""vlmo_fast: kernel-accelerated VLMo (Mixture-of-Modality-Experts vision-language model)."""
+"""vlmo_fast: kernel-accelerated VLMo (Mixture-of-Modality-Experts vision-language model).
+
+Start with `VLMo.from_preset("base")` or the drop-in `MoMEBlock`; see docs/ARCHITECTURE.md.
+"""
 __version__ = "0.1.0"
 
 from . import backends
 from .backends import backend_report, set_backend
-from .mome import MoMEFeedForward, mome_ffn, mome_ffn_reference, VISION, LANGUAGE, VISION_LANGUAGE
+from .block import MoMEBlock
+from .attention import MultiHeadSelfAttention, attention_reference
+from .checkpoint import (export_reference_state_dict, from_pretrained, load_beit_state_dict,
+                         load_reference_state_dict, save_pretrained)
+from .config import PRESETS, VLMoConfig
+from .embeddings import RelativePositionBias
+from .model import VLMo, EncoderOutput
+from .mome import (LANGUAGE, VISION, VISION_LANGUAGE, MoMEFeedForward, mome_ffn,
+                   mome_ffn_reference)
+
+__all__ = [
+    "VLMo", "VLMoConfig", "PRESETS", "EncoderOutput", "MoMEBlock", "MoMEFeedForward",
+    "MultiHeadSelfAttention", "RelativePositionBias", "mome_ffn", "mome_ffn_reference",
+    "attention_reference", "VISION", "LANGUAGE", "VISION_LANGUAGE", "backends", "backend_report",
+    "set_backend", "load_reference_state_dict", "export_reference_state_dict",
+    "load_beit_state_dict", "save_pretrained", "from_pretrained",
+]

@@ -1,0 +1,250 @@
+"""Checkpoint compatibility: reference VLMo names (exact round trip and numerical parity
+with a from-scratch re-implementation of the reference forward), timm BEiT parity."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmo_fast import VLMo, VLMoConfig, export_reference_state_dict, load_beit_state_dict, \
+    load_reference_state_dict
+from vlmo_fast.checkpoint import CheckpointMismatchError
+
+
+def reference_shapes(c: VLMoConfig, num_classes: int = 0):
+    """Every tensor of a reference VLMo state_dict, by name -> shape (written from the
+    reference's module layout, independently of our model code)."""
+    d, h, v = c.dim, c.mlp_hidden_dim, c.vocab_size
+    s = {
+        "text_embeddings.word_embeddings.weight": (v, d),
+        "text_embeddings.position_embeddings.weight": (c.max_text_len, d),
+        "text_embeddings.token_type_embeddings.weight": (2, d),
+        "text_embeddings.LayerNorm.weight": (d,), "text_embeddings.LayerNorm.bias": (d,),
+        "token_type_embeddings.weight": (2, d),
+        "transformer.cls_token": (1, 1, d),
+        "transformer.patch_embed.proj.weight": (d, 3, c.patch_size, c.patch_size),
+        "transformer.patch_embed.proj.bias": (d,),
+        "transformer.norm.weight": (d,), "transformer.norm.bias": (d,),
+        "pooler.dense.weight": (d, d), "pooler.dense.bias": (d,),
+        "itc_text_proj.fc.weight": (d, d), "itc_image_proj.fc.weight": (d, d),
+        "itc_vl_text_proj.fc.weight": (d, d), "itc_vl_image_proj.fc.weight": (d, d),
+        "logit_scale": (), "logit_vl_scale": (),
+        "itm_score.fc.weight": (2, d), "itm_score.fc.bias": (2,),
+        "mlm_score.transform.dense.weight": (d, d), "mlm_score.transform.dense.bias": (d,),
+        "mlm_score.transform.LayerNorm.weight": (d,), "mlm_score.transform.LayerNorm.bias": (d,),
+        "mlm_score.decoder.weight": (v, d), "mlm_score.bias": (v,),
+    }
+    if c.relative_position:
+        g = c.grid_size
+        s["relative_position_bias_table"] = ((2 * g - 1) ** 2 + 3 + 2 * c.text_relpos_len + 2, c.num_heads * c.depth)
+    else:
+        s["transformer.pos_embed"] = (1, c.num_image_tokens, d)
+    for i in range(c.depth):
+        p = f"transformer.blocks.{i}."
+        s.update({p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "attn.qkv.weight": (3 * d, d),
+                  p + "attn.q_bias": (d,), p + "attn.v_bias": (d,), p + "attn.proj.weight": (d, d),
+                  p + "attn.proj.bias": (d,)})
+        if c.layer_scale_init is not None:
+            s[p + "gamma_1"] = (d,)
+            s[p + "gamma_2"] = (d,)
+        for ex in ["text", "imag"] + (["vl"] if i >= c.depth - c.vl_layers else []):
+            s.update({f"{p}norm2_{ex}.weight": (d,), f"{p}norm2_{ex}.bias": (d,),
+                      f"{p}mlp_{ex}.fc1.weight": (h, d), f"{p}mlp_{ex}.fc1.bias": (h,),
+                      f"{p}mlp_{ex}.fc2.weight": (d, h), f"{p}mlp_{ex}.fc2.bias": (d,)})
+    if num_classes:
+        s.update({"vqa_classifier.0.weight": (2 * d, d), "vqa_classifier.0.bias": (2 * d,),
+                  "vqa_classifier.1.weight": (2 * d,), "vqa_classifier.1.bias": (2 * d,),
+                  "vqa_classifier.3.weight": (num_classes, 2 * d), "vqa_classifier.3.bias": (num_classes,)})
+    return s
+
+
+def random_reference_state_dict(c, num_classes=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in reference_shapes(c, num_classes).items():
+        t = torch.randn(shape, generator=g) * 0.05
+        if k.endswith(("LayerNorm.weight", "norm1.weight", "norm.weight")) or ".norm2_" in k and k.endswith("weight"):
+            t = t + 1.0
+        sd[k] = t
+    return sd
+
+
+@pytest.mark.parametrize("preset,overrides,num_classes", [
+    ("tiny", {}, 0), ("tiny", {"relative_position": False, "layer_scale_init": None}, 0),
+    ("tiny", {"num_classes": 7}, 7)])
+def test_reference_round_trip_is_exact(preset, overrides, num_classes):
+    c = VLMoConfig.preset(preset, **overrides)
+    sd = random_reference_state_dict(c, num_classes)
+    model = VLMo(c)
+    missing, unexpected = load_reference_state_dict(model, sd)
+    assert missing == [] and unexpected == []
+    back = export_reference_state_dict(model)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+def test_reference_loader_accepts_wrappers_and_ignores_index_buffers():
+    c = VLMoConfig.preset("tiny")
+    sd = random_reference_state_dict(c)
+    wrapped = {"module": {"module." + k: v for k, v in sd.items()}}
+    wrapped["module"]["module.text_embeddings.position_ids"] = torch.arange(c.max_text_len)[None]
+    load_reference_state_dict(VLMo(c), wrapped)
+
+
+def test_reference_loader_errors_are_clear():
+    c = VLMoConfig.preset("tiny")
+    sd = random_reference_state_dict(c)
+    model = VLMo(c)
+    bad = dict(sd)
+    del bad["transformer.blocks.0.mlp_text.fc1.weight"]
+    bad["transformer.blocks.0.mlp_audio.fc1.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): blocks.0.mlp.fc1_weight\[1\]"):
+        load_reference_state_dict(model, bad)
+    with pytest.raises(CheckpointMismatchError, match="unexpected.*mlp_audio"):
+        load_reference_state_dict(model, bad)
+    missing, unexpected = load_reference_state_dict(model, bad, strict=False)
+    assert missing == ["blocks.0.mlp.fc1_weight[1]"] and unexpected == ["transformer.blocks.0.mlp_audio.fc1.weight"]
+    bad = dict(sd)
+    bad["transformer.norm.weight"] = torch.zeros(c.dim + 1)
+    with pytest.raises(CheckpointMismatchError, match=r"transformer.norm.weight: checkpoint has shape"):
+        load_reference_state_dict(model, bad)
+
+
+# --- an independent re-implementation of the reference forward (fusion encoder) ------------
+def _ref_rel_index(c, text_len):
+    g = c.grid_size
+    n_img = (2 * g - 1) ** 2 + 3
+    n_all = n_img + 2 * c.text_relpos_len + 2
+    coords = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += g - 1
+    rel[:, :, 1] += g - 1
+    rel[:, :, 0] *= 2 * g - 1
+    img = torch.zeros(g * g + 1, g * g + 1, dtype=torch.long)
+    img[1:, 1:] = rel.sum(-1)
+    img[0, 0:] = n_img - 3
+    img[0:, 0] = n_img - 2
+    img[0, 0] = n_img - 1
+    ids = torch.arange(text_len - 1)
+    mat = ids.unsqueeze(-2) - ids.unsqueeze(-1) - (2 - c.text_relpos_len) + n_img + 2
+    txt = torch.zeros(text_len, text_len, dtype=torch.long)
+    txt[1:, 1:] = mat
+    txt[0, 0:] = n_all - 3
+    txt[0:, 0] = n_all - 2
+    txt[0, 0] = n_all - 1
+    li = g * g + 1
+    top = torch.cat([txt, torch.full((text_len, li), n_img)], 1)
+    bottom = torch.cat([torch.full((li, text_len), n_img + 1), img], 1)
+    return torch.cat([top, bottom], 0)
+
+
+def reference_pair_forward(sd, c, text_ids, text_mask, images):
+    d, H = c.dim, c.num_heads
+    lt = text_ids.shape[1]
+    t = sd["text_embeddings.word_embeddings.weight"][text_ids] + sd["text_embeddings.token_type_embeddings.weight"][0]
+    t = F.layer_norm(t, (d,), sd["text_embeddings.LayerNorm.weight"], sd["text_embeddings.LayerNorm.bias"], 1e-12)
+    t = t + sd["token_type_embeddings.weight"][0]
+    im = F.conv2d(images, sd["transformer.patch_embed.proj.weight"], sd["transformer.patch_embed.proj.bias"],
+                  stride=c.patch_size).flatten(2).transpose(1, 2)
+    im = torch.cat([sd["transformer.cls_token"].expand(im.shape[0], -1, -1), im], 1)
+    im = im + sd["token_type_embeddings.weight"][1]
+    x = torch.cat([t, im], 1)
+    mask = torch.cat([text_mask, torch.ones(im.shape[:2], dtype=text_mask.dtype)], 1).bool()
+    L = x.shape[1]
+    bias_all = sd["relative_position_bias_table"][_ref_rel_index(c, lt)].permute(2, 0, 1)
+    biases = torch.chunk(bias_all, c.depth, 0)
+
+    def mlp(z, p, ex):
+        z = F.layer_norm(z, (d,), sd[f"{p}norm2_{ex}.weight"], sd[f"{p}norm2_{ex}.bias"], 1e-6)
+        z = F.gelu(F.linear(z, sd[f"{p}mlp_{ex}.fc1.weight"], sd[f"{p}mlp_{ex}.fc1.bias"]))
+        return F.linear(z, sd[f"{p}mlp_{ex}.fc2.weight"], sd[f"{p}mlp_{ex}.fc2.bias"])
+
+    for i in range(c.depth):
+        p = f"transformer.blocks.{i}."
+        y = F.layer_norm(x, (d,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
+        qkv_b = torch.cat([sd[p + "attn.q_bias"], torch.zeros(d), sd[p + "attn.v_bias"]])
+        qkv = F.linear(y, sd[p + "attn.qkv.weight"], qkv_b).reshape(x.shape[0], L, 3, H, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * (d // H) ** -0.5, qkv[1], qkv[2]
+        a = q.float() @ k.float().transpose(-2, -1) + biases[i].unsqueeze(0)
+        a = a.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+        y = F.linear((a @ v).transpose(1, 2).reshape(x.shape[0], L, d), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        x = x + sd[p + "gamma_1"] * y
+        if i >= c.depth - c.vl_layers:
+            x = x + sd[p + "gamma_2"] * mlp(x, p, "vl")
+        else:  # the reference's fixed split: first max_text_len positions are text
+            xt, xi = x[:, :lt], x[:, lt:]
+            x = torch.cat([xt + sd[p + "gamma_2"] * mlp(xt, p, "text"),
+                           xi + sd[p + "gamma_2"] * mlp(xi, p, "imag")], 1)
+    x = F.layer_norm(x, (d,), sd["transformer.norm.weight"], sd["transformer.norm.bias"], 1e-6)
+    pooled = torch.tanh(F.linear(x[:, 0], sd["pooler.dense.weight"], sd["pooler.dense.bias"]))
+    return x, pooled
+
+
+def test_loaded_reference_weights_reproduce_the_reference_forward():
+    c = VLMoConfig.preset("tiny")
+    sd = random_reference_state_dict(c, seed=3)
+    model = VLMo(c).eval()
+    load_reference_state_dict(model, sd)
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(2, 3, c.img_size, c.img_size, generator=g)
+    text_ids = torch.randint(0, c.vocab_size, (2, c.max_text_len), generator=g)
+    text_mask = torch.ones(2, c.max_text_len, dtype=torch.long)
+    text_mask[0, 6:] = 0
+    ref_hidden, ref_pooled = reference_pair_forward(sd, c, text_ids, text_mask, images)
+    out = model.encode_pair(text_ids, images, text_mask)
+    torch.testing.assert_close(out.hidden, ref_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.pooled, ref_pooled, rtol=1e-5, atol=1e-5)
+    logits = model.itm_logits(out)
+    torch.testing.assert_close(logits, F.linear(ref_pooled, sd["itm_score.fc.weight"], sd["itm_score.fc.bias"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+# --- timm BEiT ------------------------------------------------------------------------------
+timm = pytest.importorskip("timm")
+
+
+def test_beit_image_outputs_match_timm():
+    from timm.models.beit import Beit
+    torch.manual_seed(0)
+    beit = Beit(img_size=48, patch_size=16, embed_dim=64, depth=3, num_heads=4, mlp_ratio=4,
+                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token",
+                num_classes=0).eval()
+    with torch.no_grad():  # random weights everywhere, including biases and the bias tables
+        for p in beit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    c = VLMoConfig.preset("tiny", img_size=48, depth=3, vl_layers=1)
+    model = VLMo(c).eval()
+    loaded, ignored = load_beit_state_dict(model, beit.state_dict())
+    assert any(k.endswith("attn.relative_position_bias_table") for k in loaded)
+    with torch.no_grad():
+        model.token_type_embeddings.weight.zero_()  # BEiT has no modality embedding
+    images = torch.randn(2, 3, 48, 48)
+    expect = beit.forward_features(images)
+    got = model.encode_image(images).hidden
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_beit_base_layout_maps_every_block():
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False)
+    with torch.device("meta"):
+        model = VLMo.from_preset("base")
+    model = model.to_empty(device="cpu")
+    loaded, ignored = load_beit_state_dict(model, beit.state_dict())
+    for i in range(12):
+        for s in ("norm1.weight", "attn.qkv.weight", "attn.q_bias", "attn.v_bias", "attn.proj.weight",
+                  "gamma_1", "gamma_2", "norm2.weight", "mlp.fc1.weight", "mlp.fc2.bias",
+                  "attn.relative_position_bias_table"):
+            assert f"blocks.{i}.{s}" in loaded
+    assert set(ignored) <= {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    torch.testing.assert_close(model.blocks[5].mlp.fc1_weight[0], beit.blocks[5].mlp.fc1.weight.T)
+    torch.testing.assert_close(model.rel_pos_bias.relative_position_bias_table[:732, 5 * 12:6 * 12],
+                               beit.blocks[5].attn.relative_position_bias_table)
+
+
+@pytest.mark.parametrize("text_len", [2, 40])
+def test_relative_index_matches_the_reference_at_base_size(text_len):
+    from vlmo_fast import RelativePositionBias
+    c = VLMoConfig.preset("base")
+    rel = RelativePositionBias(c.grid_size, c.text_relpos_len, c.num_heads, c.depth)
+    ours = rel.index(*rel.layout(text_len, c.num_image_tokens))
+    assert torch.equal(ours, _ref_rel_index(c, text_len))
+    assert int(ours.max()) < rel.num_distances

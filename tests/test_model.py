@@ -1,0 +1,218 @@
+"""VLMo model: encoders, heads, presets, config, resolution change, save/load, bad inputs."""
+import json
+
+import pytest
+import torch
+
+from vlmo_fast import VLMo, VLMoConfig, PRESETS
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = VLMo.from_preset("tiny").eval()
+    with torch.no_grad():  # non-default LN/bias/table values so every parameter matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def batch(model, b=3, lt=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    images = torch.randn(b, 3, c.img_size, c.img_size, generator=g)
+    text_ids = torch.randint(0, c.vocab_size, (b, lt), generator=g)
+    text_mask = torch.ones(b, lt, dtype=torch.long)
+    text_mask[1, 5:] = 0
+    return images, text_ids, text_mask
+
+
+def test_encoder_shapes_and_normalised_features(tiny):
+    images, text_ids, text_mask = batch(tiny)
+    c = tiny.config
+    img = tiny.encode_image(images, return_vl=True)
+    txt = tiny.encode_text(text_ids, text_mask, return_vl=True)
+    pair = tiny.encode_pair(text_ids, images, text_mask)
+    assert img.hidden.shape == (3, c.num_image_tokens, c.dim)
+    assert txt.hidden.shape == (3, 9, c.dim)
+    assert pair.hidden.shape == (3, 9 + c.num_image_tokens, c.dim) and pair.text_len == 9
+    for f in (img.features, img.vl_features, txt.features, txt.vl_features):
+        torch.testing.assert_close(f.norm(dim=-1), torch.ones(3))
+    assert tiny.itm_logits(pair).shape == (3, 2)
+    assert tiny.mlm_logits(pair).shape == (3, 9, c.vocab_size)
+    assert tiny.mlm_logits(txt).shape == (3, 9, c.vocab_size)
+
+
+def test_dual_and_fusion_modes_differ(tiny):
+    images, text_ids, text_mask = batch(tiny)
+    txt = tiny.encode_text(text_ids, text_mask)
+    pair = tiny.encode_pair(text_ids, images, text_mask)
+    # in the fusion encoder text attends to the image and the top layers use the VL expert
+    assert not torch.allclose(txt.hidden, pair.hidden[:, :9], atol=1e-3)
+    # changing the image changes the fused text states but never the dual-encoder text states
+    pair2 = tiny.encode_pair(text_ids, images.flip(0), text_mask)
+    assert not torch.allclose(pair.hidden[:, :9], pair2.hidden[:, :9], atol=1e-4)
+
+
+def test_vl_branch_reruns_top_layers_with_the_vl_expert(tiny):
+    images, _, _ = batch(tiny)
+    c = tiny.config
+    out = tiny.encode_image(images, return_vl=True)
+    x = tiny.embed_image(images)
+    biases = tiny._layer_biases(torch.zeros(x.shape[1], dtype=torch.bool), torch.arange(x.shape[1]))
+    for i in range(c.depth):
+        if i == c.vl_start:
+            kept = x
+        x = tiny.blocks[i](x, torch.zeros(x.shape[:2], dtype=torch.long), attn_bias=biases[i])
+    torch.testing.assert_close(tiny.norm(x), out.hidden)
+    y = kept
+    for i in range(c.vl_start, c.depth):
+        y = tiny.blocks[i](y, torch.full(y.shape[:2], 2, dtype=torch.long), attn_bias=biases[i])
+    expect = tiny.itc_vl.image_features(tiny.norm(y)[:, 0])
+    torch.testing.assert_close(out.vl_features, expect)
+
+
+def test_text_padding_is_ignored(tiny):
+    _, text_ids, text_mask = batch(tiny)
+    out1 = tiny.encode_text(text_ids, text_mask)
+    ids2 = text_ids.clone()
+    ids2[1, 5:] = (ids2[1, 5:] + 17) % tiny.config.vocab_size
+    out2 = tiny.encode_text(ids2, text_mask)
+    real = text_mask.bool()
+    torch.testing.assert_close(out1.hidden[real], out2.hidden[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out1.features, out2.features, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_dispatch_and_backward_reaches_parameters(tiny):
+    model = VLMo.from_preset("tiny")
+    images, text_ids, text_mask = batch(model)
+    img = model.encode_image(images, return_vl=True)
+    txt = model(text_ids=text_ids, text_mask=text_mask)
+    pair = model(images=images, text_ids=text_ids, text_mask=text_mask)
+    logits = torch.exp(model.itc.logit_scale) * img.features @ txt.features.T
+    loss = logits.logsumexp(1).mean() + model.itm_logits(pair).square().mean() \
+        + model.mlm_logits(pair).logsumexp(-1).mean() + img.vl_features.sum()
+    loss.backward()
+    assert model.itc.logit_scale.grad is not None
+    assert model.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0
+    for i, blk in enumerate(model.blocks):
+        assert blk.attn.qkv.weight.grad.abs().sum() > 0, f"block {i}"
+    with pytest.raises(ValueError, match="needs images, text_ids"):
+        model()
+
+
+def test_presets_have_the_paper_sizes():
+    expect = {"base": (768, 12, 12, 2, True, 0.1), "large": (1024, 24, 16, 3, True, 0.1),
+              "base_plus": (544, 24, 16, 3, False, None)}
+    for name, (dim, depth, heads, vl, rel, ls) in expect.items():
+        c = VLMoConfig.preset(name)
+        assert (c.dim, c.depth, c.num_heads, c.vl_layers, c.relative_position, c.layer_scale_init) == \
+            (dim, depth, heads, vl, rel, ls)
+        assert c.mlp_hidden_dim == 4 * dim and c.img_size == 224 and c.patch_size == 16
+        assert c.max_text_len == 40 and c.vocab_size == 30522
+        with torch.device("meta"):
+            m = VLMo(c)
+        assert [b.num_experts for b in m.blocks] == [2] * (depth - vl) + [3] * vl
+        if rel:  # (2*14-1)^2 + 3 image + 2 cross + 2*196 text rows, one column per head per layer
+            assert tuple(m.rel_pos_bias.relative_position_bias_table.shape) == (729 + 3 + 2 + 392, heads * depth)
+            assert m.pos_embed is None
+        else:
+            assert m.rel_pos_bias is None and tuple(m.pos_embed.shape) == (1, 197, dim)
+            assert m.blocks[0].gamma_1 is None
+    with torch.device("meta"):
+        base = VLMo.from_preset("base")
+    n = sum(p.numel() for p in base.parameters())
+    # ~175M backbone (paper) + MLM decoder and ITC/ITM heads
+    assert 195e6 < n < 210e6
+
+
+def test_config_json_round_trip_and_validation(tmp_path):
+    c = VLMoConfig.preset("base", num_classes=3129)
+    assert VLMoConfig.from_json(c.to_json()) == c
+    c.to_json(tmp_path / "c.json")
+    assert VLMoConfig.from_json(tmp_path / "c.json") == c
+    assert json.loads(c.to_json())["num_classes"] == 3129
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        VLMoConfig(dim=100, num_heads=12)
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        VLMoConfig(img_size=230)
+    with pytest.raises(ValueError, match="vl_layers"):
+        VLMoConfig(depth=2, vl_layers=3)
+    with pytest.raises(ValueError, match="text_relpos_len"):
+        VLMoConfig(max_text_len=300)
+    with pytest.raises(ValueError, match="unknown keys"):
+        VLMoConfig.from_dict({"dim": 64, "bogus": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        VLMoConfig.preset("huge")
+    assert set(PRESETS) >= {"tiny", "base", "large", "base_plus"}
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("not_divisible", ValueError, "not divisible by the patch size"),
+    ("other_size", ValueError, "resize_image"),
+    ("channels", ValueError, "channels"),
+    ("too_long", ValueError, "exceeds the supported maximum"),
+    ("vocab", ValueError, "text_ids must be in"),
+    ("float_ids", TypeError, "integer tensor"),
+    ("dtype", TypeError, "torch.float64"),
+    ("mask_shape", ValueError, "text_mask must have the shape"),
+    ("batch", ValueError, "batch"),
+])
+def test_bad_model_inputs(tiny, case, exc, match):
+    images, text_ids, text_mask = batch(tiny)
+    c = tiny.config
+    with pytest.raises(exc, match=match):
+        if case == "not_divisible":
+            tiny.encode_image(torch.randn(1, 3, 40, 40))
+        elif case == "other_size":
+            tiny.encode_image(torch.randn(1, 3, 48, 48))
+        elif case == "channels":
+            tiny.encode_image(torch.randn(1, 1, 32, 32))
+        elif case == "too_long":
+            tiny.encode_text(torch.zeros(1, c.max_text_len + 1, dtype=torch.long))
+        elif case == "vocab":
+            tiny.encode_text(torch.full((1, 4), c.vocab_size))
+        elif case == "float_ids":
+            tiny.encode_text(text_ids.float())
+        elif case == "dtype":
+            tiny.encode_image(images.double())
+        elif case == "mask_shape":
+            tiny.encode_text(text_ids, text_mask[:, :3])
+        elif case == "batch":
+            tiny.encode_pair(text_ids, images[:2], text_mask)
+
+
+def test_resize_image_interpolates_positions(tiny):
+    model = VLMo.from_preset("tiny").eval()
+    model.load_state_dict(tiny.state_dict())
+    model.resize_image(48)
+    assert model.config.img_size == 48 and model.rel_pos_bias.grid_size == 3
+    out = model.encode_image(torch.randn(2, 3, 48, 48))
+    assert out.hidden.shape == (2, 10, 64)
+    # the non-image rows of the shared table are carried over unchanged
+    old, new = tiny.rel_pos_bias, model.rel_pos_bias
+    torch.testing.assert_close(new.relative_position_bias_table[new.num_image_distances - 3:],
+                               old.relative_position_bias_table[old.num_image_distances - 3:])
+    with pytest.raises(ValueError, match="not divisible"):
+        model.resize_image(50)
+
+
+def test_absolute_position_model_runs():
+    model = VLMo(VLMoConfig.preset("tiny", relative_position=False, layer_scale_init=None)).eval()
+    images, text_ids, text_mask = batch(model)
+    pair = model.encode_pair(text_ids, images, text_mask)
+    assert torch.isfinite(pair.hidden).all()
+    model.resize_image(48)
+    assert model.pos_embed.shape == (1, 10, 64)
+
+
+def test_save_and_from_pretrained(tiny, tmp_path):
+    images, text_ids, text_mask = batch(tiny)
+    tiny.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    loaded = VLMo.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config == tiny.config
+    torch.testing.assert_close(loaded.encode_pair(text_ids, images, text_mask).hidden,
+                               tiny.encode_pair(text_ids, images, text_mask).hidden, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="not a vlmo_fast checkpoint"):
+        VLMo.from_pretrained(tmp_path)

@@ -1,0 +1,181 @@
+"""Input embeddings and VLMo's shared relative-position-bias table.
+
+- `PatchEmbed`: Conv2d patchifier with clear shape errors.
+- `TextEmbeddings`: BERT-style word + token-type (+ absolute position when the model has no
+  relative bias) embeddings, LayerNorm eps 1e-12. The position table always exists (as in
+  the reference checkpoints) but is only added for absolute-position models.
+- `RelativePositionBias`: ONE table (num_distances, num_heads * depth) shared by all layers
+  and modalities; `index(...)` builds the per-pair distance index for any token layout and
+  `forward(index)` returns the per-layer biases [depth, heads, L, L].
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError("images must be a 4-D tensor [batch, channels, height, width], got "
+                             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        _, c, h, w = images.shape
+        if c != self.in_chans:
+            raise ValueError(f"images have {c} channels, the model expects {self.in_chans}")
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        if h != self.img_size or w != self.img_size:
+            raise ValueError(f"image size {h}x{w} differs from the configured {self.img_size}x"
+                             f"{self.img_size}; resize the images or call "
+                             f"model.resize_image({h}) to interpolate the position tables")
+        weight = self.proj.weight
+        if images.dtype != weight.dtype or images.device != weight.device:
+            raise TypeError(f"images are {images.dtype} on {images.device} but the model is "
+                            f"{weight.dtype} on {weight.device}")
+        return self.proj(images).flatten(2).transpose(1, 2)  # [B, grid*grid, dim]
+
+
+class TextEmbeddings(nn.Module):
+    """Parameter names follow BERT's embeddings so reference checkpoints load as they are."""
+
+    def __init__(self, vocab_size: int, dim: int, max_len: int, type_vocab_size: int = 2,
+                 eps: float = 1e-12, absolute_positions: bool = False):
+        super().__init__()
+        self.vocab_size, self.max_len, self.absolute_positions = vocab_size, max_len, absolute_positions
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
+        self.position_embeddings = nn.Embedding(max_len, dim)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, text_ids: Tensor) -> Tensor:
+        if not isinstance(text_ids, Tensor) or text_ids.dim() != 2:
+            raise ValueError("text_ids must be a 2-D tensor [batch, length], got "
+                             f"{tuple(text_ids.shape) if isinstance(text_ids, Tensor) else type(text_ids).__name__}")
+        if text_ids.dtype not in _INT_DTYPES:
+            raise TypeError(f"text_ids must be an integer tensor, got {text_ids.dtype}")
+        length = text_ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"text length {length} exceeds the supported maximum {self.max_len} "
+                             "(config.max_text_len)")
+        if text_ids.device != self.word_embeddings.weight.device:
+            raise ValueError(f"text_ids are on {text_ids.device} but the model is on "
+                             f"{self.word_embeddings.weight.device}")
+        if text_ids.device.type == "cpu" and text_ids.numel():
+            lo, hi = int(text_ids.min()), int(text_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"text_ids must be in [0, {self.vocab_size - 1}], got [{lo}, {hi}]")
+        x = self.word_embeddings(text_ids) + self.token_type_embeddings.weight[0]
+        if self.absolute_positions:
+            x = x + self.position_embeddings.weight[:length]
+        return self.LayerNorm(x)
+
+
+def image_relative_index(grid: int) -> Tensor:
+    """BEiT's 2-D relative index for [CLS] + grid*grid patches: (grid^2+1, grid^2+1).
+
+    Patch pairs get (dy + grid-1) * (2*grid-1) + (dx + grid-1) with d = query - key; the
+    three last entries are CLS->patch, patch->CLS and CLS->CLS.
+    """
+    n = (2 * grid - 1) ** 2
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])                 # 2, P
+    rel = coords[:, :, None] - coords[:, None, :]                      # 2, P, P
+    patch_index = (rel[0] + grid - 1) * (2 * grid - 1) + (rel[1] + grid - 1)
+    index = torch.empty(grid * grid + 1, grid * grid + 1, dtype=torch.long)
+    index[1:, 1:] = patch_index
+    index[0, :] = n          # CLS query -> patch keys
+    index[:, 0] = n + 1      # patch query -> CLS key
+    index[0, 0] = n + 2      # CLS -> CLS
+    return index
+
+
+def text_relative_index(text_len: int, offset: int) -> Tensor:
+    """1-D relative index for [CLS] + (text_len - 1) tokens, entries start at `offset`.
+
+    The table holds 2*text_len entries: 2*text_len - 3 distances (key - query) between
+    non-CLS tokens, then CLS->token, token->CLS, CLS->CLS.
+    """
+    pos = torch.arange(text_len - 1)
+    rel = pos[None, :] - pos[:, None] + (text_len - 2)                  # 0 .. 2*text_len-4
+    last = offset + 2 * text_len
+    index = torch.empty(text_len, text_len, dtype=torch.long)
+    index[1:, 1:] = rel + offset
+    index[0, :] = last - 3
+    index[:, 0] = last - 2
+    index[0, 0] = last - 1
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """VLMo's shared relative position bias.
+
+    Table rows: [(2g-1)^2 image distances, CLS->patch, patch->CLS, CLS->CLS, text->image,
+    image->text, 2*T text entries]; columns: layer-major (layer * num_heads + head).
+    """
+
+    def __init__(self, grid_size: int, text_len: int, num_heads: int, depth: int):
+        super().__init__()
+        self.grid_size, self.text_len, self.num_heads, self.depth = grid_size, text_len, num_heads, depth
+        self.num_image_distances = (2 * grid_size - 1) ** 2 + 3
+        self.text_to_image = self.num_image_distances
+        self.image_to_text = self.num_image_distances + 1
+        self.num_distances = self.num_image_distances + 2 + 2 * text_len
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_distances, num_heads * depth))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("image_index", image_relative_index(grid_size), persistent=False)
+        self.register_buffer("text_index", text_relative_index(text_len, self.num_image_distances + 2),
+                             persistent=False)
+
+    def index(self, is_text: Tensor, positions: Tensor) -> Tensor:
+        """Distance index [L, L] for one token layout.
+
+        is_text [L] bool (language token vs image token), positions [L] long: a token's
+        position inside its own modality segment (image: 0 = CLS, 1.. patches; text: 0 = CLS).
+        Works for any interleaving; [text ; image] reproduces the reference's pair index.
+        """
+        if is_text.shape != positions.shape or is_text.dim() != 1:
+            raise ValueError(f"is_text and positions must be 1-D of equal length, got "
+                             f"{tuple(is_text.shape)} and {tuple(positions.shape)}")
+        n_img, n_txt = self.image_index.shape[0], self.text_index.shape[0]
+        if positions.device.type == "cpu" and positions.numel():
+            if bool((positions[~is_text] >= n_img).any()) or bool((positions[is_text] >= n_txt).any()) \
+                    or bool((positions < 0).any()):
+                raise ValueError(f"positions out of range: image tokens need [0, {n_img - 1}], "
+                                 f"text tokens [0, {n_txt - 1}]")
+        pq, pk = positions[:, None], positions[None, :]
+        tq, tk = is_text[:, None], is_text[None, :]
+        img = self.image_index[pq.clamp(max=n_img - 1), pk.clamp(max=n_img - 1)]
+        txt = self.text_index[pq.clamp(max=n_txt - 1), pk.clamp(max=n_txt - 1)]
+        cross = torch.where(tq, torch.full_like(img, self.text_to_image), torch.full_like(img, self.image_to_text))
+        return torch.where(tq & tk, txt, torch.where(~tq & ~tk, img, cross))
+
+    def layout(self, text_len: int, num_image_tokens: int, device=None) -> Tuple[Tensor, Tensor]:
+        """(is_text, positions) for the sequence [text (text_len) ; image (num_image_tokens)]."""
+        device = device or self.relative_position_bias_table.device
+        is_text = torch.cat([torch.ones(text_len, dtype=torch.bool, device=device),
+                             torch.zeros(num_image_tokens, dtype=torch.bool, device=device)])
+        positions = torch.cat([torch.arange(text_len, device=device),
+                               torch.arange(num_image_tokens, device=device)])
+        return is_text, positions
+
+    def forward(self, index: Tensor) -> Tensor:
+        """Biases for every layer: [depth, num_heads, L, L] (fp32 if the table is)."""
+        length = index.shape[0]
+        bias = F.embedding(index, self.relative_position_bias_table)           # L, L, depth*H
+        return bias.view(length, length, self.depth, self.num_heads).permute(2, 3, 0, 1)

@@ -1,0 +1,273 @@
+"""VLMo: embeddings -> MoME blocks -> final norm -> heads.
+
+Three ways through the same blocks (see docs/ARCHITECTURE.md):
+- `encode_image` / `encode_text`: dual encoder, every layer uses the modality's own expert;
+  `return_vl=True` also re-runs the VL layers with the VL expert from the input of the first
+  VL layer (the reference's second ITC branch, "itc_vl").
+- `encode_pair`: fusion encoder over [text ; image]; below the VL layers each token goes to
+  its modality's expert, in the VL layers every token goes to the VL expert.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .block import MoMEBlock
+from .config import VLMoConfig
+from .embeddings import PatchEmbed, RelativePositionBias, TextEmbeddings, image_relative_index
+from .heads import ClassificationHead, ContrastiveHead, MLMHead, Pooler
+from .mome import LANGUAGE, VISION, VISION_LANGUAGE
+
+
+@dataclass
+class EncoderOutput:
+    hidden: Tensor                        # [B, L, dim] after the final LayerNorm
+    features: Optional[Tensor] = None     # L2-normalised ITC features [B, embed] (dual encoder)
+    vl_features: Optional[Tensor] = None  # ITC features of the VL-expert branch (return_vl=True)
+    pooled: Optional[Tensor] = None       # pooler(hidden[:, 0]) (fusion encoder)
+    text_len: int = 0                     # the first text_len positions are text
+
+
+class VLMo(nn.Module):
+    def __init__(self, config: VLMoConfig, ffn_backend: Optional[str] = None,
+                 attn_backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(config, VLMoConfig):
+            raise TypeError(f"config must be a VLMoConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = c = config
+        self.text_embeddings = TextEmbeddings(c.vocab_size, c.dim, c.max_text_len, c.type_vocab_size,
+                                              c.text_layer_norm_eps,
+                                              absolute_positions=not c.relative_position)
+        # modality type: 0 text, 1 image (reference convention), added to every token
+        self.token_type_embeddings = nn.Embedding(2, c.dim)
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        if c.relative_position:
+            self.pos_embed = None
+            self.rel_pos_bias = RelativePositionBias(c.grid_size, c.text_relpos_len, c.num_heads, c.depth)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, c.num_image_tokens, c.dim))
+            self.rel_pos_bias = None
+        rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList([
+            MoMEBlock(c.dim, c.num_heads, num_experts=c.num_experts(i), mlp_ratio=c.mlp_ratio,
+                      qkv_bias=c.qkv_bias, layer_scale_init=c.layer_scale_init, drop_path=rates[i],
+                      eps=c.layer_norm_eps, ffn_backend=ffn_backend, attn_backend=attn_backend)
+            for i in range(c.depth)])
+        self.norm = nn.LayerNorm(c.dim, eps=c.layer_norm_eps)
+        self.pooler = Pooler(c.dim)
+        self.itc = ContrastiveHead(c.dim)
+        self.itc_vl = ContrastiveHead(c.dim) if (c.itc_vl_head and c.vl_layers > 0) else None
+        self.itm_head = nn.Linear(c.dim, 2)
+        self.mlm_head = MLMHead(c.dim, c.vocab_size, c.text_layer_norm_eps)
+        self.classifier = ClassificationHead(c.dim, c.num_classes) if c.num_classes > 0 else None
+        self.reset_parameters()
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, ffn_backend: Optional[str] = None,
+                    attn_backend: Optional[str] = None, **overrides) -> "VLMo":
+        return cls(VLMoConfig.preset(name, **overrides), ffn_backend=ffn_backend, attn_backend=attn_backend)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for blk in self.blocks:
+            blk.mlp.reset_parameters()
+        nn.init.zeros_(self.mlm_head.bias)
+
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        from .checkpoint import save_pretrained
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], map_location="cpu", **kwargs) -> "VLMo":
+        from .checkpoint import from_pretrained
+        return from_pretrained(directory, map_location=map_location, **kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.depth
+
+    def no_weight_decay(self) -> set:
+        """Parameter names that AdamW should not decay (positions, CLS, scales, norms, biases)."""
+        names = set()
+        for n, p in self.named_parameters():
+            if p.dim() <= 1 or n.endswith(("cls_token", "pos_embed", "relative_position_bias_table",
+                                             "logit_scale", "norm_weight", "norm_bias",
+                                             "fc1_bias", "fc2_bias")):
+                names.add(n)
+        return names
+
+    # -- embeddings ------------------------------------------------------------------------
+    def embed_image(self, images: Tensor) -> Tensor:
+        patches = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x + self.token_type_embeddings.weight[1]
+
+    def embed_text(self, text_ids: Tensor) -> Tensor:
+        return self.text_embeddings(text_ids) + self.token_type_embeddings.weight[0]
+
+    def _text_padding(self, text_ids: Tensor, text_mask: Optional[Tensor]) -> Optional[Tensor]:
+        """BERT attention mask (1 = real token) -> key padding mask (True = padded)."""
+        if text_mask is None:
+            return None
+        if text_mask.shape != text_ids.shape:
+            raise ValueError(f"text_mask must have the shape of text_ids {tuple(text_ids.shape)}, "
+                             f"got {tuple(text_mask.shape)}")
+        if text_mask.device != text_ids.device:
+            raise ValueError(f"text_mask is on {text_mask.device}, text_ids on {text_ids.device}")
+        return ~text_mask.bool()
+
+    def _layer_biases(self, is_text: Tensor, positions: Tensor) -> list:
+        if self.rel_pos_bias is None:
+            return [None] * self.config.depth
+        biases = self.rel_pos_bias(self.rel_pos_bias.index(is_text, positions))
+        return list(biases.unbind(0))
+
+    def _run(self, x: Tensor, ids_below: Tensor, ids_vl: Tensor, key_padding_mask, biases,
+             start: int = 0, end: Optional[int] = None, keep_at: Optional[int] = None):
+        """Blocks [start, end); returns (x, hidden state at the input of block keep_at)."""
+        end = self.config.depth if end is None else end
+        kept = None
+        for i in range(start, end):
+            if i == keep_at:
+                kept = x
+            ids = ids_vl if i >= self.config.vl_start else ids_below
+            x = self.blocks[i](x, ids, key_padding_mask=key_padding_mask, attn_bias=biases[i])
+        return x, kept
+
+    # -- encoders --------------------------------------------------------------------------
+    def _encode_single(self, x: Tensor, modality: int, key_padding_mask, is_text, positions,
+                       head: ContrastiveHead, vl_head: Optional[ContrastiveHead], return_vl: bool,
+                       feature_fn_name: str) -> EncoderOutput:
+        b, length, _ = x.shape
+        ids = torch.full((b, length), modality, dtype=torch.long, device=x.device)
+        biases = self._layer_biases(is_text, positions)
+        vl_start = self.config.vl_start
+        want_vl = return_vl and vl_head is not None and vl_start < self.config.depth
+        out, kept = self._run(x, ids, ids, key_padding_mask, biases, keep_at=vl_start if want_vl else None)
+        hidden = self.norm(out)
+        features = getattr(head, feature_fn_name)(hidden[:, 0])
+        vl_features = None
+        if want_vl:
+            vl_ids = torch.full_like(ids, VISION_LANGUAGE)
+            vl_out, _ = self._run(kept, vl_ids, vl_ids, key_padding_mask, biases, start=vl_start)
+            vl_features = getattr(vl_head, feature_fn_name)(self.norm(vl_out)[:, 0])
+        return EncoderOutput(hidden=hidden, features=features, vl_features=vl_features,
+                             text_len=length if modality == LANGUAGE else 0)
+
+    def encode_image(self, images: Tensor, return_vl: bool = False) -> EncoderOutput:
+        """Image-only pass (vision expert in every layer)."""
+        x = self.embed_image(images)
+        is_text = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self._encode_single(x, VISION, None, is_text, positions, self.itc, self.itc_vl,
+                                   return_vl, "image_features")
+
+    def encode_text(self, text_ids: Tensor, text_mask: Optional[Tensor] = None,
+                    return_vl: bool = False) -> EncoderOutput:
+        """Text-only pass (language expert in every layer). text_mask: 1 = real token."""
+        padding = self._text_padding(text_ids, text_mask)
+        x = self.embed_text(text_ids)
+        is_text = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self._encode_single(x, LANGUAGE, padding, is_text, positions, self.itc, self.itc_vl,
+                                   return_vl, "text_features")
+
+    def encode_pair(self, text_ids: Tensor, images: Tensor, text_mask: Optional[Tensor] = None) -> EncoderOutput:
+        """Fusion pass over [text ; image]: modality experts below the VL layers, VL expert above."""
+        text_padding = self._text_padding(text_ids, text_mask)
+        text = self.embed_text(text_ids)
+        image = self.embed_image(images)
+        if text.shape[0] != image.shape[0]:
+            raise ValueError(f"text_ids has batch {text.shape[0]} but images has batch {image.shape[0]}")
+        b, lt, li = text.shape[0], text.shape[1], image.shape[1]
+        x = torch.cat([text, image], dim=1)
+        padding = None
+        if text_padding is not None:
+            padding = torch.cat([text_padding, torch.zeros(b, li, dtype=torch.bool, device=x.device)], 1)
+        ids_below = torch.cat([torch.full((b, lt), LANGUAGE, dtype=torch.long, device=x.device),
+                               torch.full((b, li), VISION, dtype=torch.long, device=x.device)], 1)
+        ids_vl = torch.full_like(ids_below, VISION_LANGUAGE)
+        if self.rel_pos_bias is not None:
+            biases = self._layer_biases(*self.rel_pos_bias.layout(lt, li, x.device))
+        else:
+            biases = [None] * self.config.depth
+        out, _ = self._run(x, ids_below, ids_vl, padding, biases)
+        hidden = self.norm(out)
+        return EncoderOutput(hidden=hidden, pooled=self.pooler(hidden), text_len=lt)
+
+    # -- heads -----------------------------------------------------------------------------
+    def itm_logits(self, pair: EncoderOutput) -> Tensor:
+        return self.itm_head(pair.pooled)
+
+    def mlm_logits(self, pair_or_text: EncoderOutput) -> Tensor:
+        return self.mlm_head(pair_or_text.hidden[:, :pair_or_text.text_len])
+
+    def classify(self, pair: EncoderOutput) -> Tensor:
+        if self.classifier is None:
+            raise RuntimeError("this model has no classification head: build it with config.num_classes > 0")
+        return self.classifier(pair.pooled)
+
+    def forward(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
+                text_mask: Optional[Tensor] = None) -> EncoderOutput:
+        """Images and text: fusion encoder; one of them: that modality's encoder."""
+        if images is not None and text_ids is not None:
+            return self.encode_pair(text_ids, images, text_mask)
+        if images is not None:
+            return self.encode_image(images)
+        if text_ids is not None:
+            return self.encode_text(text_ids, text_mask)
+        raise ValueError("forward needs images, text_ids, or both")
+
+    # -- resolution change (fine-tuning at 384 / 480) --------------------------------------
+    @torch.no_grad()
+    def resize_image(self, img_size: int) -> None:
+        """Change the input resolution; interpolate the image positions (bicubic) to match."""
+        c = self.config
+        if img_size % c.patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by the patch size {c.patch_size}")
+        old_grid, new_grid = c.grid_size, img_size // c.patch_size
+        if new_grid == old_grid:
+            return
+        if self.rel_pos_bias is not None:
+            old = self.rel_pos_bias
+            table = old.relative_position_bias_table
+            n_old = (2 * old_grid - 1) ** 2
+            grid_part = table[:n_old].T.reshape(1, -1, 2 * old_grid - 1, 2 * old_grid - 1)
+            grid_part = F.interpolate(grid_part.float(), size=(2 * new_grid - 1,) * 2, mode="bicubic",
+                                      align_corners=False)
+            grid_part = grid_part.reshape(table.shape[1], -1).T.to(table.dtype)
+            new = RelativePositionBias(new_grid, old.text_len, old.num_heads, old.depth).to(table.device)
+            new.relative_position_bias_table.copy_(torch.cat([grid_part, table[n_old:]], 0))
+            self.rel_pos_bias = new
+        if self.pos_embed is not None:
+            cls_pos, grid_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+            grid_pos = grid_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+            grid_pos = F.interpolate(grid_pos.float(), size=(new_grid, new_grid), mode="bicubic",
+                                     align_corners=False).to(self.pos_embed.dtype)
+            grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)
+            self.pos_embed = nn.Parameter(torch.cat([cls_pos, grid_pos], 1))
+        self.config = c.replace(img_size=img_size)
+        self.patch_embed.img_size = img_size
