@@ -22,9 +22,10 @@ from . import backends
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None,
                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """q, k, v: [B, H, L, Dh], q already scaled. Returns [B, H, L, Dh] in q's dtype."""
-    logits = q.float() @ k.float().transpose(-2, -1)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 logits (fp64 stays fp64 for gradcheck)
+    logits = q.to(acc) @ k.to(acc).transpose(-2, -1)
     if attn_bias is not None:
-        logits = logits + attn_bias.float()
+        logits = logits + attn_bias.to(acc)
     if key_padding_mask is not None:
         logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     probs = logits.softmax(dim=-1).to(v.dtype)

@@ -33,6 +33,7 @@ class VLMoConfig:
     qkv_bias: bool = True               # q_bias and v_bias (k has none)
     layer_norm_eps: float = 1e-6
     text_layer_norm_eps: float = 1e-12
+    init_std: float = 0.02              # truncated-normal std of Linear/Embedding weights (BEiT's 0.02)
     num_classes: int = 0                # > 0 adds a classification head (fine-tuning)
     itc_vl_head: bool = True            # the second ITC head on the VL-expert branch
     name: str = "custom"
@@ -90,6 +91,7 @@ class VLMoConfig:
                  f"max_text_len ({self.max_text_len}) exceeds text_relpos_len "
                  f"({self.text_relpos_len}), the text length the relative index is sized for")
             need(self.text_relpos_len >= 2, "text_relpos_len must be >= 2")
+        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
         need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
 
     # -- serialisation -------------------------------------------------------------------
@@ -130,8 +132,10 @@ class VLMoConfig:
 
 PRESETS = {
     # Seconds on a CPU: 2x2 patches, 4 layers (top 2 with the VL expert), short text.
+    # init_std ~ dim**-0.5: with BEiT's 0.02 at dim 64 every block starts as a near-identity
+    # and a from-scratch run sits at the contrastive saddle (all features alike) for long.
     "tiny": dict(dim=64, depth=4, num_heads=4, vl_layers=2, img_size=32, patch_size=16,
-                 max_text_len=16, text_relpos_len=32, drop_path_rate=0.1),
+                 max_text_len=16, text_relpos_len=32, drop_path_rate=0.1, init_std=0.125),
     "base": dict(dim=768, depth=12, num_heads=12, vl_layers=2),
     "large": dict(dim=1024, depth=24, num_heads=16, vl_layers=3),
     "base_plus": dict(dim=544, depth=24, num_heads=16, vl_layers=3, relative_position=False,

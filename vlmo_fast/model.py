@@ -77,21 +77,22 @@ class VLMo(nn.Module):
         return cls(VLMoConfig.preset(name, **overrides), ffn_backend=ffn_backend, attn_backend=attn_backend)
 
     def reset_parameters(self) -> None:
+        std = self.config.init_std
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=std)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=std)
         if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed, std=std)
         for blk in self.blocks:
-            blk.mlp.reset_parameters()
+            blk.mlp.reset_parameters(std=std)
         nn.init.zeros_(self.mlm_head.bias)
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
