@@ -32,12 +32,14 @@ if _sources_cpp and os.environ.get("VLMO_FAST_NO_EXT") != "1":
             and os.environ.get("VLMO_FAST_NO_CUDA") != "1"
         )
         define_macros = [("VLMO_FAST_WITH_CUDA", "1")] if with_cuda else []
-        # at::parallel_for inlines OpenMP pragmas: compile and link with -fopenmp.
-        extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+        # at::parallel_for inlines OpenMP pragmas: compile and link with -fopenmp. No -std flag:
+        # cpp_extension adds the one the installed torch needs (C++17 up to torch 2.11, C++20
+        # for 2.14, whose headers refuse C++17).
+        extra = {"cxx": ["-O3", "-fopenmp"]}
         if with_cuda:
             # sm_80 (A100) and sm_90 (H100/H200) plus PTX for newer parts.
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-            extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+            extra["nvcc"] = ["-O3", "--use_fast_math"]
             ext = cpp_extension.CUDAExtension(
                 "vlmo_fast._C", _sources_cpp + _sources_cu,
                 define_macros=define_macros, extra_compile_args=extra,

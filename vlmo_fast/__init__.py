@@ -12,6 +12,9 @@ from .checkpoint import (export_reference_state_dict, from_pretrained, load_beit
                          load_reference_state_dict, save_pretrained)
 from .config import PRESETS, VLMoConfig
 from .embeddings import RelativePositionBias
+from .hard_negatives import sample_global_hard_negatives, sample_hard_negatives
+from . import losses  # registers the "contrastive" backends
+from .losses import ContrastiveLoss, ContrastiveStats, contrastive_loss, contrastive_loss_reference
 from .model import VLMo, EncoderOutput
 from .mome import (LANGUAGE, VISION, VISION_LANGUAGE, MoMEFeedForward, mome_ffn,
                    mome_ffn_reference)
@@ -21,5 +24,7 @@ __all__ = [
     "MultiHeadSelfAttention", "RelativePositionBias", "mome_ffn", "mome_ffn_reference",
     "attention_reference", "VISION", "LANGUAGE", "VISION_LANGUAGE", "backends", "backend_report",
     "set_backend", "load_reference_state_dict", "export_reference_state_dict",
-    "load_beit_state_dict", "save_pretrained", "from_pretrained",
+    "load_beit_state_dict", "save_pretrained", "from_pretrained", "sample_hard_negatives",
+    "sample_global_hard_negatives", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss",
+    "contrastive_loss_reference", "losses",
 ]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .config import VLMoConfig
+from .hard_negatives import sample_global_hard_negatives
 from .losses import contrastive_loss
 from .model import VLMo
 
@@ -95,14 +96,6 @@ def mask_tokens(ids, mask, tok, prob: float, gen: torch.Generator):
 
 
 
-def sample_negatives(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One hard negative per row from softmax(row) with the positive excluded (Gumbel-max)."""
-    u = torch.rand(logits.shape, generator=gen).clamp_(1e-20, 1.0)
-    scores = logits.detach().float() - torch.log(-torch.log(u))
-    scores.fill_diagonal_(float("-inf"))
-    return scores.argmax(1)
-
-
 @torch.no_grad()
 def retrieval_accuracy(model, images, ids, mask) -> float:
     model.eval()
@@ -155,8 +148,8 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             logits = torch.exp(model.itc.logit_scale) * img.features @ txt.features.T
         # ITM: positives plus one hard negative text per image and one hard negative image per text
-        neg_txt = sample_negatives(logits, gen).to(device)
-        neg_img = sample_negatives(logits.T, gen).to(device)
+        # (single process: rank 0 of a world of 1; positives on the diagonal)
+        neg_txt, neg_img = sample_global_hard_negatives(logits, rank=0, generator=gen)
         pair_ids = torch.cat([ids, ids[neg_txt], ids])
         pair_mask = torch.cat([mask, mask[neg_txt], mask])
         pair_images = torch.cat([images, images, images[neg_img]])
