@@ -156,7 +156,7 @@ class Results:
                  f"command: `{self.command}`", ""]
         if self.peak_reference:
             lines += ["peak reference (measured in this run): " + ", ".join(
-                f"{k} = {v:.1f}" for k, v in self.peak_reference.items()), ""]
+                f"{k} = {v:.4g}" for k, v in self.peak_reference.items()), ""]
         extra_keys = []
         for r in self.rows:
             for k in r:

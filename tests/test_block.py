@@ -112,6 +112,7 @@ def test_layer_scale_optional():
     ("id_shape", ValueError, r"modality_ids must be a tensor of shape"),
     ("hidden", ValueError, "hidden size 40 but the block was built with dim=48"),
     ("dtype", TypeError, "torch.bfloat16"),
+    ("device", TypeError, "on meta"),
     ("rank", ValueError, "3-D tensor"),
     ("mask_shape", ValueError, "key_padding_mask must have shape"),
     ("mask_dtype", TypeError, "bool"),
@@ -134,6 +135,8 @@ def test_bad_inputs_raise_clear_errors(case, exc, match):
         x = torch.randn(2, 5, 40)
     elif case == "dtype":
         x = x.bfloat16()
+    elif case == "device":
+        x = x.to("meta")
     elif case == "rank":
         x = x[0]
     elif case == "mask_shape":

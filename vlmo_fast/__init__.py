@@ -17,11 +17,12 @@ from . import losses  # registers the "contrastive" backends
 from .losses import ContrastiveLoss, ContrastiveStats, contrastive_loss, contrastive_loss_reference
 from .model import VLMo, EncoderOutput
 from .mome import (LANGUAGE, VISION, VISION_LANGUAGE, MoMEFeedForward, mome_ffn,
-                   mome_ffn_reference)
+                   mome_ffn_grouped_mm, mome_ffn_reference, mome_ffn_triton)
 
 __all__ = [
     "VLMo", "VLMoConfig", "PRESETS", "EncoderOutput", "MoMEBlock", "MoMEFeedForward",
     "MultiHeadSelfAttention", "RelativePositionBias", "mome_ffn", "mome_ffn_reference",
+    "mome_ffn_triton", "mome_ffn_grouped_mm",
     "attention_reference", "VISION", "LANGUAGE", "VISION_LANGUAGE", "backends", "backend_report",
     "set_backend", "load_reference_state_dict", "export_reference_state_dict",
     "load_beit_state_dict", "save_pretrained", "from_pretrained", "sample_hard_negatives",

@@ -110,11 +110,12 @@ def retrieval_accuracy(model, images, ids, mask) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="outputs/demo", help="folder for losses.png and history.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
@@ -171,7 +172,36 @@ def main(argv=None) -> dict:
     after = retrieval_accuracy(model, test_images.to(device), test_ids.to(device), test_mask.to(device))
     print(f"held-out image->text retrieval accuracy: {before:.1%} before, {after:.1%} after {args.steps} steps")
     print("backends that ran:", backends.last_used())
-    return {"before": before, "after": after, "history": history}
+    result = {"before": before, "after": after, "history": history}
+    save_curves(result, args.out)
+    return result
+
+
+def save_curves(result: dict, out_dir: str) -> None:
+    """history.json and a PNG of the three loss curves."""
+    import json
+    from pathlib import Path
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "history.json").write_text(json.dumps(result, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {out / 'history.json'} (matplotlib not installed: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, name in enumerate(("ITC", "ITM", "MLM")):
+        ax.plot([h[k] for h in result["history"]], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"tiny VLMo demo: retrieval {result['before']:.0%} -> {result['after']:.0%}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "losses.png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {out / 'losses.png'} and {out / 'history.json'}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,32 @@ norm_weight/norm_bias [E, d], fc1_weight [E, d, h], fc1_bias [E, h], fc2_weight 
 fc2_bias [E, d]. Note fc*_weight are (in, out): the transpose of nn.Linear's (out, in).
 
 `mome_ffn` is the functional entry point; `MoMEFeedForward` the module. Both go through
-`vlmo_fast.backends.resolve("ffn", ...)`; "reference" (a per-expert loop) is always there.
+`vlmo_fast.backends.resolve("ffn", ...)`. Backends:
+
+  "triton"      grouped Triton kernels (kernels/mome_ffn.py): device-side counting sort, one
+                launch per GEMM for all experts, fused epilogues, no host sync. Auto on CUDA.
+  "grouped_mm"  tokens sorted once, both GEMMs as torch._grouped_mm (bf16 CUTLASS on sm90+;
+                other dtypes fall back to a per-group loop inside torch). Next on CUDA; auto
+                on CPU (fp32 and bf16 work there; measured on 2 cores at T=1024, d=768,
+                h=3072, fp32: fwd 176 vs 310 ms, fwd+bwd 638 vs 1090 ms for "reference").
+  "reference"   per-expert index_select / index_copy loop (host sync through nonzero); the
+                semantics every other backend is tested against.
+
+Override per module (`MoMEFeedForward(..., backend=)`), per call (`mome_ffn(..., backend=)`),
+process-wide (`vlmo_fast.set_backend("ffn", name)`) or with VLMO_FAST_FFN_BACKEND; what ran
+is in `vlmo_fast.backends.last_used()` and the module's repr.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from . import backends
 
@@ -72,9 +88,165 @@ def mome_ffn_reference(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, nor
     return (flat + branch).reshape(x.shape)
 
 
-backends.register("ffn", "reference", preference={"cpu": ["reference"], "cuda": ["reference"],
-                                                 "default": ["reference"]})
-_IMPLS = {"reference": mome_ffn_reference}
+def _routing(ids: Tensor, num_experts: int):
+    """Stable sort of flat ids and int32 cumulative group ends, without a host sync."""
+    perm = torch.argsort(ids, stable=True)
+    counts = (ids.unsqueeze(1) == torch.arange(num_experts, device=ids.device)).sum(0)
+    return perm, counts.cumsum(0).to(torch.int32)
+
+
+def _pad_last(t: Tensor, dims, multiple: int) -> Tensor:
+    """Zero-pad the trailing `len(dims)` dims of t up to multiples of `multiple`."""
+    pad = []
+    for size in reversed(dims):
+        pad += [0, (-size) % multiple]
+    return F.pad(t, pad) if any(pad) else t
+
+
+def mome_ffn_grouped_mm(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                        fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
+                        fc2_bias: Tensor, gamma: Optional[Tensor] = None,
+                        drop_path_scale: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """Sort tokens by expert once, then both FFN GEMMs as `torch._grouped_mm` (one call each).
+
+    Per-row LN weights and biases are gathered by expert id; autograd does the backward.
+    `_grouped_mm` needs 16-byte aligned strides: odd d/h are zero-padded (exact: padded
+    columns are 0 through LN weight 0, GELU(0) = 0 and zero weight rows)."""
+    d = x.shape[-1]
+    num_experts, h = fc1_bias.shape
+    flat = x.reshape(-1, d)
+    ids = modality_ids.reshape(-1)
+    perm, offs = _routing(ids, num_experts)
+    ids_sorted = ids.index_select(0, perm)
+    z = F.layer_norm(flat.index_select(0, perm), (d,), eps=eps)
+    z = z * norm_weight.index_select(0, ids_sorted) + norm_bias.index_select(0, ids_sorted)
+    mult = 16 // x.element_size()
+    z = _pad_last(z, (d,), mult)
+    w1, w2 = _pad_last(fc1_weight, (d, h), mult), _pad_last(fc2_weight, (h, d), mult)
+    b1 = _pad_last(fc1_bias, (h,), mult)
+    act = F.gelu(torch._grouped_mm(z, w1, offs) + b1.index_select(0, ids_sorted))
+    branch = torch._grouped_mm(act, w2, offs)[:, :d] + fc2_bias.index_select(0, ids_sorted)
+    if gamma is not None:
+        branch = branch * gamma
+    if drop_path_scale is not None:
+        branch = branch * drop_path_scale.reshape(-1).index_select(0, perm).unsqueeze(1).to(branch.dtype)
+    # index_add writes each token once; its backward is an index_select (a contiguous grad,
+    # which _grouped_mm's backward requires).
+    return flat.index_add(0, perm, branch).reshape(x.shape)
+
+
+def _grouped_mm_available(device: torch.device) -> Optional[str]:
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return "torch._grouped_mm needs sm90+ on CUDA"
+    return None
+
+
+def _triton_available(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # the interpreter: correct but very slow (tests only)
+    return "Triton kernels need a CUDA device (on CPU only with TRITON_INTERPRET=1, for tests)"
+
+
+class _MoMEFFNTriton(torch.autograd.Function):
+    """The grouped Triton MoME FFN: forward and backward kernels in kernels/mome_ffn.py."""
+
+    @staticmethod
+    def forward(ctx, x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                fc2_bias, gamma, dps, eps, recompute_preact):
+        from .kernels import mome_ffn as K  # noqa: N812  (lazy: triton only when used)
+        keep_branch = gamma is not None and ctx.needs_input_grad[8]
+        out, saved = K.mome_ffn_forward(x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                                        fc2_weight, fc2_bias, gamma, dps, eps,
+                                        keep_preact=not recompute_preact, keep_branch=keep_branch)
+        perm, offsets, z, mean, rstd, preact, act, branch = saved
+        ctx.save_for_backward(x, perm, offsets, z, mean, rstd, preact, act, branch, norm_weight,
+                              fc1_weight, fc1_bias, fc2_weight, gamma, dps)
+        ctx.recompute_preact = recompute_preact
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        from .kernels import mome_ffn as K  # noqa: N812
+        (x, perm, offsets, z, mean, rstd, preact, act, branch, norm_weight, fc1_weight,
+         fc1_bias, fc2_weight, gamma, dps) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        num_experts = norm_weight.shape[0]
+        dout = dout.contiguous()
+        dy, dgamma = K.gather_grad(dout, perm, gamma, dps, branch if need[8] else None)
+        dw2 = db2 = dw1 = db1 = dx = dnw = dnb = None
+        if need[6] or need[7]:
+            dw2, db2 = K.grouped_wgrad(act, dy, offsets, num_experts, True, fc2_weight.dtype)
+        need_lower = any(need[i] for i in (0, 2, 3, 4, 5))
+        if need_lower:
+            recompute = (z, fc1_weight) if ctx.recompute_preact else None
+            dh = K.grouped_gemm(dy, fc2_weight.transpose(1, 2), offsets, K.EPI_DGELU,
+                                aux=preact, bias=fc1_bias if recompute else None,
+                                recompute_from=recompute)
+            if need[4] or need[5]:
+                dw1, db1 = K.grouped_wgrad(z, dh, offsets, num_experts, True, fc1_weight.dtype)
+            if need[0] or need[2] or need[3]:
+                dz = K.grouped_gemm(dh, fc1_weight.transpose(1, 2), offsets, K.EPI_PLAIN,
+                                    out_dtype=torch.float32)
+                dx, dnw, dnb = K.layernorm_backward_scatter(dz, x, dout, perm, offsets,
+                                                            norm_weight, mean, rstd)
+                dnw, dnb = dnw.to(norm_weight.dtype), dnb.to(norm_weight.dtype)
+        if dgamma is not None:
+            dgamma = dgamma.to(gamma.dtype)
+        return dx, None, dnw, dnb, dw1, db1, dw2, db2, dgamma, None, None, None
+
+
+def mome_ffn_triton(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                    fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                    gamma: Optional[Tensor] = None, drop_path_scale: Optional[Tensor] = None,
+                    eps: float = 1e-6, recompute_preact: Optional[bool] = None) -> Tensor:
+    """The grouped Triton path: 4 launches forward (route, gather+LN, fc1, fc2), no host sync.
+
+    recompute_preact: False keeps the fc1 pre-activation [T, h] for dGELU (default, set
+    process-wide with VLMO_FAST_MOME_RECOMPUTE=1); True recomputes it inside the backward
+    dGELU GEMM (+2*T*d*h FLOPs, -T*h*2 elements of memory traffic and storage).
+    drop_path_scale receives no gradient (it is a sampled constant)."""
+    if recompute_preact is None:
+        recompute_preact = os.environ.get("VLMO_FAST_MOME_RECOMPUTE", "0") == "1"
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if flat.shape[0] == 0:
+        return x.clone()
+    flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+    ids = modality_ids.reshape(-1)
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+    if gamma is not None:
+        gamma = gamma.expand(d)
+        gamma = gamma if gamma.is_contiguous() else gamma.contiguous()
+    dps = None
+    if drop_path_scale is not None:
+        dps = drop_path_scale.detach().reshape(-1).to(torch.float32).contiguous()
+    weights = [t.contiguous() for t in (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                                        fc2_bias)]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in [flat, gamma, *weights]):
+        out = _MoMEFFNTriton.apply(flat, ids, *weights, gamma, dps, eps, bool(recompute_preact))
+    else:  # inference: skip the autograd node and do not store H or the branch
+        from .kernels import mome_ffn as K  # noqa: N812
+        out, _ = K.mome_ffn_forward(flat, ids, *weights, gamma, dps, eps, keep_preact=False,
+                                    keep_branch=False)
+    return out.reshape(x.shape)
+
+
+backends.register("ffn", "reference", preference={
+    "cuda": ["triton", "grouped_mm", "reference"],
+    "cpu": ["grouped_mm", "reference"],
+    "default": ["reference"]})
+backends.register("ffn", "grouped_mm", _grouped_mm_available)
+backends.register("ffn", "triton", _triton_available)
+_IMPLS = {"reference": mome_ffn_reference, "grouped_mm": mome_ffn_grouped_mm,
+          "triton": mome_ffn_triton}
 
 
 def register_ffn_impl(name: str, fn, available=backends._always, preference=None) -> None:
@@ -143,5 +315,8 @@ class MoMEFeedForward(nn.Module):
             + self.fc2_bias[expert]
 
     def extra_repr(self) -> str:
+        # What ran last for this device type (process-wide, from the dispatch registry).
+        last = backends.last_used().get(f"ffn@{self.fc1_weight.device.type}")
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts} "
-                f"({', '.join(MODALITY_NAMES[:self.num_experts])}), backend={self.backend or 'auto'}")
+                f"({', '.join(MODALITY_NAMES[:self.num_experts])}), backend={self.backend or 'auto'}"
+                + (f" (last ran: {last})" if last else ""))

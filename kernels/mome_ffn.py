@@ -1,0 +1,651 @@
+"""Triton kernels of the grouped MoME feed-forward (all experts in one launch per GEMM).
+
+Data flow (T tokens, E <= 3 experts, hidden d, inner h; "sorted" = grouped by expert):
+
+  forward                                           backward
+  route        ids -> perm, offsets  (1 program)    gather_grad  dOut -> dY (sorted, scaled), dgamma
+  gather_ln    x[perm] -> z, mean, rstd             wgrad        dW2, db2 = A_e^T dY_e, sum dY_e
+  gemm GELU    z @ W1[e] + b1 -> H (opt), A         gemm DGELU   dH = (dY @ W2[e]^T) * gelu'(H)
+  gemm RESID   out[perm] = x + s * (A @ W2[e] + b2) wgrad        dW1, db1 = z_e^T dH_e, sum dH_e
+                                                    gemm PLAIN   dz = dH @ W1[e]^T
+                                                    ln_bwd       dx[perm] = dOut + LN'(dz); dLN w/b
+
+`perm[p]` is the token at sorted position p; `offsets[e]:offsets[e+1]` are expert e's sorted
+rows. A grouped GEMM launches ceil(T/BLOCK_M) + E - 1 row tiles (an upper bound on
+sum_e ceil(count_e/BLOCK_M) that needs no host sync) and each program finds its expert and
+row range from `offsets` (E scalar loads); programs past the last real tile return at once.
+Because the tile map is derived in the kernel, BLOCK_M can be autotuned freely.
+
+Triton APIs used exist in 3.6 and 3.8: tl.dot(acc=, input_precision=), tl.erf, tl.cumsum,
+masked loads/stores, triton.autotune. With TRITON_INTERPRET=1 the kernels run on the CPU
+(tests) with fixed small blocks; on CUDA the GEMMs are autotuned.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from torch import Tensor
+
+# The interpreter is chosen when triton.jit decorates, i.e. at import time of this module.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Epilogues of the grouped GEMM.
+EPI_PLAIN = 0      # C = acc
+EPI_GELU = 1       # H = acc + bias; C = gelu(H); optionally keep H
+EPI_DGELU = 2      # C = acc * gelu'(H), H kept from forward or recomputed in this kernel
+EPI_RESIDUAL = 3   # out[perm[p]] = x[perm[p]] + gamma * dps[perm[p]] * (acc + bias)
+
+
+# Exact (erf) GELU, as VLMo uses; constants are 1/sqrt(2) and 1/sqrt(2*pi).
+@triton.jit
+def _gelu(h):
+    return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(h):
+    cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b. UPCAST: the CPU interpreter (triton 3.8) multiplies bf16 operands wrongly,
+    so there they go through fp32 (exact: a bf16 x bf16 product fits in fp32)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _expert_of_rows(rows, offsets_ptr, NUM_EXPERTS: tl.constexpr):
+    """Expert index of sorted rows: the number of expert starts at or before each row."""
+    e = tl.zeros(rows.shape, dtype=tl.int32)
+    for j in tl.static_range(1, NUM_EXPERTS):
+        e += (rows >= tl.load(offsets_ptr + j)).to(tl.int32)
+    return e
+
+
+# --------------------------------------------------------------------------------------
+# Routing: a stable counting sort in one program (E <= a few, so the histogram is a vector).
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _route_kernel(ids_ptr, perm_ptr, offsets_ptr, T,
+                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    experts = tl.arange(0, E_PAD)
+    # Pass 1: histogram.
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, T, BLOCK):
+        tok = start + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    ends = tl.cumsum(counts, axis=0)
+    tl.store(offsets_ptr + 1 + experts, ends, mask=experts < NUM_EXPERTS)
+    tl.store(offsets_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32), mask=experts == 0)
+    # Pass 2: each token's slot = its expert's start + how many earlier tokens share the
+    # expert (exclusive scan inside the block + a running count across blocks): stable.
+    next_slot = ends - counts
+    for start in range(0, T, BLOCK):
+        tok = start + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, axis=0) - onehot
+        slot = tl.sum(onehot * (next_slot[None, :] + rank), axis=1)
+        tl.store(perm_ptr + slot, tok, mask=tok < T)
+        next_slot += tl.sum(onehot, axis=0)
+
+
+# --------------------------------------------------------------------------------------
+# Gather into expert order + that expert's LayerNorm.
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _gather_ln_kernel(x_ptr, perm_ptr, offsets_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr,
+                      T, D, stride_x, stride_z, eps,
+                      NUM_EXPERTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < T
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    tok = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    e = _expert_of_rows(rows, offsets_ptr, NUM_EXPERTS)
+    x = tl.load(x_ptr + tok[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(m, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    w = tl.load(w_ptr + e[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + e[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    z = xc * rstd[:, None] * w + b
+    tl.store(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :],
+             z.to(z_ptr.dtype.element_ty), mask=m)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Grouped GEMM: C[rows of e] = A[rows of e] @ B[e] with a fused epilogue, one launch.
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, offsets_ptr,
+        bias_ptr, aux_ptr,                 # aux: H (GELU: written if STORE_AUX; DGELU: read)
+        perm_ptr, x_ptr, gamma_ptr, dps_ptr,       # RESIDUAL only
+        a2_ptr, b2_ptr,                    # DGELU with RECOMPUTE: H = A2 @ B2[e] + bias
+        T, N, K,
+        stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm,
+        stride_auxm, stride_xm, stride_a2m, stride_b2e, stride_b2k,
+        T_BUCKET,                          # autotune key only: configs differ by token count
+        NUM_EXPERTS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        STORE_AUX: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_GAMMA: tl.constexpr,
+        HAS_DPS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    # Tile -> (expert, first row): walk the E groups' tile counts.
+    expert = -1
+    row_start = 0
+    row_end = 0
+    tiles_before = 0
+    for e in tl.static_range(NUM_EXPERTS):
+        g_start = tl.load(offsets_ptr + e)
+        g_end = tl.load(offsets_ptr + e + 1)
+        g_tiles = tl.cdiv(g_end - g_start, BLOCK_M)
+        inside = (pid_m >= tiles_before) & (pid_m < tiles_before + g_tiles)
+        expert = tl.where(inside, e, expert)
+        row_start = tl.where(inside, g_start + (pid_m - tiles_before) * BLOCK_M, row_start)
+        row_end = tl.where(inside, g_end, row_end)
+        tiles_before += g_tiles
+    if expert < 0:
+        return  # past the last real tile (the grid is an upper bound)
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    expert64 = expert.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_ptrs = a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + expert64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + ks) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert64 * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if EPILOGUE == 0:  # EPI_PLAIN
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 1:  # EPI_GELU
+        h = acc + bias[None, :]
+        if STORE_AUX:
+            tl.store(aux_ptr + rows64[:, None] * stride_auxm + cols[None, :],
+                     h.to(aux_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :],
+                 _gelu(h).to(c_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 2:  # EPI_DGELU
+        if RECOMPUTE:
+            # Second K loop over the same rows: H = z @ W1[e] + b1 (costs 2*T*d*h FLOPs,
+            # saves writing and reading the T x h pre-activation).
+            h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            a2_ptrs = a2_ptr + rows64[:, None] * stride_a2m + ks[None, :]
+            b2_ptrs = b2_ptr + expert64 * stride_b2e + ks[:, None] * stride_b2k + cols[None, :]
+            for k in range(0, K, BLOCK_K):
+                k_ok = (k + ks) < K
+                a2 = tl.load(a2_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                h = _mma(a2, b2, h, DOT_PRECISION, UPCAST)
+                a2_ptrs += BLOCK_K
+                b2_ptrs += BLOCK_K * stride_b2k
+            h = h + bias[None, :]
+            # Round like the forward did, so both modes see the same H.
+            h = h.to(aux_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            h = tl.load(aux_ptr + rows64[:, None] * stride_auxm + cols[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :],
+                 (acc * _gelu_grad(h)).to(c_ptr.dtype.element_ty), mask=mask)
+    else:  # EPI_RESIDUAL
+        y = acc + bias[None, :]
+        if STORE_AUX:  # the un-scaled branch, kept for the gamma gradient
+            tl.store(aux_ptr + rows64[:, None] * stride_auxm + cols[None, :],
+                     y.to(aux_ptr.dtype.element_ty), mask=mask)
+        # Round the branch to the activation dtype before the residual add, as an unfused
+        # bf16 implementation does.
+        y = y.to(c_ptr.dtype.element_ty).to(tl.float32)
+        tok = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        if HAS_GAMMA:
+            gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            y = y * gamma[None, :]
+        if HAS_DPS:
+            y = y * tl.load(dps_ptr + tok, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        x = tl.load(x_ptr + tok[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        tl.store(c_ptr + tok[:, None] * stride_cm + cols[None, :],
+                 (x.to(tl.float32) + y).to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Weight gradient per expert: dW[e] = X_e^T @ G_e (a reduction over e's rows), db[e] = sum G_e.
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_wgrad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr,
+                          KD, ND, stride_xm, stride_gm, T_BUCKET,
+                          HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    expert = tl.program_id(1)
+    tiles_n = tl.cdiv(ND, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    start = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of dW: features of X
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # cols of dW: features of G
+    rm_ok = rm < KD
+    rn_ok = rn < ND
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in range(start, end, BLOCK_K):
+        rr = (r + ks).to(tl.int64)
+        r_ok = (r + ks) < end
+        xt = tl.load(x_ptr + rr[None, :] * stride_xm + rm[:, None],
+                     mask=rm_ok[:, None] & r_ok[None, :], other=0.0)
+        g = tl.load(g_ptr + rr[:, None] * stride_gm + rn[None, :],
+                    mask=r_ok[:, None] & rn_ok[None, :], other=0.0)
+        acc = _mma(xt, g, acc, DOT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            dbias += tl.sum(g.to(tl.float32), axis=0)
+    e64 = expert.to(tl.int64)
+    tl.store(dw_ptr + e64 * KD * ND + rm[:, None] * ND + rn[None, :],
+             acc.to(dw_ptr.dtype.element_ty), mask=rm_ok[:, None] & rn_ok[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + e64 * ND + rn, dbias.to(db_ptr.dtype.element_ty),
+                 mask=rn_ok & (pid_m == 0))
+
+
+# --------------------------------------------------------------------------------------
+# Backward gather: dY[p] = dOut[perm[p]] * dps * gamma (sorted), and partial dgamma sums.
+# Each program walks CHUNKS blocks of ROWS rows so that the partial-sum buffers stay small
+# (<= ~1k programs) whatever T is.
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _gather_grad_kernel(dout_ptr, perm_ptr, gamma_ptr, dps_ptr, y_ptr, dy_ptr, dgamma_part_ptr,
+                        T, D, stride_do, stride_y, stride_dy, CHUNKS,
+                        HAS_GAMMA: tl.constexpr, HAS_DPS: tl.constexpr, NEED_DGAMMA: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dgamma = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for c in range(CHUNKS):
+        rows = (pid * CHUNKS + c) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < T
+        m = row_ok[:, None] & col_ok[None, :]
+        tok = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        g = tl.load(dout_ptr + tok[:, None] * stride_do + cols[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+        if HAS_DPS:
+            g = g * tl.load(dps_ptr + tok, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        if NEED_DGAMMA:
+            y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :],
+                        mask=m, other=0.0).to(tl.float32)
+            dgamma += tl.sum(g * y, axis=0)
+        if HAS_GAMMA:
+            g = g * gamma[None, :]
+        tl.store(dy_ptr + rows.to(tl.int64)[:, None] * stride_dy + cols[None, :],
+                 g.to(dy_ptr.dtype.element_ty), mask=m)
+    if NEED_DGAMMA:
+        tl.store(dgamma_part_ptr + pid * D + cols, dgamma, mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm backward + residual, scattered back to token order; per-expert dLN partials.
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _ln_bwd_scatter_kernel(dz_ptr, x_ptr, dout_ptr, perm_ptr, offsets_ptr, w_ptr, mean_ptr,
+                           rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+                           T, D, stride_dz, stride_x, stride_do, stride_dx, CHUNKS,
+                           NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    experts = tl.arange(0, E_PAD)
+    # Per-expert partial sums of dz * xhat and dz: [E_PAD, BLOCK_D] (rows of a block are
+    # sorted by expert, so each row goes to exactly one of them).
+    dw_acc = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
+    db_acc = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
+    for c in range(CHUNKS):
+        rows = (pid * CHUNKS + c) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < T
+        m = row_ok[:, None] & col_ok[None, :]
+        tok = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        e = _expert_of_rows(rows, offsets_ptr, NUM_EXPERTS)
+        dz = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
+                     mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + tok[:, None] * stride_x + cols[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        w = tl.load(w_ptr + e[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+        gx = dz * w
+        c1 = tl.sum(gx * xhat, axis=1) / D
+        c2 = tl.sum(gx, axis=1) / D
+        dx = (gx - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+        dout = tl.load(dout_ptr + tok[:, None] * stride_do + cols[None, :], mask=m, other=0.0)
+        tl.store(dx_ptr + tok[:, None] * stride_dx + cols[None, :],
+                 (dout.to(tl.float32) + dx).to(dx_ptr.dtype.element_ty), mask=m)
+        for j in tl.static_range(NUM_EXPERTS):
+            sel = (e == j)[:, None] & m
+            pw = tl.sum(tl.where(sel, dz * xhat, 0.0), axis=0)
+            pb = tl.sum(tl.where(sel, dz, 0.0), axis=0)
+            dw_acc = tl.where((experts == j)[:, None], dw_acc + pw[None, :], dw_acc)
+            db_acc = tl.where((experts == j)[:, None], db_acc + pb[None, :], db_acc)
+    part = (pid * NUM_EXPERTS + experts[:, None]) * D + cols[None, :]
+    pm = (experts < NUM_EXPERTS)[:, None] & col_ok[None, :]
+    tl.store(dw_part_ptr + part, dw_acc, mask=pm)
+    tl.store(db_part_ptr + part, db_acc, mask=pm)
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration.
+# --------------------------------------------------------------------------------------
+def _gemm_configs():
+    # H100 bf16: 128-row tiles for large groups, 64 for small token counts; 3-4 stages.
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+            (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
+            (128, 128, 32, 4, 4)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _wgrad_configs():
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+            (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+# Small fixed blocks under the interpreter (16 is tl.dot's minimum) keep tests fast and
+# exercise multi-tile groups and ragged edges at tiny shapes.
+_INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+
+def _quick_bench(fn, quantiles=None):
+    # Short tuning runs (the default 25 + 100 ms per config adds minutes over a benchmark's
+    # many shapes); the kernels are idempotent, so re-running them while tuning is harmless.
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+if INTERPRET:
+    _gemm = _grouped_gemm_kernel
+    _wgrad = _grouped_wgrad_kernel
+else:
+    _gemm = triton.autotune(_gemm_configs(), key=["N", "K", "T_BUCKET", "EPILOGUE", "RECOMPUTE"],
+                            do_bench=_quick_bench, cache_results=True)(_grouped_gemm_kernel)
+    _wgrad = triton.autotune(_wgrad_configs(), key=["KD", "ND", "T_BUCKET"], do_bench=_quick_bench,
+                             cache_results=True)(_grouped_wgrad_kernel)
+
+
+def _launch_meta(kernel_blocks: dict) -> dict:
+    return dict(kernel_blocks) if INTERPRET else {}
+
+
+def _t_bucket(t: int) -> int:
+    """Token-count bucket for the autotune key (a new T within a bucket reuses the config)."""
+    return 1 << max(10, min(16, math.ceil(math.log2(max(t, 1)))))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul setting (full fp32 unless TF32 is allowed).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _row_block(d: int) -> Tuple[int, int]:
+    block_d = triton.next_power_of_2(d)
+    return max(1, min(64, 4096 // block_d)), block_d
+
+
+# --------------------------------------------------------------------------------------
+# Host-side wrappers (shape bookkeeping only; no device->host reads).
+# --------------------------------------------------------------------------------------
+def route(ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
+    """Stable counting sort of flat ids [T] -> (perm [T] int32, offsets [E+1] int32)."""
+    t = ids.numel()
+    perm = torch.empty(t, dtype=torch.int32, device=ids.device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+    block = 128 if INTERPRET else 1024
+    _route_kernel[(1,)](ids, perm, offsets, t, NUM_EXPERTS=num_experts,
+                        E_PAD=max(2, triton.next_power_of_2(num_experts)), BLOCK=block,
+                        num_warps=4)
+    return perm, offsets
+
+
+def gather_layernorm(x: Tensor, perm: Tensor, offsets: Tensor, weight: Tensor, bias: Tensor,
+                     eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    t, d = x.shape
+    z = torch.empty((t, d), dtype=x.dtype, device=x.device)
+    mean = torch.empty(t, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(t, dtype=torch.float32, device=x.device)
+    rows, block_d = _row_block(d)
+    _gather_ln_kernel[(triton.cdiv(t, rows),)](
+        x, perm, offsets, weight, bias, z, mean, rstd, t, d, x.stride(0), z.stride(0), eps,
+        NUM_EXPERTS=weight.shape[0], ROWS=rows, BLOCK_D=block_d,
+        num_warps=8 if block_d >= 2048 else 4)
+    return z, mean, rstd
+
+
+def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, epilogue: int, *,
+                 out: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                 bias: Optional[Tensor] = None, aux: Optional[Tensor] = None,
+                 store_aux: bool = False, perm: Optional[Tensor] = None,
+                 x: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
+                 dps: Optional[Tensor] = None, recompute_from: Optional[Tuple[Tensor, Tensor]] = None
+                 ) -> Tensor:
+    """C[rows of e] = a[rows of e] @ b[e] (+ epilogue) for every expert in one launch.
+
+    a: [T, K] sorted rows; b: [E, K, N] (any strides: a transposed view is fine);
+    EPI_RESIDUAL writes into `out` ([T, N], token order) at rows perm[p]."""
+    t, k = a.shape
+    num_experts, kb, n = b.shape
+    assert kb == k, (a.shape, b.shape)
+    if out is None:
+        out = torch.empty((t, n), dtype=out_dtype or a.dtype, device=a.device)
+    dummy = out
+    a2, b2 = recompute_from if recompute_from is not None else (dummy, dummy.unsqueeze(0))
+    if x is None:
+        x = dummy
+
+    def grid(meta):
+        # ceil(T/BM) + E - 1 bounds sum_e ceil(count_e/BM) for any split of T rows.
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(t, meta["BLOCK_M"]) + num_experts - 1)
+
+    _gemm[grid](
+        a, b, out, offsets,
+        bias if bias is not None else dummy, aux if aux is not None else dummy,
+        perm if perm is not None else offsets, x, gamma if gamma is not None else dummy,
+        dps if dps is not None else dummy, a2, b2,
+        t, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
+        aux.stride(0) if aux is not None else 0, x.stride(0), a2.stride(0), b2.stride(0),
+        b2.stride(1), _t_bucket(t),
+        NUM_EXPERTS=num_experts, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
+        STORE_AUX=store_aux, RECOMPUTE=recompute_from is not None,
+        HAS_GAMMA=gamma is not None, HAS_DPS=dps is not None,
+        DOT_PRECISION=_dot_precision(a.dtype), UPCAST=INTERPRET, **_launch_meta(_INTERP_BLOCKS))
+    return out
+
+
+def grouped_wgrad(x: Tensor, g: Tensor, offsets: Tensor, num_experts: int, with_bias: bool,
+                  dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """dW[e] = x_e^T @ g_e  ([E, Kx, Ng]) and db[e] = sum_rows g_e ([E, Ng])."""
+    t, kd = x.shape
+    nd = g.shape[1]
+    dw = torch.empty((num_experts, kd, nd), dtype=dtype, device=x.device)
+    db = torch.empty((num_experts, nd), dtype=dtype, device=x.device) if with_bias else dw
+
+    def grid(meta):
+        return (triton.cdiv(kd, meta["BLOCK_M"]) * triton.cdiv(nd, meta["BLOCK_N"]), num_experts)
+
+    _wgrad[grid](x, g, dw, db, offsets, kd, nd, x.stride(0), g.stride(0), _t_bucket(t),
+                 HAS_BIAS=with_bias, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=INTERPRET,
+                 **_launch_meta(_INTERP_BLOCKS))
+    return dw, (db if with_bias else None)
+
+
+def _reduction_grid(t: int, rows: int) -> Tuple[int, int]:
+    """(programs, row blocks per program) for the kernels that emit per-program partial sums."""
+    blocks = triton.cdiv(t, rows)
+    chunks = triton.cdiv(blocks, MAX_REDUCTION_PROGRAMS)
+    return triton.cdiv(blocks, chunks), chunks
+
+
+# Cap on programs of the reducing kernels: enough to fill an H100 several times over while
+# keeping the fp32 partial buffers (programs x E x d) a few MB.
+MAX_REDUCTION_PROGRAMS = 1024
+
+
+def gather_grad(dout: Tensor, perm: Tensor, gamma: Optional[Tensor], dps: Optional[Tensor],
+                y: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """dY (sorted, scaled by dps and gamma, in dout's dtype) and dgamma (fp32) if y is given."""
+    t, d = dout.shape
+    dy = torch.empty((t, d), dtype=dout.dtype, device=dout.device)
+    rows, block_d = _row_block(d)
+    programs, chunks = _reduction_grid(t, rows)
+    part = torch.empty((programs, d), dtype=torch.float32, device=dout.device) if y is not None else dy
+    _gather_grad_kernel[(programs,)](
+        dout, perm, gamma if gamma is not None else dout, dps if dps is not None else dout,
+        y if y is not None else dout, dy, part, t, d, dout.stride(0),
+        y.stride(0) if y is not None else 0, dy.stride(0), chunks,
+        HAS_GAMMA=gamma is not None, HAS_DPS=dps is not None, NEED_DGAMMA=y is not None,
+        ROWS=rows, BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
+    return dy, (part.sum(0) if y is not None else None)
+
+
+def layernorm_backward_scatter(dz: Tensor, x: Tensor, dout: Tensor, perm: Tensor,
+                               offsets: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+                               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """dx (token order) = dout + LN_e'(dz); dLN weight/bias [E, d] in fp32."""
+    t, d = x.shape
+    num_experts = weight.shape[0]
+    dx = torch.empty((t, d), dtype=x.dtype, device=x.device)
+    rows, block_d = _row_block(d)
+    programs, chunks = _reduction_grid(t, rows)
+    dw_part = torch.empty((programs, num_experts, d), dtype=torch.float32, device=x.device)
+    db_part = torch.empty_like(dw_part)
+    _ln_bwd_scatter_kernel[(programs,)](
+        dz, x, dout, perm, offsets, weight, mean, rstd, dx, dw_part, db_part,
+        t, d, dz.stride(0), x.stride(0), dout.stride(0), dx.stride(0), chunks,
+        NUM_EXPERTS=num_experts, E_PAD=max(2, triton.next_power_of_2(num_experts)), ROWS=rows,
+        BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+def mome_ffn_forward(x: Tensor, ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                     fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                     gamma: Optional[Tensor], dps: Optional[Tensor], eps: float,
+                     keep_preact: bool, keep_branch: bool):
+    """Forward on flat contiguous x [T, d] and ids [T]. Returns out and what backward needs."""
+    num_experts = norm_weight.shape[0]
+    perm, offsets = route(ids, num_experts)
+    z, mean, rstd = gather_layernorm(x, perm, offsets, norm_weight, norm_bias, eps)
+    t, h = x.shape[0], fc1_weight.shape[2]
+    preact = torch.empty((t, h), dtype=x.dtype, device=x.device) if keep_preact else None
+    act = grouped_gemm(z, fc1_weight, offsets, EPI_GELU, bias=fc1_bias, aux=preact,
+                       store_aux=keep_preact)
+    out = torch.empty_like(x)
+    branch = torch.empty_like(x) if keep_branch else None
+    grouped_gemm(act, fc2_weight, offsets, EPI_RESIDUAL, out=out, bias=fc2_bias, aux=branch,
+                 store_aux=keep_branch, perm=perm, x=x, gamma=gamma, dps=dps)
+    return out, (perm, offsets, z, mean, rstd, preact, act, branch)
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed): CI compiles every kernel variant for sm90 with
+# Triton's bundled ptxas, so a GPU-only compile error (the interpreter does not type-check
+# like the compiler) never lands. Run in a process without TRITON_INTERPRET=1.
+# --------------------------------------------------------------------------------------
+def compile_check(arch: int = 90, dtype: str = "bf16") -> list:
+    """Compile all kernels for CUDA `arch` with the specialisation the JIT gives aligned
+    contiguous inputs (unit inner strides, 16-divisible pointers/sizes); return the names of
+    the variants compiled. Raises on any compile error."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if INTERPRET:
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (kernels are interpreted)")
+    target = GPUTarget("cuda", arch, 32)
+    done = []
+
+    def compile_one(fn, types: dict, consts: dict, **options):
+        names = list(fn.arg_names)
+        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
+                 if ty.startswith("*") or n.startswith("stride") or n in ("N", "K", "D", "KD", "ND")}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=target, options=options)
+        done.append(f"{fn.__name__}{sorted(consts.items())}")
+
+    p = "*" + dtype
+    compile_one(_route_kernel, {"ids_ptr": "*i64", "perm_ptr": "*i32", "offsets_ptr": "*i32"},
+                {"NUM_EXPERTS": 3, "E_PAD": 4, "BLOCK": 1024})
+    compile_one(_gather_ln_kernel, {"x_ptr": p, "perm_ptr": "*i32", "offsets_ptr": "*i32",
+                                    "w_ptr": p, "b_ptr": p, "z_ptr": p, "mean_ptr": "*fp32",
+                                    "rstd_ptr": "*fp32", "eps": "fp32"},
+                {"NUM_EXPERTS": 3, "ROWS": 4, "BLOCK_D": 1024})
+    gemm_types = {n: p for n in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "aux_ptr", "x_ptr",
+                                 "gamma_ptr", "a2_ptr", "b2_ptr")}
+    gemm_types.update(offsets_ptr="*i32", perm_ptr="*i32", dps_ptr="*fp32")
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    for epi, bias, aux, rec, gam, dps in [(EPI_GELU, True, True, False, False, False),
+                                          (EPI_RESIDUAL, True, True, False, True, True),
+                                          (EPI_DGELU, False, False, False, False, False),
+                                          (EPI_DGELU, True, False, True, False, False),
+                                          (EPI_PLAIN, False, False, False, False, False)]:
+        types = dict(gemm_types, c_ptr="*fp32" if epi == EPI_PLAIN else p)
+        # Backward GEMMs read W^T views: the unit stride is then along K.
+        unit = ("stride_ak", "stride_bk") if epi in (EPI_DGELU, EPI_PLAIN) else ("stride_ak", "stride_bn")
+        for cfg in _gemm_configs()[:2]:
+            compile_one(_grouped_gemm_kernel, types, dict(
+                NUM_EXPERTS=3, EPILOGUE=epi, HAS_BIAS=bias, STORE_AUX=aux, RECOMPUTE=rec,
+                HAS_GAMMA=gam, HAS_DPS=dps, DOT_PRECISION=precision, UPCAST=False,
+                **{u: 1 for u in unit}, **cfg.kwargs),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = _wgrad_configs()[0]
+    compile_one(_grouped_wgrad_kernel, {"x_ptr": p, "g_ptr": p, "dw_ptr": p, "db_ptr": p,
+                                        "offsets_ptr": "*i32"},
+                dict(HAS_BIAS=True, DOT_PRECISION=precision, UPCAST=False, **cfg.kwargs),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compile_one(_gather_grad_kernel, {"dout_ptr": p, "perm_ptr": "*i32", "gamma_ptr": p,
+                                      "dps_ptr": "*fp32", "y_ptr": p, "dy_ptr": p,
+                                      "dgamma_part_ptr": "*fp32"},
+                dict(HAS_GAMMA=True, HAS_DPS=True, NEED_DGAMMA=True, ROWS=4, BLOCK_D=1024))
+    compile_one(_ln_bwd_scatter_kernel, {"dz_ptr": "*fp32", "x_ptr": p, "dout_ptr": p,
+                                         "perm_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": p,
+                                         "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": p,
+                                         "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"},
+                dict(NUM_EXPERTS=3, E_PAD=4, ROWS=4, BLOCK_D=1024))
+    return done
