@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .attention import MultiHeadSelfAttention
+from .attention import AttnBias, MultiHeadSelfAttention
 from .mome import MoMEFeedForward
+from .packing import PackedSequences
 
 
 def drop_path_keep_scale(batch: int, drop_prob: float, device, dtype=torch.float32) -> Tensor:
@@ -36,7 +37,10 @@ class MoMEBlock(nn.Module):
             (see `vlmo_fast.backend_report()`).
 
     forward(x [B, L, dim], modality_ids [B, L] int, key_padding_mask [B, L] bool (True = pad),
-            attn_bias [heads, L, L] or [B, heads, L, L]) -> [B, L, dim]
+            attn_bias [heads, L, L] or [B, heads, L, L] or a lazy `RelativeBias`,
+            packing `PackedSequences` for x [1, T, dim] holding several sequences back to
+            back, each attending only to itself) -> [B, L, dim]
+    Drop path draws one keep/drop per sample, or per packed sequence when packing is given.
     """
 
     def __init__(self, dim: int, num_heads: int, num_experts: int = 3, mlp_ratio: float = 4.0,
@@ -58,7 +62,7 @@ class MoMEBlock(nn.Module):
             self.register_parameter("gamma_2", None)
 
     def forward(self, x: Tensor, modality_ids: Tensor, key_padding_mask: Optional[Tensor] = None,
-                attn_bias: Optional[Tensor] = None) -> Tensor:
+                attn_bias: AttnBias = None, packing: Optional[PackedSequences] = None) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise ValueError("x must be a 3-D tensor [batch, length, dim], got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -75,18 +79,27 @@ class MoMEBlock(nn.Module):
                              f"{tuple(modality_ids.shape) if isinstance(modality_ids, Tensor) else type(modality_ids).__name__}")
 
         drop = self.training and self.drop_path > 0.0
-        branch = self.attn(self.norm1(x), attn_bias=attn_bias, key_padding_mask=key_padding_mask)
+        branch = self.attn(self.norm1(x), attn_bias=attn_bias, key_padding_mask=key_padding_mask,
+                           packing=packing)
         if self.gamma_1 is not None:
             branch = branch * self.gamma_1
         if drop:  # independent draws for the two branches, as two DropPath modules would do
-            branch = branch * drop_path_keep_scale(x.shape[0], self.drop_path, x.device, x.dtype)[:, None, None]
+            branch = branch * self._keep_scale(x, packing, x.dtype)[..., None]
         x = x + branch
 
         token_scale = None
         if drop:
-            token_scale = drop_path_keep_scale(x.shape[0], self.drop_path, x.device)[:, None].expand(modality_ids.shape)
+            token_scale = self._keep_scale(x, packing, torch.float32)
         # residual, gamma_2 and the drop-path scale are fused into the FFN op
         return self.mlp(x, modality_ids, gamma=self.gamma_2, drop_path_scale=token_scale)
+
+    def _keep_scale(self, x: Tensor, packing: Optional[PackedSequences], dtype) -> Tensor:
+        """Stochastic-depth scale per token [B, L]: one draw per sample, or per packed
+        sequence (a pack is one row holding many samples)."""
+        if packing is None:
+            return drop_path_keep_scale(x.shape[0], self.drop_path, x.device, dtype)[:, None].expand(x.shape[:2])
+        per_sequence = drop_path_keep_scale(packing.num_sequences, self.drop_path, x.device, dtype)
+        return per_sequence[packing.document_ids][None]
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, drop_path={self.drop_path}"

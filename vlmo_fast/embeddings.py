@@ -6,11 +6,14 @@
   the reference checkpoints) but is only added for absolute-position models.
 - `RelativePositionBias`: ONE table (num_distances, num_heads * depth) shared by all layers
   and modalities; `index(...)` builds the per-pair distance index for any token layout and
-  `forward(index)` returns the per-layer biases [depth, heads, L, L].
+  `forward(index)` returns the per-layer biases [depth, heads, L, L]; `layer_biases(...)`
+  returns them lazily (`RelativeBias`, one per layer) so that attention backends which can
+  look the table up inside the kernel (FlexAttention) never materialise [heads, L, L].
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -179,3 +182,135 @@ class RelativePositionBias(nn.Module):
         length = index.shape[0]
         bias = F.embedding(index, self.relative_position_bias_table)           # L, L, depth*H
         return bias.view(length, length, self.depth, self.num_heads).permute(2, 3, 0, 1)
+
+    # -- lazy form for attention backends -------------------------------------------------
+    def token_codes(self, is_text: Tensor, positions: Tensor) -> Tensor:
+        """One int32 code per token holding what the pair index needs (see `pair_index_rule`):
+        bits 0-9 row (image patch) or position (text), bits 10-19 column (image patch),
+        bit 20 CLS (position 0), bit 21 text. Shape of `positions` ([L] or [B, L])."""
+        if is_text.shape != positions.shape:
+            raise ValueError(f"is_text and positions must have equal shapes, got "
+                             f"{tuple(is_text.shape)} and {tuple(positions.shape)}")
+        n_img, n_txt = self.image_index.shape[0], self.text_index.shape[0]
+        if positions.device.type == "cpu" and positions.numel():
+            if bool((positions[~is_text] >= n_img).any()) or bool((positions[is_text] >= n_txt).any()) \
+                    or bool((positions < 0).any()):
+                raise ValueError(f"positions out of range: image tokens need [0, {n_img - 1}], "
+                                 f"text tokens [0, {n_txt - 1}]")
+        pos = positions.to(torch.int32)
+        patch = (pos - 1).clamp(min=0)
+        row = torch.where(is_text, pos, patch // self.grid_size)
+        col = torch.where(is_text, torch.zeros_like(pos), patch % self.grid_size)
+        return row | (col << 10) | ((pos == 0).to(torch.int32) << 20) | (is_text.to(torch.int32) << 21)
+
+    @property
+    def pair_index(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """index(code_query, code_key) -> table row, the same rule as `index` (tested equal)."""
+        return pair_index_rule(self.grid_size, self.text_len)
+
+    def layer_biases(self, is_text: Tensor, positions: Tensor) -> List["RelativeBias"]:
+        """Every layer's bias for one token layout, lazily; the layers share index caches."""
+        shared: Dict[str, Tensor] = {}
+        return [RelativeBias(self, layer, is_text, positions, shared) for layer in range(self.depth)]
+
+
+_PAIR_RULES: Dict[Tuple[int, int], Callable] = {}
+
+
+def pair_index_rule(grid: int, text_len: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """The table row of a (query, key) pair from two `token_codes`, as plain tensor arithmetic
+    so it runs elementwise inside a FlexAttention score_mod. Cached per size so compiled
+    kernels see the same function object (no recompiles across layers)."""
+    key = (grid, text_len)
+    if key in _PAIR_RULES:
+        return _PAIR_RULES[key]
+    span = 2 * grid - 1
+    n = span * span                         # rows of the 2-D patch distances
+    text_to_image, image_to_text = n + 3, n + 4
+    text_base = n + 5                       # first text row
+    text_last = text_base + 2 * text_len    # one past the text rows
+
+    def rule(cq: Tensor, ck: Tensor) -> Tensor:
+        aq, ak = cq & 1023, ck & 1023
+        q_cls, k_cls = (cq >> 20) & 1, (ck >> 20) & 1
+        q_txt, k_txt = (cq >> 21) & 1, (ck >> 21) & 1
+        patch = (aq - ak + grid - 1) * span + (((cq >> 10) & 1023) - ((ck >> 10) & 1023) + grid - 1)
+        # image pairs: patch->CLS n+1; CLS->patch n; CLS->CLS n+2
+        img = torch.where(k_cls == 1, patch * 0 + (n + 1), patch)
+        img = torch.where(q_cls == 1, patch * 0 + n + 2 * k_cls, img)
+        # text pairs: token distances, then CLS->token, token->CLS, CLS->CLS (the last three rows)
+        tok = text_base + (ak - aq) + (text_len - 2)
+        txt = torch.where(k_cls == 1, tok * 0 + (text_last - 2), tok)
+        txt = torch.where(q_cls == 1, tok * 0 + (text_last - 3) + 2 * k_cls, txt)
+        cross = torch.where(q_txt == 1, patch * 0 + text_to_image, patch * 0 + image_to_text)
+        same = q_txt == k_txt
+        return torch.where(same, torch.where(q_txt == 1, txt, img), cross)
+
+    _PAIR_RULES[key] = rule
+    return rule
+
+
+@dataclass(eq=False)
+class RelativeBias:
+    """One layer's relative position bias, not materialised.
+
+    Carries the shared table's owner, the layer and the token layout (`is_text`, `positions`:
+    [L] shared by the batch, or [B, L]). `materialize()` gives the dense [heads, L, L]
+    (or [B, heads, L, L]) that the reference adds to its logits; FlexAttention instead reads
+    `columns()` and `codes()` inside its score_mod. Gradients reach the table either way.
+    """
+    source: RelativePositionBias
+    layer: int
+    is_text: Tensor
+    positions: Tensor
+    shared: Dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        table = self.source.relative_position_bias_table
+        heads, depth = self.source.num_heads, self.source.depth
+        if table.dim() != 2 or table.shape != (self.source.num_distances, heads * depth):
+            raise ValueError(f"relative_position_bias_table must have shape (num_distances, heads * "
+                             f"depth) = {(self.source.num_distances, heads * depth)}, got "
+                             f"{tuple(table.shape)}")
+        if not 0 <= self.layer < depth:
+            raise ValueError(f"layer {self.layer} out of range for a bias table of depth {depth}")
+        if self.is_text.shape != self.positions.shape or self.is_text.dim() not in (1, 2):
+            raise ValueError(f"is_text and positions must both be [L] or [B, L], got "
+                             f"{tuple(self.is_text.shape)} and {tuple(self.positions.shape)}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.source.num_heads
+
+    @property
+    def length(self) -> int:
+        return self.is_text.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.relative_position_bias_table.device
+
+    def columns(self) -> Tensor:
+        """This layer's slice of the shared table as [heads, num_distances] (a view: gradients
+        flow to the table)."""
+        table = self.source.relative_position_bias_table
+        return table.view(table.shape[0], self.source.depth, self.num_heads)[:, self.layer].t()
+
+    def codes(self) -> Tensor:
+        if "codes" not in self.shared:
+            self.shared["codes"] = self.source.token_codes(self.is_text, self.positions)
+        return self.shared["codes"]
+
+    def index(self) -> Tensor:
+        """[L, L] (or [B, L, L]) table rows, built once per layout and shared by the layers."""
+        if "index" not in self.shared:
+            if self.is_text.dim() == 1:
+                self.shared["index"] = self.source.index(self.is_text, self.positions)
+            else:
+                self.shared["index"] = torch.stack([self.source.index(t, p) for t, p in
+                                                    zip(self.is_text, self.positions)])
+        return self.shared["index"]
+
+    def materialize(self) -> Tensor:
+        """Dense bias [heads, L, L] (or [B, heads, L, L]) in the table's dtype."""
+        return F.embedding(self.index(), self.columns().t()).movedim(-1, -3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from .config import VLMoConfig
 from .embeddings import PatchEmbed, RelativePositionBias, TextEmbeddings, image_relative_index
 from .heads import ClassificationHead, ContrastiveHead, MLMHead, Pooler
 from .mome import LANGUAGE, VISION, VISION_LANGUAGE
+from .packing import PackedSequences
 
 
 @dataclass
@@ -32,6 +33,23 @@ class EncoderOutput:
     vl_features: Optional[Tensor] = None  # ITC features of the VL-expert branch (return_vl=True)
     pooled: Optional[Tensor] = None       # pooler(hidden[:, 0]) (fusion encoder)
     text_len: int = 0                     # the first text_len positions are text
+
+
+@dataclass
+class PackedEncoderOutput:
+    """`VLMo.encode_packed`: images, texts and pairs encoded in ONE pass, in that order."""
+    hidden: Tensor                        # [T, dim] after the final LayerNorm, sequences back to back
+    packing: PackedSequences              # lengths / cu_seqlens / document ids of the pack
+    kinds: Tuple[str, ...]                # per sequence: "image", "text" or "pair"
+    cls: Tensor                           # [N, dim] final hidden state of each sequence's first token
+    image_features: Optional[Tensor] = None  # [num_images, embed] L2-normalised ITC features
+    text_features: Optional[Tensor] = None   # [num_texts, embed]
+    pair_pooled: Optional[Tensor] = None     # [num_pairs, dim] pooler(CLS) for ITM / classification
+    pair_text_lengths: Tuple[int, ...] = ()  # real text tokens at the start of each pair sequence
+
+    def sequences(self) -> List[Tensor]:
+        """Per-sequence hidden states [L_i, dim] (views)."""
+        return self.packing.split(self.hidden)
 
 
 class VLMo(nn.Module):
@@ -141,13 +159,15 @@ class VLMo(nn.Module):
         return ~text_mask.bool()
 
     def _layer_biases(self, is_text: Tensor, positions: Tensor) -> list:
+        """Per-layer relative biases, lazy (`RelativeBias`): the reference/sdpa attention
+        materialises each layer's [heads, L, L]; FlexAttention reads the table in its kernel."""
         if self.rel_pos_bias is None:
             return [None] * self.config.depth
-        biases = self.rel_pos_bias(self.rel_pos_bias.index(is_text, positions))
-        return list(biases.unbind(0))
+        return self.rel_pos_bias.layer_biases(is_text, positions)
 
     def _run(self, x: Tensor, ids_below: Tensor, ids_vl: Tensor, key_padding_mask, biases,
-             start: int = 0, end: Optional[int] = None, keep_at: Optional[int] = None):
+             start: int = 0, end: Optional[int] = None, keep_at: Optional[int] = None,
+             packing: Optional[PackedSequences] = None):
         """Blocks [start, end); returns (x, hidden state at the input of block keep_at)."""
         end = self.config.depth if end is None else end
         kept = None
@@ -155,7 +175,8 @@ class VLMo(nn.Module):
             if i == keep_at:
                 kept = x
             ids = ids_vl if i >= self.config.vl_start else ids_below
-            x = self.blocks[i](x, ids, key_padding_mask=key_padding_mask, attn_bias=biases[i])
+            x = self.blocks[i](x, ids, key_padding_mask=key_padding_mask, attn_bias=biases[i],
+                               packing=packing)
         return x, kept
 
     # -- encoders --------------------------------------------------------------------------
@@ -219,6 +240,92 @@ class VLMo(nn.Module):
         hidden = self.norm(out)
         return EncoderOutput(hidden=hidden, pooled=self.pooler(hidden), text_len=lt)
 
+    def encode_packed(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
+                      text_mask: Optional[Tensor] = None, pair_text_ids: Optional[Tensor] = None,
+                      pair_images: Optional[Tensor] = None,
+                      pair_text_mask: Optional[Tensor] = None) -> PackedEncoderOutput:
+        """Image-only, text-only and image-text sequences of one step in ONE pass.
+
+        The sequences are packed back to back (images, then texts, then pairs) without their
+        padding, and each attends only to itself, so every token's result equals
+        `encode_image` / `encode_text` / `encode_pair` on that sequence alone (tested).
+        Routing per sequence as in those passes: images and texts use their modality's expert
+        in every layer (dual encoder), pairs the modality experts below the VL layers and the
+        VL expert above. Text masks (1 = real token) say which tokens are packed; a token keeps
+        its original position. The `return_vl` re-run of the single-modality passes is not
+        part of the packed pass (run encode_image/encode_text(return_vl=True) for it).
+        """
+        # parts: (tokens [n, d], ids below the VL layers, ids in them, is_text, positions, lengths)
+        parts, kinds, pair_lens = [], [], ()
+        device = None
+
+        def select(x: Tensor, keep: Tensor, is_text: Tensor, below: Tensor, vl: Tensor):
+            # keep [N, L] real tokens of N sequences with the same layout; positions are the
+            # original indices inside each modality segment
+            n, length = keep.shape
+            lengths = keep.sum(1).tolist()        # host ints: the pack's layout (one sync)
+            pos = _segment_positions(is_text).expand(n, length)
+            return (x[keep], below.expand(n, length)[keep], vl.expand(n, length)[keep],
+                    is_text.expand(n, length)[keep], pos[keep], lengths)
+
+        if images is not None:
+            x = self.embed_image(images)
+            n, li = x.shape[:2]
+            device = x.device
+            is_text = torch.zeros(li, dtype=torch.bool, device=device)
+            ids = torch.full((li,), VISION, dtype=torch.long, device=device)
+            parts.append(select(x, torch.ones(n, li, dtype=torch.bool, device=device), is_text, ids, ids))
+            kinds += ["image"] * n
+        if text_ids is not None:
+            padding = self._text_padding(text_ids, text_mask)
+            x = self.embed_text(text_ids)
+            n, lt = x.shape[:2]
+            device = x.device
+            keep = torch.ones(n, lt, dtype=torch.bool, device=device) if padding is None else ~padding
+            is_text = torch.ones(lt, dtype=torch.bool, device=device)
+            ids = torch.full((lt,), LANGUAGE, dtype=torch.long, device=device)
+            parts.append(select(x, keep, is_text, ids, ids))
+            kinds += ["text"] * n
+        if (pair_text_ids is None) != (pair_images is None):
+            raise ValueError("pairs need both pair_text_ids and pair_images")
+        if pair_text_ids is not None:
+            padding = self._text_padding(pair_text_ids, pair_text_mask)
+            text, image = self.embed_text(pair_text_ids), self.embed_image(pair_images)
+            if text.shape[0] != image.shape[0]:
+                raise ValueError(f"pair_text_ids has batch {text.shape[0]} but pair_images has "
+                                 f"batch {image.shape[0]}")
+            n, lt, li = text.shape[0], text.shape[1], image.shape[1]
+            device = text.device
+            keep_text = torch.ones(n, lt, dtype=torch.bool, device=device) if padding is None else ~padding
+            keep = torch.cat([keep_text, torch.ones(n, li, dtype=torch.bool, device=device)], 1)
+            is_text = torch.cat([torch.ones(lt, dtype=torch.bool, device=device),
+                                 torch.zeros(li, dtype=torch.bool, device=device)])
+            below = torch.where(is_text, LANGUAGE, VISION)
+            vl = torch.full_like(below, VISION_LANGUAGE)
+            part = select(torch.cat([text, image], 1), keep, is_text, below, vl)
+            parts.append(part)
+            pair_lens = tuple(n_tok - li for n_tok in part[5])
+            kinds += ["pair"] * n
+        if not parts:
+            raise ValueError("encode_packed needs images, text_ids or pairs")
+
+        cat = lambda i: torch.cat([p[i] for p in parts], 0)
+        lengths = [n_tok for p in parts for n_tok in p[5]]
+        x, ids_below, ids_vl, is_text, positions = (cat(i) for i in range(5))
+        packing = PackedSequences.from_lengths(lengths, device, is_text, positions)
+        biases = self._layer_biases(is_text, positions)
+        out, _ = self._run(x[None], ids_below[None], ids_vl[None], None, biases, packing=packing)
+        hidden = self.norm(out)[0]
+        cls = hidden.index_select(0, packing.starts)
+        counts = {k: kinds.count(k) for k in ("image", "text", "pair")}
+        cls_img, cls_txt, cls_pair = torch.split(cls, [counts["image"], counts["text"], counts["pair"]])
+        return PackedEncoderOutput(
+            hidden=hidden, packing=packing, kinds=tuple(kinds), cls=cls,
+            image_features=self.itc.image_features(cls_img) if counts["image"] else None,
+            text_features=self.itc.text_features(cls_txt) if counts["text"] else None,
+            pair_pooled=self.pooler(cls_pair[:, None]) if counts["pair"] else None,
+            pair_text_lengths=pair_lens)
+
     # -- heads -----------------------------------------------------------------------------
     def itm_logits(self, pair: EncoderOutput) -> Tensor:
         return self.itm_head(pair.pooled)
@@ -272,3 +379,11 @@ class VLMo(nn.Module):
             self.pos_embed = nn.Parameter(torch.cat([cls_pos, grid_pos], 1))
         self.config = c.replace(img_size=img_size)
         self.patch_embed.img_size = img_size
+
+
+def _segment_positions(is_text: Tensor) -> Tensor:
+    """Position of each token inside its own modality segment (0 = that segment's CLS) for
+    a layout [L] in which each modality is one contiguous run, e.g. [text ; image]."""
+    text_rank = is_text.long().cumsum(0) - 1
+    image_rank = (~is_text).long().cumsum(0) - 1
+    return torch.where(is_text, text_rank, image_rank)
