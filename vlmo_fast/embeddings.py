@@ -145,6 +145,17 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("text_index", text_relative_index(text_len, self.num_image_distances + 2),
                              persistent=False)
 
+    def _check_positions(self, is_text: Tensor, positions: Tensor) -> Tuple[int, int]:
+        """Range check on CPU (a host sync on an accelerator is not worth it); returns the
+        number of image and text positions the index tables hold."""
+        n_img, n_txt = self.image_index.shape[0], self.text_index.shape[0]
+        if positions.device.type == "cpu" and positions.numel():
+            if bool((positions[~is_text] >= n_img).any()) or bool((positions[is_text] >= n_txt).any()) \
+                    or bool((positions < 0).any()):
+                raise ValueError(f"positions out of range: image tokens need [0, {n_img - 1}], "
+                                 f"text tokens [0, {n_txt - 1}]")
+        return n_img, n_txt
+
     def index(self, is_text: Tensor, positions: Tensor) -> Tensor:
         """Distance index [L, L] for one token layout.
 
@@ -155,12 +166,7 @@ class RelativePositionBias(nn.Module):
         if is_text.shape != positions.shape or is_text.dim() != 1:
             raise ValueError(f"is_text and positions must be 1-D of equal length, got "
                              f"{tuple(is_text.shape)} and {tuple(positions.shape)}")
-        n_img, n_txt = self.image_index.shape[0], self.text_index.shape[0]
-        if positions.device.type == "cpu" and positions.numel():
-            if bool((positions[~is_text] >= n_img).any()) or bool((positions[is_text] >= n_txt).any()) \
-                    or bool((positions < 0).any()):
-                raise ValueError(f"positions out of range: image tokens need [0, {n_img - 1}], "
-                                 f"text tokens [0, {n_txt - 1}]")
+        n_img, n_txt = self._check_positions(is_text, positions)
         pq, pk = positions[:, None], positions[None, :]
         tq, tk = is_text[:, None], is_text[None, :]
         img = self.image_index[pq.clamp(max=n_img - 1), pk.clamp(max=n_img - 1)]
@@ -191,12 +197,7 @@ class RelativePositionBias(nn.Module):
         if is_text.shape != positions.shape:
             raise ValueError(f"is_text and positions must have equal shapes, got "
                              f"{tuple(is_text.shape)} and {tuple(positions.shape)}")
-        n_img, n_txt = self.image_index.shape[0], self.text_index.shape[0]
-        if positions.device.type == "cpu" and positions.numel():
-            if bool((positions[~is_text] >= n_img).any()) or bool((positions[is_text] >= n_txt).any()) \
-                    or bool((positions < 0).any()):
-                raise ValueError(f"positions out of range: image tokens need [0, {n_img - 1}], "
-                                 f"text tokens [0, {n_txt - 1}]")
+        self._check_positions(is_text, positions)
         pos = positions.to(torch.int32)
         patch = (pos - 1).clamp(min=0)
         row = torch.where(is_text, pos, patch // self.grid_size)
