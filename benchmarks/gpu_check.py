@@ -9,6 +9,12 @@
 3. Runs every benchmarks/bench_*.py with --out DIR (results JSON + markdown per benchmark,
    in the format of ../shared/reference/results-format.md) and prints a summary.
 Works on the GPU image (torch 2.11, triton 3.6, no deepspeed).
+
+On the lent device machine one command may run 10 minutes; the full sweep is longer, so
+split it into two calls and write into the folder that comes back, e.g.
+    python benchmarks/gpu_check.py --out $OUT --only mome,hardneg
+    python benchmarks/gpu_check.py --out $OUT --skip-tests --only contrastive,attention
+then copy the JSON/markdown files into benchmarks/results/ and commit them.
 """
 from __future__ import annotations
 
