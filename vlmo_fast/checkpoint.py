@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Tuple, Union
 
@@ -20,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import VLMoConfig
+from .io import atomic_write
 
 # expert index in our stacked tensors <- reference module suffix
 EXPERT_SUFFIX = {0: "imag", 1: "text", 2: "vl"}
@@ -92,6 +91,8 @@ def _report(missing: List[str], unexpected: List[str], strict: bool, what: str):
 
 
 def _copy(dst: Tensor, src: Tensor, name: str) -> None:
+    if src.dim() == 0 and dst.shape == (1,):
+        src = src.reshape(1)  # the reference's 0-d logit scales; ours are [1] (DeepSpeed)
     if tuple(dst.shape) != tuple(src.shape):
         raise CheckpointMismatchError(f"{name}: checkpoint has shape {tuple(src.shape)}, the model "
                                       f"expects {tuple(dst.shape)}; check the config/preset")
@@ -106,7 +107,8 @@ def export_reference_state_dict(model) -> Dict[str, Tensor]:
     out: Dict[str, Tensor] = {}
     for name, ref in _TOP_LEVEL.items():
         if name in ours:
-            out[ref] = ours[name].clone()
+            value = ours[name].clone()
+            out[ref] = value.reshape(()) if name.endswith("logit_scale") else value
     for k in ours:
         if k.startswith("text_embeddings.") or k.startswith("token_type_embeddings."):
             out[k] = ours[k].clone()
@@ -247,28 +249,14 @@ def load_beit_state_dict(model, state_dict: Mapping, strict: bool = True) -> Tup
 
 
 # -- our own format ------------------------------------------------------------------------
-def _atomic_write(path: Path, write_fn) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_pretrained(model, directory: Union[str, Path]) -> Path:
     """model.safetensors (weights) + config.json, each written atomically."""
     from safetensors.torch import save_file
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(directory / "model.safetensors",
+    atomic_write(directory / "model.safetensors",
                   lambda p: save_file(tensors, p, metadata={"format": "pt", "library": "vlmo_fast"}))
-    _atomic_write(directory / "config.json",
+    atomic_write(directory / "config.json",
                   lambda p: Path(p).write_text(model.config.to_json() + "\n"))
     return directory
 

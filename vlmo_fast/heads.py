@@ -22,7 +22,9 @@ class Pooler(nn.Module):
 class ContrastiveHead(nn.Module):
     """ITC projections (Linear without bias) and the learnable log logit scale.
 
-    logit_scale starts at log(1/0.07) and is never clamped (as in VLMo).
+    logit_scale starts at log(1/0.07) and is never clamped (as in VLMo). It is stored with
+    shape [1], not 0-d: DeepSpeed's parameter broadcast and ZeRO partitioning cannot handle
+    0-d parameters (the reference's checkpoints hold a 0-d tensor; the converters reshape).
     """
 
     def __init__(self, dim: int, embed_dim: int | None = None):
@@ -30,7 +32,7 @@ class ContrastiveHead(nn.Module):
         embed_dim = embed_dim or dim
         self.image_proj = nn.Linear(dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(dim, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
 
     def image_features(self, cls_hidden: Tensor) -> Tensor:
         return F.normalize(self.image_proj(cls_hidden), dim=-1)
