@@ -7,6 +7,15 @@ override (`set_backend(...)` or the environment variable `VLMO_FAST_<OP>_BACKEND
 the op's automatic policy. Implementations register themselves with `register`, so a
 kernel module plugs in without editing this file. Whatever ran is recorded in
 `last_used()` and logged once at INFO, so a run can always say which path it took.
+
+Two questions are asked of each implementation: `available(device)` (can it run on this
+device at all: installed, compiled, right hardware) and, per call, `accepts(facts)` (can it
+take THIS input: dtype, head size, an additive bias, a memory budget, ...). The call's
+facts are keyword arguments of `resolve(op, requested, device, **facts)`. An explicit
+request that is unavailable or does not accept the input raises; the automatic choice skips
+such implementations (and warns once on CUDA when it skips the preferred one). An op's
+preference may be a list per device type or a callable `facts -> list` when the best order
+depends on the input (e.g. attention with or without a relative-position bias).
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -23,18 +32,25 @@ logger = logging.getLogger("vlmo_fast")
 AUTO = "auto"
 
 
+Facts = Dict[str, Any]
+# per device type: an ordered list of names, or a callable facts -> ordered list
+Preference = Union[List[str], Callable[[Facts], List[str]]]
+
+
 @dataclass
 class _Impl:
     name: str
     # available(device) -> None when usable, else a short reason string.
     available: Callable[[torch.device], Optional[str]]
+    # accepts(facts) -> None when this call's input can run here, else a short reason.
+    accepts: Optional[Callable[[Facts], Optional[str]]] = None
 
 
 @dataclass
 class _Op:
     name: str
-    # auto preference order per device type; the first available implementation wins.
-    preference: Dict[str, List[str]] = field(default_factory=dict)
+    # auto preference order per device type; the first usable implementation wins.
+    preference: Dict[str, Preference] = field(default_factory=dict)
     impls: Dict[str, _Impl] = field(default_factory=dict)
     override: Optional[str] = None
 
@@ -49,11 +65,18 @@ def _always(_device: torch.device) -> Optional[str]:
 
 
 def register(op: str, name: str, available: Callable[[torch.device], Optional[str]] = _always,
-             preference: Optional[Dict[str, List[str]]] = None) -> None:
-    """Register implementation `name` of `op`; `preference` (device type -> ordered names)
-    sets or replaces the op's automatic policy."""
+             preference: Optional[Dict[str, Preference]] = None,
+             accepts: Optional[Callable[[Facts], Optional[str]]] = None) -> None:
+    """Register implementation `name` of `op`.
+
+    available(device) -> None or the reason it cannot run on that device;
+    accepts(facts) -> None or the reason it cannot take a call with these facts (the
+    keyword arguments the op passes to `resolve`; a fact missing from `facts` is unknown,
+    e.g. in `backend_report()`, and should be accepted); `preference` (device type -> ordered
+    names, or a callable facts -> ordered names; "default" for other device types) sets or
+    replaces the op's automatic policy."""
     entry = _OPS.setdefault(op, _Op(op))
-    entry.impls[name] = _Impl(name, available)
+    entry.impls[name] = _Impl(name, available, accepts)
     if preference is not None:
         entry.preference.update(preference)
 
@@ -74,11 +97,29 @@ def available_backends(op: str, device: torch.device | str = "cpu") -> Dict[str,
     return {n: impl.available(device) for n, impl in _OPS[op].impls.items()}
 
 
-def resolve(op: str, requested: Optional[str], device: torch.device | str) -> str:
-    """Pick the implementation of `op` to run on `device`.
+def _why_not(impl: _Impl, device: torch.device, facts: Facts) -> Optional[str]:
+    reason = impl.available(device)
+    if reason is None and impl.accepts is not None:
+        reason = impl.accepts(facts)
+    return reason
 
-    An explicit request (argument, then override, then environment) that is not usable
-    raises: asking for a backend and silently getting another would hide a slow path.
+
+def preference_order(op: str, device: torch.device | str, **facts) -> List[str]:
+    """The automatic policy's order of implementations for `op` on `device` and these facts."""
+    entry = _OPS[op]
+    device = torch.device(device)
+    pref = entry.preference.get(device.type) or entry.preference.get("default")
+    if pref is None:
+        return list(entry.impls)
+    return list(pref(facts) if callable(pref) else pref)
+
+
+def resolve(op: str, requested: Optional[str], device: torch.device | str, **facts) -> str:
+    """Pick the implementation of `op` to run on `device` for a call described by `facts`.
+
+    An explicit request (argument, then override, then environment) that cannot run here or
+    cannot take this input raises: asking for a backend and silently getting another would
+    hide a slow path.
     """
     if op not in _OPS:
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
@@ -91,18 +132,23 @@ def resolve(op: str, requested: Optional[str], device: torch.device | str) -> st
         if name not in entry.impls:
             raise ValueError(f"{op} backend {name!r} (from {source}) is unknown; expected one "
                              f"of {[AUTO] + sorted(entry.impls)}")
-        reason = entry.impls[name].available(device)
+        impl = entry.impls[name]
+        reason = impl.available(device)
         if reason is not None:
             raise RuntimeError(f"{op} backend {name!r} (from {source}) cannot run on "
                                f"{device}: {reason}")
+        if impl.accepts is not None:
+            reason = impl.accepts(facts)
+            if reason is not None:
+                raise ValueError(f"{op} backend {name!r} (from {source}) cannot run this "
+                                 f"input: {reason}")
         return _record(op, name, device)
-    order = entry.preference.get(device.type) or entry.preference.get("default") or list(entry.impls)
     reasons = []
-    for name in order:
+    for name in preference_order(op, device, **facts):
         impl = entry.impls.get(name)
         if impl is None:
             continue
-        reason = impl.available(device)
+        reason = _why_not(impl, device, facts)
         if reason is None:
             if reasons and device.type == "cuda":
                 key = (op, name)
