@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install --upgrade pip setuptools wheel ninja pybind11
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install --no-build-isolation -e '.[dev]'
 	$(PY) -c "import vlmo_fast; print(vlmo_fast.backend_report())"

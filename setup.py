@@ -6,11 +6,43 @@ extension `vlmo_fast._C` built from every source in csrc/ with torch's cpp_exten
 - Without torch at build time (an isolated build), the package installs pure-Python and
   `vlmo_fast._ext` JIT-builds the extension on first use.
 - VLMO_FAST_NO_EXT=1 skips the extension; VLMO_FAST_NO_CUDA=1 builds the CPU part only.
+- The CUDA toolkit must have both nvcc and libcudart. cpp_extension guesses CUDA_HOME from
+  the nvcc on PATH; with /usr/local/bin/nvcc it guesses /usr/local, where the link fails
+  (`cannot find -lcudart`). `find_cuda_toolkit` checks the guess and the usual locations,
+  uses the first complete toolkit, and otherwise builds the CPU part with a warning.
 """
 import glob
 import os
+import shutil
+import warnings
 
 from setuptools import setup
+
+
+def find_cuda_toolkit(candidates):
+    """The first directory of `candidates` holding bin/nvcc and a libcudart shared library
+    (lib64/, lib/ or targets/*/lib/), or None. Duplicates and None are skipped."""
+    seen = set()
+    for root in candidates:
+        if not root or root in seen:
+            continue
+        seen.add(root)
+        has_nvcc = os.path.isfile(os.path.join(root, "bin", "nvcc"))
+        has_cudart = any(glob.glob(os.path.join(root, sub, "libcudart.so*"))
+                         for sub in ("lib64", "lib", os.path.join("targets", "*", "lib")))
+        if has_nvcc and has_cudart:
+            return root
+    return None
+
+
+def cuda_toolkit_candidates(guess):
+    """cpp_extension's guess first, then the environment, the real path of the nvcc on
+    PATH, and the conventional install locations (newest versioned one first)."""
+    nvcc = shutil.which("nvcc")
+    from_nvcc = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    return ([guess, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), from_nvcc,
+             "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+            + ["/opt/cuda"])
 
 ext_modules = []
 cmdclass = {}
@@ -28,9 +60,22 @@ if _sources_cpp and os.environ.get("VLMO_FAST_NO_EXT") != "1":
         with_cuda = (
             bool(_sources_cu)
             and torch.version.cuda is not None
-            and cpp_extension.CUDA_HOME is not None
             and os.environ.get("VLMO_FAST_NO_CUDA") != "1"
         )
+        if with_cuda:
+            toolkit = find_cuda_toolkit(cuda_toolkit_candidates(cpp_extension.CUDA_HOME))
+            if toolkit is None:
+                warnings.warn("vlmo_fast: no complete CUDA toolkit (bin/nvcc + libcudart) found "
+                              f"(cpp_extension guessed CUDA_HOME={cpp_extension.CUDA_HOME}); "
+                              "building the CPU part of vlmo_fast._C only. Set CUDA_HOME to "
+                              "the toolkit root to build the CUDA kernels.")
+                with_cuda = False
+            elif toolkit != cpp_extension.CUDA_HOME:
+                warnings.warn(f"vlmo_fast: CUDA_HOME={cpp_extension.CUDA_HOME} has no libcudart; "
+                              f"building with the toolkit at {toolkit}")
+                # cpp_extension reads its module global at build time
+                cpp_extension.CUDA_HOME = toolkit
+                os.environ["CUDA_HOME"] = toolkit
         define_macros = [("VLMO_FAST_WITH_CUDA", "1")] if with_cuda else []
         # at::parallel_for inlines OpenMP pragmas: compile and link with -fopenmp. No -std flag:
         # cpp_extension adds the one the installed torch needs (C++17 up to torch 2.11, C++20
