@@ -84,9 +84,9 @@ def mome_ffn_reference(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, nor
         z = F.layer_norm(flat.index_select(0, rows), (d,), norm_weight[e], norm_bias[e], eps)
         hid = F.gelu(torch.addmm(fc1_bias[e], z, fc1_weight[e]))
         branch = branch.index_copy(0, rows, torch.addmm(fc2_bias[e], hid, fc2_weight[e]))
-    torch._check(routed == flat.shape[0], lambda: (
-        f"modality_ids route only {routed} of {flat.shape[0]} tokens to the "
-        f"{norm_weight.shape[0]} experts: every id must be in [0, {norm_weight.shape[0] - 1}]"))
+    message = (f"modality_ids route some tokens to none of the {norm_weight.shape[0]} experts: "
+               f"every id must be in [0, {norm_weight.shape[0] - 1}]")
+    torch._check(routed == flat.shape[0], lambda: message)
     if gamma is not None:
         branch = branch * gamma
     if drop_path_scale is not None:

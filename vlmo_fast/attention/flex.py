@@ -191,7 +191,7 @@ def attention_flex(q: Tensor, k: Tensor, v: Tensor, attn_bias: AttnBias = None,
                          "(got length 0); FlexAttention cannot build a block mask over no keys")
     block_mask = flex_block_mask(b, length, key_padding_mask, packing, q.device)
     score_mod, buffers = flex_score_mod(attn_bias, b, packing)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
         return _flex_hop_dense(q, k, v, score_mod, buffers, block_mask, flex)
     return flex_compiled_call(q, k, v, score_mod, buffers, block_mask)
 

@@ -68,8 +68,11 @@ def _flash_accepts(facts: dict) -> Optional[str]:
 
 
 def _flex_accepts(facts: dict) -> Optional[str]:
-    if facts.get("device_type") == "cpu" and facts.get("needs_grad") and importlib.util.find_spec("torch._higher_order_ops.flex_attention") is None:
-        return "this torch has no CPU backward for FlexAttention"
+    if facts.get("device_type") == "cpu" and facts.get("needs_grad"):
+        if facts.get("compiling"):
+            return "FlexAttention has no compiled CPU backward (torch.compile on CPU: inference only)"
+        if importlib.util.find_spec("torch._higher_order_ops.flex_attention") is None:
+            return "this torch has no CPU backward for FlexAttention"
     return None
 
 
