@@ -11,17 +11,14 @@ from vlmo_fast import backends
 from vlmo_fast.attention import (MultiHeadSelfAttention, attention_core, attention_facts,
                                  attention_reference, choose_attention_backend)
 from vlmo_fast.attention.flex import flex_block_mask, flex_compiled_call, flex_score_mod
-from vlmo_fast.embeddings import RelativeBias, RelativePositionBias
+from vlmo_fast.embeddings import RelativeBias, RelativePositionBias, token_layout
 from vlmo_fast.packing import PackedSequences
 
 CPU_BACKENDS = ["reference", "sdpa", "flex"]
 HEADS, DH = 4, 16
 
 
-def pair_layout(text_len, num_image_tokens):
-    is_text = torch.cat([torch.ones(text_len, dtype=torch.bool), torch.zeros(num_image_tokens, dtype=torch.bool)])
-    positions = torch.cat([torch.arange(text_len), torch.arange(num_image_tokens)])
-    return is_text, positions
+pair_layout = token_layout   # (is_text, positions) of [text ; image]
 
 
 def make_case(kind, dtype, device="cpu", grid=2, text_len=6, batch=2, seed=0):
@@ -184,6 +181,13 @@ def test_flex_block_mask_is_built_once_per_packing():
         first = packing.cache[("flex_block_mask", "cpu")]
         attention_core("flex").fn(q, k, v, bias, None, packing)
     assert packing.cache[("flex_block_mask", "cpu")] is first
+
+
+def test_flex_with_no_tokens_raises_clearly():
+    q = torch.randn(1, HEADS, 0, DH)
+    with pytest.raises(ValueError, match="at least one token"):
+        attention_core("flex").fn(q, q, q, None, None, None)
+    assert attention_core("reference").fn(q, q, q).shape == q.shape   # the others return empty
 
 
 @pytest.mark.slow

@@ -141,6 +141,17 @@ def text_relative_index(text_len: int, offset: int) -> Tensor:
     return index
 
 
+def token_layout(text_len: int, num_image_tokens: int, device=None) -> Tuple[Tensor, Tensor]:
+    """(is_text [L] bool, positions [L] long) for the sequence [text (text_len) ; image
+    (num_image_tokens)]: each token's modality and position inside its own segment
+    (0 = that segment's CLS). text_len or num_image_tokens may be 0 (image- or text-only)."""
+    is_text = torch.cat([torch.ones(text_len, dtype=torch.bool, device=device),
+                         torch.zeros(num_image_tokens, dtype=torch.bool, device=device)])
+    positions = torch.cat([torch.arange(text_len, device=device),
+                           torch.arange(num_image_tokens, device=device)])
+    return is_text, positions
+
+
 class RelativePositionBias(nn.Module):
     """VLMo's shared relative position bias.
 
@@ -215,13 +226,9 @@ class RelativePositionBias(nn.Module):
         return torch.where(tq & tk, txt, torch.where(~tq & ~tk, img, cross))
 
     def layout(self, text_len: int, num_image_tokens: int, device=None) -> Tuple[Tensor, Tensor]:
-        """(is_text, positions) for the sequence [text (text_len) ; image (num_image_tokens)]."""
-        device = device or self.relative_position_bias_table.device
-        is_text = torch.cat([torch.ones(text_len, dtype=torch.bool, device=device),
-                             torch.zeros(num_image_tokens, dtype=torch.bool, device=device)])
-        positions = torch.cat([torch.arange(text_len, device=device),
-                               torch.arange(num_image_tokens, device=device)])
-        return is_text, positions
+        """(is_text, positions) for the sequence [text (text_len) ; image (num_image_tokens)]
+        on the table's device (see `token_layout`)."""
+        return token_layout(text_len, num_image_tokens, device or self.relative_position_bias_table.device)
 
     def forward(self, index: Tensor) -> Tensor:
         """Biases for every layer: [depth, num_heads, L, L] (fp32 if the table is)."""
