@@ -130,6 +130,16 @@ def test_autocast_bf16_input_fp32_weights_fwd_bwd(ffn):
     assert blk.mlp.fc1_weight.grad.dtype == torch.float32
 
 
+def test_vlmo_under_autocast_matches_fp32():
+    model = tiny_model()
+    images, text_ids, text_mask = tiny_batch(model)
+    want = model.encode_pair(text_ids, images, text_mask).hidden
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for imgs in (images, images.bfloat16()):     # fp32 or bf16 pixels, fp32 weights
+            got = model.encode_pair(text_ids, imgs, text_mask).hidden
+            torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.1)
+
+
 # -- meta-device init ---------------------------------------------------------------------------
 def test_meta_init_then_to_empty_and_reset_equals_fresh_init():
     with torch.device("meta"):

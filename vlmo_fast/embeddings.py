@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .env import INTEGER_DTYPES
+from .env import INTEGER_DTYPES, autocast_dtype
 
 
 class PatchEmbed(nn.Module):
@@ -52,7 +52,8 @@ class PatchEmbed(nn.Module):
                              f"{self.img_size}; resize the images or call "
                              f"model.resize_image({h}) to interpolate the position tables")
         weight = self.proj.weight
-        if images.dtype != weight.dtype or images.device != weight.device:
+        mixed_ok = autocast_dtype(images) is not None   # autocast casts the conv's inputs itself
+        if images.device != weight.device or (images.dtype != weight.dtype and not mixed_ok):
             raise TypeError(f"images are {images.dtype} on {images.device} but the model is "
                             f"{weight.dtype} on {weight.device}")
         return self.proj(images).flatten(2).transpose(1, 2)  # [B, grid*grid, dim]
