@@ -162,7 +162,8 @@ def test_unrouted_token_raises_even_without_validation():
     x = torch.randn(5, 16)
     ids = torch.tensor([0, 1, -1, 1, 0])
     args = (ffn.norm_weight, ffn.norm_bias, ffn.fc1_weight, ffn.fc1_bias, ffn.fc2_weight, ffn.fc2_bias)
-    with pytest.raises(RuntimeError, match=r"every id must be in \[0, 1\]"):
-        mome_ffn(x, ids, *args, backend="reference", validate=False)
+    for backend in ("reference", "grouped_mm"):
+        with pytest.raises(RuntimeError, match=r"every id must be in \[0, 1\]"):
+            mome_ffn(x, ids, *args, backend=backend, validate=False)
     with pytest.raises(ValueError, match="hidden_dim must be >= 1"):
         MoMEFeedForward(16, 0, 2)

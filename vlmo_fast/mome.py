@@ -123,6 +123,11 @@ def mome_ffn_grouped_mm(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, no
     flat = x.reshape(-1, d)
     ids = modality_ids.reshape(-1)
     perm, offs = _routing(ids, num_experts)
+    if not torch.compiler.is_compiling() and flat.shape[0]:
+        # an id outside [0, E) would leave its token out of every group (no host sync on CUDA)
+        torch._assert_async(offs[-1] == flat.shape[0],
+                            f"modality_ids route some tokens to none of the {num_experts} experts: "
+                            f"every id must be in [0, {num_experts - 1}]")
     ids_sorted = ids.index_select(0, perm)
     z = F.layer_norm(flat.index_select(0, perm), (d,), eps=eps)
     z = z * norm_weight.index_select(0, ids_sorted) + norm_bias.index_select(0, ids_sorted)
