@@ -40,11 +40,14 @@ _CORES: Dict[str, AttentionCore] = {}
 
 def attention_facts(q: Tensor, attn_bias: AttnBias, packing: Optional[PackedSequences]) -> dict:
     """What the backend choice may depend on, for q [B, H, L, Dh] (all host values)."""
-    bias = "none" if attn_bias is None else ("relative" if isinstance(attn_bias, RelativeBias) else "dense")
-    bias_grad = isinstance(attn_bias, Tensor) and attn_bias.requires_grad or \
-        isinstance(attn_bias, RelativeBias) and attn_bias.source.relative_position_bias_table.requires_grad
+    if attn_bias is None:
+        bias, bias_grad = "none", False
+    elif isinstance(attn_bias, RelativeBias):
+        bias, bias_grad = "relative", attn_bias.source.relative_position_bias_table.requires_grad
+    else:
+        bias, bias_grad = "dense", attn_bias.requires_grad
     return dict(dtype=q.dtype, head_dim=q.shape[-1], bias=bias, packed=packing is not None,
-                needs_grad=torch.is_grad_enabled() and (q.requires_grad or bool(bias_grad)),
+                needs_grad=torch.is_grad_enabled() and (q.requires_grad or bias_grad),
                 compiling=torch.compiler.is_compiling(), device_type=q.device.type)
 
 
