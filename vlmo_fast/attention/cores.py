@@ -42,6 +42,10 @@ class TensorKeyedCache:
         self._size = size
         self._entries = []            # [(weakref to mask, version, data)], newest last
 
+    def clear(self) -> None:
+        """Forget every entry (benchmarks time a cold build this way)."""
+        self._entries.clear()
+
     def get(self, t: Tensor) -> dict:
         if torch.compiler.is_compiling():
             return {}
