@@ -20,6 +20,11 @@ fc2_bias [E, d]. Note fc*_weight are (in, out): the transpose of nn.Linear's (ou
   "reference"   per-expert index_select / index_copy loop (host sync through nonzero); the
                 semantics every other backend is tested against.
 
+Each backend also says which inputs it takes (`accepts` in `vlmo_fast.backends`): triton and
+grouped_mm take fp32/bf16/fp16 (grouped_mm only bf16 under torch.compile, whose tracer
+lacks its fp32 path), so fp64 and compiled fp32 run on the next backend that accepts them,
+ultimately the reference. Under autocast the GEMMs run in the autocast dtype (`mome_ffn`).
+
 Override per module (`MoMEFeedForward(..., backend=)`), per call (`mome_ffn(..., backend=)`),
 process-wide (`vlmo_fast.set_backend("ffn", name)`) or with VLMO_FAST_FFN_BACKEND; what ran
 is in `vlmo_fast.backends.last_used()` and the module's repr.
