@@ -9,7 +9,8 @@ import torch
 
 from vlmo_fast import backends
 from vlmo_fast.attention import (MultiHeadSelfAttention, attention_core, attention_facts,
-                                 attention_reference, choose_attention_backend)
+                                 attention_reference, choose_attention_backend,
+                                 register_attention_impl)
 from vlmo_fast.attention.flex import flex_block_mask, flex_compiled_call, flex_score_mod
 from vlmo_fast.embeddings import RelativeBias, RelativePositionBias, token_layout
 from vlmo_fast.packing import PackedSequences
@@ -172,6 +173,53 @@ def test_explicit_backend_that_cannot_run_raises():
         assert attn.last_backend == "sdpa"
     finally:
         backends.set_backend("attention", None)
+
+
+def test_automatic_order_depends_on_the_input():
+    order = lambda **facts: backends.preference_order("attention", "cuda", **facts)   # noqa: E731
+    assert order(bias="relative", packed=False) == ["flex", "sdpa", "reference"]
+    assert order(bias="none", packed=False) == ["flash", "sdpa", "reference"]
+    assert order(bias="none", packed=True) == ["flash", "flex", "sdpa", "reference"]
+    assert backends.preference_order("attention", "cpu", bias="none") == ["reference"]
+    report = backends.backend_report("cpu")["attention"]
+    assert report["auto"] == "reference" and report["sdpa"] == "ok"
+
+
+def test_registered_core_is_dispatched_and_its_limits_are_honoured(monkeypatch):
+    calls = []
+
+    def mine(q, k, v, attn_bias, key_padding_mask):
+        calls.append(attn_bias is None or attn_bias.dim())
+        return attention_reference(q, k, v, attn_bias, key_padding_mask)
+
+    def fp32_only(facts):
+        return None if facts.get("dtype") == torch.float32 else "fp32 only"
+    register_attention_impl("mine", mine, accepts=fp32_only,
+                            preference={"cpu": ["mine", "reference"]})
+    try:
+        attn = MultiHeadSelfAttention(32, 4)
+        x = torch.randn(2, 5, 32)
+        ref = MultiHeadSelfAttention(32, 4, backend="reference")
+        ref.load_state_dict(attn.state_dict())
+        rel = RelativePositionBias(2, 8, 4, depth=1)
+        bias = rel.layer_biases(*token_layout(0, 5))[0]
+        torch.testing.assert_close(attn(x, attn_bias=bias), ref(x, attn_bias=bias))
+        assert attn.last_backend == "mine" and calls == [3]    # got the bias dense, [H, L, L]
+        attn.double()(x.double())                               # not accepted: the next one runs
+        assert attn.last_backend == "reference"
+        packing = PackedSequences.from_lengths([2, 3])
+        attn.float()(x[:1], packing=packing)                    # packed: not for a 5-arg core
+        assert attn.last_backend == "reference"
+        with pytest.raises(ValueError, match="does not support packed sequences"):
+            MultiHeadSelfAttention(32, 4, backend="mine")(x[:1], packing=packing)
+        monkeypatch.setenv("VLMO_FAST_ATTENTION_BACKEND", "sdpa")   # read per call
+        attn(x)
+        assert attn.last_backend == "sdpa" and backends.last_used()["attention@cpu"] == "sdpa"
+        monkeypatch.delenv("VLMO_FAST_ATTENTION_BACKEND")
+    finally:
+        backends.unregister("attention", "mine")
+        backends.register("attention", "reference", preference={"cpu": ["reference"]})
+    assert backends.resolve("attention", None, "cpu") == "reference"
 
 
 def test_flex_block_mask_is_built_once_per_packing():

@@ -102,12 +102,15 @@ def test_autocast_runs_expert_gemms_in_bf16_like_linear():
         seen.append((x.dtype, args[3].dtype))     # token and fc1_weight dtypes the backend got
         return mome_ffn_reference(x, *args)
     register_ffn_impl("spy_autocast", spy)
-    blk = make_block(ffn_backend="spy_autocast")
-    x, ids, pad = block_inputs()
-    want = blk(x, ids, key_padding_mask=pad)
-    seen.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = blk(x, ids, key_padding_mask=pad)
+    try:
+        blk = make_block(ffn_backend="spy_autocast")
+        x, ids, pad = block_inputs()
+        want = blk(x, ids, key_padding_mask=pad)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = blk(x, ids, key_padding_mask=pad)
+    finally:
+        backends.unregister("ffn", "spy_autocast")
     assert seen == [(torch.bfloat16, torch.bfloat16)]
     assert got.dtype == torch.float32                # the residual stream keeps x's dtype
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)

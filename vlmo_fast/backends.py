@@ -86,6 +86,17 @@ def register(op: str, name: str, available: Callable[[torch.device], Optional[st
         entry.preference.update(preference)
 
 
+def unregister(op: str, name: str) -> None:
+    """Remove implementation `name` of `op` (e.g. a plug-in registered for a test). Names
+    left in preference orders are skipped."""
+    entry = _OPS.get(op)
+    if entry is None or name not in entry.impls:
+        raise ValueError(f"{op!r} has no backend {name!r} to unregister")
+    del entry.impls[name]
+    if entry.override == name:
+        entry.override = None
+
+
 def set_backend(op: str, name: Optional[str]) -> None:
     """Process-wide override for `op` ("auto" or None restores the automatic choice)."""
     if op not in _OPS:
