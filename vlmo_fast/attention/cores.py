@@ -143,7 +143,9 @@ def unpadded_layout(key_padding_mask: Tensor) -> Tuple[Tensor, Tensor, int]:
         real = ~key_padding_mask
         counts = real.sum(1, dtype=torch.int32)
         cu = cu_seqlens_from_counts(counts)
-        cache["unpad"] = (real.reshape(-1).nonzero().squeeze(1), cu, int(counts.max()))
+        # under torch.compile no host sync: the padded length is a valid upper bound
+        max_len = real.shape[1] if torch.compiler.is_compiling() else int(counts.max())
+        cache["unpad"] = (real.reshape(-1).nonzero().squeeze(1), cu, max_len)
     return cache["unpad"]
 
 
