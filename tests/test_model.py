@@ -49,7 +49,7 @@ def test_vl_branch_reruns_top_layers_with_the_vl_expert(tiny):
     c = tiny.config
     out = tiny.encode_image(images, return_vl=True)
     x = tiny.embed_image(images)
-    biases = tiny._layer_biases(torch.zeros(x.shape[1], dtype=torch.bool), torch.arange(x.shape[1]))
+    biases = tiny.rel_pos_bias.layer_biases(torch.zeros(x.shape[1], dtype=torch.bool), torch.arange(x.shape[1]))
     for i in range(c.depth):
         if i == c.vl_start:
             kept = x
