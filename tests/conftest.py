@@ -22,3 +22,16 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny preset in eval mode without drop path, with non-default LayerNorm, bias and
+    table values so that every parameter matters."""
+    from vlmo_fast import VLMo
+    torch.manual_seed(0)
+    model = VLMo.from_preset("tiny", drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model

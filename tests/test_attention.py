@@ -7,21 +7,19 @@ import importlib.util
 import pytest
 import torch
 
-from vlmo_fast import attention as attn_mod
 from vlmo_fast import backends
-from vlmo_fast.attention import (MultiHeadSelfAttention, _IMPLS, _unsupported,
-                                 attention_reference, choose_attention_backend)
-from vlmo_fast.embeddings import RelativeBias, RelativePositionBias
+from vlmo_fast.attention import (MultiHeadSelfAttention, attention_core, attention_facts,
+                                 attention_reference, choose_attention_backend,
+                                 register_attention_impl)
+from vlmo_fast.attention.flex import flex_block_mask, flex_compiled_call, flex_score_mod
+from vlmo_fast.embeddings import RelativeBias, RelativePositionBias, token_layout
 from vlmo_fast.packing import PackedSequences
 
 CPU_BACKENDS = ["reference", "sdpa", "flex"]
 HEADS, DH = 4, 16
 
 
-def pair_layout(text_len, num_image_tokens):
-    is_text = torch.cat([torch.ones(text_len, dtype=torch.bool), torch.zeros(num_image_tokens, dtype=torch.bool)])
-    positions = torch.cat([torch.arange(text_len), torch.arange(num_image_tokens)])
-    return is_text, positions
+pair_layout = token_layout   # (is_text, positions) of [text ; image]
 
 
 def make_case(kind, dtype, device="cpu", grid=2, text_len=6, batch=2, seed=0):
@@ -62,7 +60,7 @@ def run(name, q, k, v, bias, pad, packing, rel, grad_out):
     if isinstance(bias, torch.Tensor):
         bias = bias.detach().clone().requires_grad_(True)
     rel.relative_position_bias_table.grad = None
-    out = _IMPLS[name](q, k, v, bias, pad, packing)
+    out = attention_core(name).fn(q, k, v, bias, pad, packing)
     out.backward(grad_out.to(out.dtype))
     table_grad = rel.relative_position_bias_table.grad
     grads = {"q": q.grad, "k": k.grad, "v": v.grad}
@@ -83,7 +81,7 @@ def test_backend_matches_reference_forward_and_backward(name, kind, dtype, monke
     if name == "flex:shared_bias_grad":   # one [H, N] gradient buffer instead of per-sequence copies
         if kind not in ("relative_padded", "packed"):
             pytest.skip("only the relative bias has gradient copies")
-        monkeypatch.setattr(attn_mod, "FLEX_BIAS_GRAD_COPIES", "shared")
+        monkeypatch.setenv("VLMO_FAST_FLEX_BIAS_GRAD", "shared")
         name = "flex"
     case = make_case(kind, dtype)
     grad_out = torch.randn(case[0].shape)
@@ -148,6 +146,10 @@ def test_auto_choice_on_cpu_is_reference():
     assert backends.resolve("attention", None, "cpu") == "reference"
 
 
+def _unsupported(name, q, bias, packing):
+    return backends.rejection_reason("attention", name, **attention_facts(q, bias, packing))
+
+
 def test_input_support_reasons():
     q32 = torch.randn(1, 2, 4, 16)
     bias = torch.zeros(2, 4, 4)
@@ -155,6 +157,7 @@ def test_input_support_reasons():
     assert "fp16/bf16" in _unsupported("flash", q32, None, None)
     assert _unsupported("flash", q32.bfloat16(), None, None) is None
     assert _unsupported("sdpa", q32, bias, None) is None
+    assert "CUDA only" in backends.rejection_reason("attention", "flash", "cpu")
 
 
 def test_explicit_backend_that_cannot_run_raises():
@@ -172,13 +175,67 @@ def test_explicit_backend_that_cannot_run_raises():
         backends.set_backend("attention", None)
 
 
+def test_automatic_order_depends_on_the_input():
+    order = lambda **facts: backends.preference_order("attention", "cuda", **facts)   # noqa: E731
+    assert order(bias="relative", packed=False) == ["flex", "sdpa", "reference"]
+    assert order(bias="none", packed=False) == ["flash", "sdpa", "reference"]
+    assert order(bias="none", packed=True) == ["flash", "flex", "sdpa", "reference"]
+    assert backends.preference_order("attention", "cpu", bias="none") == ["reference"]
+    report = backends.backend_report("cpu")["attention"]
+    assert report["auto"] == "reference" and report["sdpa"] == "ok"
+
+
+def test_registered_core_is_dispatched_and_its_limits_are_honoured(monkeypatch):
+    calls = []
+
+    def mine(q, k, v, attn_bias, key_padding_mask):
+        calls.append(attn_bias is None or attn_bias.dim())
+        return attention_reference(q, k, v, attn_bias, key_padding_mask)
+
+    def fp32_only(facts):
+        return None if facts.get("dtype") == torch.float32 else "fp32 only"
+    register_attention_impl("mine", mine, accepts=fp32_only,
+                            preference={"cpu": ["mine", "reference"]})
+    try:
+        attn = MultiHeadSelfAttention(32, 4)
+        x = torch.randn(2, 5, 32)
+        ref = MultiHeadSelfAttention(32, 4, backend="reference")
+        ref.load_state_dict(attn.state_dict())
+        rel = RelativePositionBias(2, 8, 4, depth=1)
+        bias = rel.layer_biases(*token_layout(0, 5))[0]
+        torch.testing.assert_close(attn(x, attn_bias=bias), ref(x, attn_bias=bias))
+        assert attn.last_backend == "mine" and calls == [3]    # got the bias dense, [H, L, L]
+        attn.double()(x.double())                               # not accepted: the next one runs
+        assert attn.last_backend == "reference"
+        packing = PackedSequences.from_lengths([2, 3])
+        attn.float()(x[:1], packing=packing)                    # packed: not for a 5-arg core
+        assert attn.last_backend == "reference"
+        with pytest.raises(ValueError, match="does not support packed sequences"):
+            MultiHeadSelfAttention(32, 4, backend="mine")(x[:1], packing=packing)
+        monkeypatch.setenv("VLMO_FAST_ATTENTION_BACKEND", "sdpa")   # read per call
+        attn(x)
+        assert attn.last_backend == "sdpa" and backends.last_used()["attention@cpu"] == "sdpa"
+        monkeypatch.delenv("VLMO_FAST_ATTENTION_BACKEND")
+    finally:
+        backends.unregister("attention", "mine")
+        backends.register("attention", "reference", preference={"cpu": ["reference"]})
+    assert backends.resolve("attention", None, "cpu") == "reference"
+
+
 def test_flex_block_mask_is_built_once_per_packing():
     q, k, v, bias, _, packing, _ = make_case("packed", torch.float32)
     with torch.no_grad():
-        _IMPLS["flex"](q, k, v, bias, None, packing)
+        attention_core("flex").fn(q, k, v, bias, None, packing)
         first = packing.cache[("flex_block_mask", "cpu")]
-        _IMPLS["flex"](q, k, v, bias, None, packing)
+        attention_core("flex").fn(q, k, v, bias, None, packing)
     assert packing.cache[("flex_block_mask", "cpu")] is first
+
+
+def test_flex_with_no_tokens_raises_clearly():
+    q = torch.randn(1, HEADS, 0, DH)
+    with pytest.raises(ValueError, match="at least one token"):
+        attention_core("flex").fn(q, q, q, None, None, None)
+    assert attention_core("reference").fn(q, q, q).shape == q.shape   # the others return empty
 
 
 @pytest.mark.slow
@@ -194,9 +251,9 @@ def test_compiled_flex_path_runs_the_same_score_mod():
         q, k, v, bias, pad, packing, _ = make_case(kind, torch.float32)
         with torch.no_grad():
             want = attention_reference(q, k, v, bias, pad, packing)
-            mask = attn_mod._flex_block_mask(q.shape[0], q.shape[2], pad, packing, q.device)
-            score_mod, buffers = attn_mod._flex_score_mod(bias, q.shape[0], packing)
-            got = attn_mod._flex_compiled_call(q, k, v, score_mod, buffers, mask)
+            mask = flex_block_mask(q.shape[0], q.shape[2], pad, packing, q.device)
+            score_mod, buffers = flex_score_mod(bias, q.shape[0], packing)
+            got = flex_compiled_call(q, k, v, score_mod, buffers, mask)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -296,7 +353,7 @@ def test_gpu_auto_choice():
     bias = rel.layer_biases(*(t.cuda() for t in pair_layout(0, 50)))[0]
     assert choose_attention_backend(None, q, bias, None) == "flex"
     expect = "flash" if importlib.util.find_spec("flash_attn") else "sdpa"
-    attn_mod._WARNED_FALLBACK.clear()      # the fallback warning is once per process
+    backends.reset_warnings()      # the fallback warning is once per process
     with pytest.warns(RuntimeWarning) if expect == "sdpa" else _nullcontext():
         assert choose_attention_backend(None, q, None, None) == expect
 

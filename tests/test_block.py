@@ -152,3 +152,18 @@ def test_bad_inputs_raise_clear_errors(case, exc, match):
 def test_repr_names_the_backend():
     text = repr(make_block())
     assert "backend=" in text and "num_experts=3" in text
+
+
+def test_unrouted_token_raises_even_without_validation():
+    """validate=False skips the up-front id check; the reference must still not silently
+    leave a token without its FFN."""
+    from vlmo_fast.mome import mome_ffn
+    ffn = MoMEFeedForward(16, 32, 2)
+    x = torch.randn(5, 16)
+    ids = torch.tensor([0, 1, -1, 1, 0])
+    args = (ffn.norm_weight, ffn.norm_bias, ffn.fc1_weight, ffn.fc1_bias, ffn.fc2_weight, ffn.fc2_bias)
+    for backend in ("reference", "grouped_mm"):
+        with pytest.raises(RuntimeError, match=r"every id must be in \[0, 1\]"):
+            mome_ffn(x, ids, *args, backend=backend, validate=False)
+    with pytest.raises(ValueError, match="hidden_dim must be >= 1"):
+        MoMEFeedForward(16, 0, 2)

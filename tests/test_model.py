@@ -7,16 +7,6 @@ import torch
 from vlmo_fast import VLMo, VLMoConfig, PRESETS
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = VLMo.from_preset("tiny").eval()
-    with torch.no_grad():  # non-default LN/bias/table values so every parameter matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
-
-
 def batch(model, b=3, lt=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = model.config
@@ -59,7 +49,7 @@ def test_vl_branch_reruns_top_layers_with_the_vl_expert(tiny):
     c = tiny.config
     out = tiny.encode_image(images, return_vl=True)
     x = tiny.embed_image(images)
-    biases = tiny._layer_biases(torch.zeros(x.shape[1], dtype=torch.bool), torch.arange(x.shape[1]))
+    biases = tiny.rel_pos_bias.layer_biases(torch.zeros(x.shape[1], dtype=torch.bool), torch.arange(x.shape[1]))
     for i in range(c.depth):
         if i == c.vl_start:
             kept = x
@@ -157,6 +147,11 @@ def test_config_json_round_trip_and_validation(tmp_path):
     ("dtype", TypeError, "torch.float64"),
     ("mask_shape", ValueError, "text_mask must have the shape"),
     ("batch", ValueError, "batch"),
+    ("empty_text", ValueError, "at least one token"),
+    ("itm_on_text", ValueError, "itm_logits needs the output of encode_pair"),
+    ("classify_on_image", RuntimeError, "no classification head"),
+    ("mlm_on_image", ValueError, "mlm_logits needs"),
+    ("resize_zero", ValueError, "positive multiple of the patch size"),
 ])
 def test_bad_model_inputs(tiny, case, exc, match):
     images, text_ids, text_mask = batch(tiny)
@@ -180,6 +175,16 @@ def test_bad_model_inputs(tiny, case, exc, match):
             tiny.encode_text(text_ids, text_mask[:, :3])
         elif case == "batch":
             tiny.encode_pair(text_ids, images[:2], text_mask)
+        elif case == "empty_text":
+            tiny.encode_text(text_ids[:, :0])
+        elif case == "itm_on_text":
+            tiny.itm_logits(tiny.encode_text(text_ids))
+        elif case == "classify_on_image":
+            tiny.classify(tiny.encode_image(images))
+        elif case == "mlm_on_image":
+            tiny.mlm_logits(tiny.encode_image(images))
+        elif case == "resize_zero":
+            tiny.resize_image(0)
 
 
 def test_resize_image_interpolates_positions(tiny):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlmo_fast import MoMEBlock, VLMo
-from vlmo_fast.embeddings import RelativePositionBias
+from vlmo_fast.embeddings import RelativePositionBias, token_layout
 from vlmo_fast.packing import PackedSequences, pack
 
 CPU_BACKENDS = ["reference", "sdpa", "flex"]
@@ -41,9 +41,7 @@ def test_bad_metadata_raises(lengths, kw, match):
         PackedSequences.from_lengths(lengths, **kw)
 
 
-def _layout(text_len, n_img):
-    is_text = torch.cat([torch.ones(text_len, dtype=torch.bool), torch.zeros(n_img, dtype=torch.bool)])
-    return is_text, torch.cat([torch.arange(text_len), torch.arange(n_img)])
+_layout = token_layout   # (is_text, positions) of [text ; image]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -96,12 +94,6 @@ def test_drop_path_is_per_packed_sequence():
     assert seen == {0.0, 2.0}
     out = blk(x, torch.zeros(1, packing.total, dtype=torch.long), packing=packing)
     assert out.shape == x.shape
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return VLMo.from_preset("tiny", drop_path_rate=0.0).eval()
 
 
 def _inputs(c):

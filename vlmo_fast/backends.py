@@ -20,12 +20,13 @@ depends on the input (e.g. attention with or without a relative-position bias).
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
+
+from .env import env_choice
 
 logger = logging.getLogger("vlmo_fast")
 
@@ -60,11 +61,15 @@ _LAST_USED: Dict[str, str] = {}
 _WARNED: set = set()
 
 
-def _always(_device: torch.device) -> Optional[str]:
+def always_available(_device: torch.device) -> Optional[str]:
+    """The `available` check of an implementation that runs on every device."""
     return None
 
 
-def register(op: str, name: str, available: Callable[[torch.device], Optional[str]] = _always,
+_always = always_available
+
+
+def register(op: str, name: str, available: Callable[[torch.device], Optional[str]] = always_available,
              preference: Optional[Dict[str, Preference]] = None,
              accepts: Optional[Callable[[Facts], Optional[str]]] = None) -> None:
     """Register implementation `name` of `op`.
@@ -79,6 +84,17 @@ def register(op: str, name: str, available: Callable[[torch.device], Optional[st
     entry.impls[name] = _Impl(name, available, accepts)
     if preference is not None:
         entry.preference.update(preference)
+
+
+def unregister(op: str, name: str) -> None:
+    """Remove implementation `name` of `op` (e.g. a plug-in registered for a test). Names
+    left in preference orders are skipped."""
+    entry = _OPS.get(op)
+    if entry is None or name not in entry.impls:
+        raise ValueError(f"{op!r} has no backend {name!r} to unregister")
+    del entry.impls[name]
+    if entry.override == name:
+        entry.override = None
 
 
 def set_backend(op: str, name: Optional[str]) -> None:
@@ -104,6 +120,19 @@ def _why_not(impl: _Impl, device: torch.device, facts: Facts) -> Optional[str]:
     return reason
 
 
+def rejection_reason(op: str, name: str, device: torch.device | str | None = None,
+                     **facts) -> Optional[str]:
+    """None when implementation `name` of `op` can run on `device` for a call with these
+    facts, else the reason it cannot (what `resolve` would say). device=None asks only
+    whether it accepts the input (its `accepts(facts)` hook)."""
+    if op not in _OPS or name not in _OPS[op].impls:
+        raise ValueError(f"unknown {op!r} backend {name!r}")
+    impl = _OPS[op].impls[name]
+    if device is None:
+        return None if impl.accepts is None else impl.accepts(facts)
+    return _why_not(impl, torch.device(device), facts)
+
+
 def preference_order(op: str, device: torch.device | str, **facts) -> List[str]:
     """The automatic policy's order of implementations for `op` on `device` and these facts."""
     entry = _OPS[op]
@@ -125,8 +154,11 @@ def resolve(op: str, requested: Optional[str], device: torch.device | str, **fac
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
     entry = _OPS[op]
     device = torch.device(device)
+    missing = _no_device_reason(device)
+    if missing is not None:
+        raise RuntimeError(f"{op} cannot run on {device}: {missing}")
     for source, name in (("argument", requested), ("set_backend", entry.override),
-                         ("environment", os.environ.get(f"VLMO_FAST_{op.upper()}_BACKEND"))):
+                         ("environment", env_choice(f"VLMO_FAST_{op.upper()}_BACKEND"))):
         if name in (None, "", AUTO):
             continue
         if name not in entry.impls:
@@ -169,22 +201,53 @@ def _record(op: str, name: str, device: torch.device) -> str:
     return name
 
 
+def reset_warnings() -> None:
+    """Forget which fallbacks were warned about (each warns once per process)."""
+    _WARNED.clear()
+
+
 def last_used() -> Dict[str, str]:
     """'op@device_type' -> the backend that ran most recently."""
     return dict(_LAST_USED)
 
 
+def _no_device_reason(device: torch.device) -> Optional[str]:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available here (torch.cuda.is_available() is False)"
+    return None
+
+
 def backend_report(device: torch.device | str | None = None) -> Dict[str, Dict[str, str]]:
-    """For each op: each backend and whether it is usable here (or why not)."""
+    """For each op: each backend and whether it is usable on `device` (or why not), and
+    "auto": what the automatic choice picks. For ops whose choice depends on the input
+    (dtype, bias, packing, ...) "auto" gives the preference order and says so: the backend
+    that actually ran is in `last_used()`. A device that is not present here is reported
+    as such instead of raising."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    missing = _no_device_reason(device)
     report = {}
     for op in sorted(_OPS):
+        entry = _OPS[op]
+        if missing is not None:
+            report[op] = {n: f"unavailable: {missing}" for n in entry.impls}
+            report[op]["auto"] = f"none ({missing})"
+            continue
         avail = available_backends(op, device)
         report[op] = {n: ("ok" if r is None else f"unavailable: {r}") for n, r in avail.items()}
+        pref = entry.preference.get(device.type) or entry.preference.get("default")
+        order = [n for n in preference_order(op, device) if n in entry.impls]
+        usable = [n for n in order if avail[n] is None]
+        input_dependent = callable(pref) or any(entry.impls[n].accepts is not None for n in usable)
         try:
-            report[op]["auto"] = resolve(op, AUTO, device)
+            chosen = resolve(op, AUTO, device)
         except RuntimeError as exc:
             report[op]["auto"] = f"none ({exc})"
+            continue
+        if input_dependent and len(usable) > 1:
+            report[op]["auto"] = (f"depends on the input: the first of {', '.join(usable)} that "
+                                  "accepts it (see backends.last_used() for what ran)")
+        else:
+            report[op]["auto"] = chosen
     return report

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .env import autocast_dtype
 from .attention import AttnBias, MultiHeadSelfAttention
 from .mome import MoMEFeedForward
 from .packing import PackedSequences
@@ -24,59 +25,104 @@ def drop_path_keep_scale(batch: int, drop_prob: float, device, dtype=torch.float
     return torch.empty(batch, device=device, dtype=dtype).bernoulli_(keep).div_(keep)
 
 
+def _describe(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
 class MoMEBlock(nn.Module):
-    """Shared self-attention + per-modality expert FFNs, pre-LN.
+    """Shared self-attention + per-modality expert FFNs, pre-LN (timm `Block` style).
 
     Args:
         dim: hidden size. num_heads: attention heads.
         num_experts: 2 (vision, language) or 3 (+ vision-language).
         mlp_ratio: expert hidden size = dim * mlp_ratio.
+        qkv_bias: learnable q and v biases (k has none, as in BEiT/VLMo).
         layer_scale_init: initial value of gamma_1/gamma_2 (None: no layer scale).
         drop_path: stochastic-depth probability of this block.
+        eps: LayerNorm epsilon.
         ffn_backend / attn_backend: None or "auto" for automatic choice, or a backend name
             (see `vlmo_fast.backend_report()`).
+        device / dtype: factory kwargs for every parameter (e.g. device="meta" for deferred
+            init; then `to_empty(device=...)` and `reset_parameters()` or `load_state_dict`).
 
-    forward(x [B, L, dim], modality_ids [B, L] int, key_padding_mask [B, L] bool (True = pad),
-            attn_bias [heads, L, L] or [B, heads, L, L] or a lazy `RelativeBias`,
-            packing `PackedSequences` for x [1, T, dim] holding several sequences back to
-            back, each attending only to itself) -> [B, L, dim]
-    Drop path draws one keep/drop per sample, or per packed sequence when packing is given.
+    Works under torch.compile(fullgraph=True), autocast (GEMMs in the autocast dtype, norms
+    and attention logits in fp32), any float dtype (fp64 falls back to the reference
+    paths), DDP/FSDP, and meta-device init. Weight decay: see `no_weight_decay()` and
+    `vlmo_fast.param_groups_weight_decay`.
     """
 
     def __init__(self, dim: int, num_heads: int, num_experts: int = 3, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, layer_scale_init: Optional[float] = 0.1,
                  drop_path: float = 0.0, eps: float = 1e-6, ffn_backend: Optional[str] = None,
-                 attn_backend: Optional[str] = None):
+                 attn_backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        factory = {"device": device, "dtype": dtype}
         self.dim, self.num_experts, self.drop_path = dim, num_experts, drop_path
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = MultiHeadSelfAttention(dim, num_heads, qkv_bias=qkv_bias, backend=attn_backend)
-        self.mlp = MoMEFeedForward(dim, int(dim * mlp_ratio), num_experts, eps=eps, backend=ffn_backend)
+        self.layer_scale_init = layer_scale_init
+        self.norm1 = nn.LayerNorm(dim, eps=eps, **factory)
+        self.attn = MultiHeadSelfAttention(dim, num_heads, qkv_bias=qkv_bias, backend=attn_backend,
+                                           **factory)
+        self.mlp = MoMEFeedForward(dim, int(dim * mlp_ratio), num_experts, eps=eps, backend=ffn_backend,
+                                   **factory)
         if layer_scale_init is not None:
-            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
-            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init), **factory))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init), **factory))
         else:
             self.register_parameter("gamma_1", None)
             self.register_parameter("gamma_2", None)
 
+    def reset_parameters(self, std: Optional[float] = None) -> None:
+        """Re-initialise every parameter (deferred init after `to_empty`): LayerNorms 1/0,
+        attention Linears truncated normal with `std` (nn.Linear's default init when None),
+        experts truncated normal (std or 0.02), biases 0, layer scales `layer_scale_init`."""
+        self.norm1.reset_parameters()
+        self.attn.reset_parameters(std)
+        self.mlp.reset_parameters(0.02 if std is None else std)
+        if self.gamma_1 is not None:
+            nn.init.constant_(self.gamma_1, float(self.layer_scale_init))
+            nn.init.constant_(self.gamma_2, float(self.layer_scale_init))
+
+    def no_weight_decay(self) -> set:
+        """Names (relative to this block) that AdamW should not decay: norms, biases, layer
+        scales, and the expert bank's stacked norms/biases (2-D, so `ndim <= 1` misses them)."""
+        present = dict(self.named_parameters())
+        names = {n for n in ("norm1.weight", "norm1.bias", "attn.proj.bias", "attn.q_bias",
+                             "attn.v_bias", "gamma_1", "gamma_2") if n in present}
+        return names | {f"mlp.{n}" for n in self.mlp.no_weight_decay()}
+
     def forward(self, x: Tensor, modality_ids: Tensor, key_padding_mask: Optional[Tensor] = None,
                 attn_bias: AttnBias = None, packing: Optional[PackedSequences] = None) -> Tensor:
+        """One block.
+
+        Args:
+            x: [B, L, dim] tokens (float; under autocast any float dtype).
+            modality_ids: [B, L] integer expert per token (0 vision, 1 language, 2 VL).
+            key_padding_mask: [B, L] bool, True = padded key (ignored by attention). A row
+                that is entirely padded gets a zero attention output: its tokens stay finite
+                and do not affect other rows.
+            attn_bias: float [L, L] / [heads, L, L] / [B, heads, L, L] added to the logits,
+                a bool mask of those shapes (True = attend, as in SDPA), or a lazy
+                `RelativeBias` (VLMo's shared relative-position table).
+            packing: `PackedSequences` when x is [1, T, dim] holding several sequences back
+                to back, each attending only to itself.
+        Returns:
+            [B, L, dim] in x's dtype. Drop path (training) draws one keep/drop per sample, or
+            per packed sequence when packing is given.
+        """
         if not isinstance(x, Tensor) or x.dim() != 3:
-            raise ValueError("x must be a 3-D tensor [batch, length, dim], got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            raise ValueError(f"x must be a 3-D tensor [batch, length, dim], got {_describe(x)}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has hidden size {x.shape[-1]} but the block was built with dim={self.dim}")
         weight = self.norm1.weight
-        if x.dtype != weight.dtype or x.device != weight.device:
+        autocast = autocast_dtype(x) is not None
+        if x.device != weight.device or (x.dtype != weight.dtype and not autocast):
             raise TypeError(f"x is {x.dtype} on {x.device} but the block's weights are "
                             f"{weight.dtype} on {weight.device}")
-
         if not isinstance(modality_ids, Tensor) or tuple(modality_ids.shape) != tuple(x.shape[:2]):
             raise ValueError(f"modality_ids must be a tensor of shape [batch, length] = "
-                             f"{tuple(x.shape[:2])}, got "
-                             f"{tuple(modality_ids.shape) if isinstance(modality_ids, Tensor) else type(modality_ids).__name__}")
+                             f"{tuple(x.shape[:2])}, got {_describe(modality_ids)}")
 
         drop = self.training and self.drop_path > 0.0
         branch = self.attn(self.norm1(x), attn_bias=attn_bias, key_padding_mask=key_padding_mask,
@@ -84,8 +130,8 @@ class MoMEBlock(nn.Module):
         if self.gamma_1 is not None:
             branch = branch * self.gamma_1
         if drop:  # independent draws for the two branches, as two DropPath modules would do
-            branch = branch * self._keep_scale(x, packing, x.dtype)[..., None]
-        x = x + branch
+            branch = branch * self._keep_scale(x, packing, branch.dtype)[..., None]
+        x = x + branch.to(x.dtype) if autocast else x + branch
 
         token_scale = None
         if drop:

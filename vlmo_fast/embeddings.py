@@ -2,8 +2,9 @@
 
 - `PatchEmbed`: Conv2d patchifier with clear shape errors.
 - `TextEmbeddings`: BERT-style word + token-type (+ absolute position when the model has no
-  relative bias) embeddings, LayerNorm eps 1e-12. The position table always exists (as in
-  the reference checkpoints) but is only added for absolute-position models.
+  relative bias) embeddings, LayerNorm eps 1e-12. The position table exists only for
+  absolute-position models (a parameter no forward uses breaks DDP); the reference
+  checkpoints' unused table is handled by the checkpoint loader/exporter.
 - `RelativePositionBias`: ONE table (num_distances, num_heads * depth) shared by all layers
   and modalities; `index(...)` builds the per-pair distance index for any token layout and
   `forward(index)` returns the per-layer biases [depth, heads, L, L]; `layer_biases(...)`
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+from .env import INTEGER_DTYPES, autocast_dtype
 
 
 class PatchEmbed(nn.Module):
@@ -27,6 +28,9 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def reset_parameters(self) -> None:
+        self.proj.reset_parameters()   # nn.Conv2d's default, as BEiT/VLMo leave it
 
     @property
     def grid_size(self) -> int:
@@ -48,7 +52,8 @@ class PatchEmbed(nn.Module):
                              f"{self.img_size}; resize the images or call "
                              f"model.resize_image({h}) to interpolate the position tables")
         weight = self.proj.weight
-        if images.dtype != weight.dtype or images.device != weight.device:
+        mixed_ok = autocast_dtype(images) is not None   # autocast casts the conv's inputs itself
+        if images.device != weight.device or (images.dtype != weight.dtype and not mixed_ok):
             raise TypeError(f"images are {images.dtype} on {images.device} but the model is "
                             f"{weight.dtype} on {weight.device}")
         return self.proj(images).flatten(2).transpose(1, 2)  # [B, grid*grid, dim]
@@ -62,29 +67,39 @@ class TextEmbeddings(nn.Module):
         super().__init__()
         self.vocab_size, self.max_len, self.absolute_positions = vocab_size, max_len, absolute_positions
         self.word_embeddings = nn.Embedding(vocab_size, dim)
-        self.position_embeddings = nn.Embedding(max_len, dim)
+        # only absolute-position models use a position table (see the module docstring)
+        self.position_embeddings = nn.Embedding(max_len, dim) if absolute_positions else None
         self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=eps)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for emb in (self.word_embeddings, self.position_embeddings, self.token_type_embeddings):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=std)
+        self.LayerNorm.reset_parameters()
 
     def forward(self, text_ids: Tensor) -> Tensor:
         if not isinstance(text_ids, Tensor) or text_ids.dim() != 2:
             raise ValueError("text_ids must be a 2-D tensor [batch, length], got "
                              f"{tuple(text_ids.shape) if isinstance(text_ids, Tensor) else type(text_ids).__name__}")
-        if text_ids.dtype not in _INT_DTYPES:
+        if text_ids.dtype not in INTEGER_DTYPES:
             raise TypeError(f"text_ids must be an integer tensor, got {text_ids.dtype}")
         length = text_ids.shape[1]
+        if length == 0:
+            raise ValueError("text_ids must hold at least one token per text (the [CLS] whose "
+                             f"state gives the text features), got shape {tuple(text_ids.shape)}")
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds the supported maximum {self.max_len} "
                              "(config.max_text_len)")
         if text_ids.device != self.word_embeddings.weight.device:
             raise ValueError(f"text_ids are on {text_ids.device} but the model is on "
                              f"{self.word_embeddings.weight.device}")
-        if text_ids.device.type == "cpu" and text_ids.numel():
+        if text_ids.device.type == "cpu" and text_ids.numel() and not torch.compiler.is_compiling():
             lo, hi = int(text_ids.min()), int(text_ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"text_ids must be in [0, {self.vocab_size - 1}], got [{lo}, {hi}]")
         x = self.word_embeddings(text_ids) + self.token_type_embeddings.weight[0]
-        if self.absolute_positions:
+        if self.position_embeddings is not None:
             x = x + self.position_embeddings.weight[:length]
         return self.LayerNorm(x)
 
@@ -96,11 +111,12 @@ def image_relative_index(grid: int) -> Tensor:
     three last entries are CLS->patch, patch->CLS and CLS->CLS.
     """
     n = (2 * grid - 1) ** 2
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    cpu = torch.device("cpu")   # explicit: may run inside a `with torch.device("meta")` block
+    ys, xs = torch.meshgrid(torch.arange(grid, device=cpu), torch.arange(grid, device=cpu), indexing="ij")
     coords = torch.stack([ys.flatten(), xs.flatten()])                 # 2, P
     rel = coords[:, :, None] - coords[:, None, :]                      # 2, P, P
     patch_index = (rel[0] + grid - 1) * (2 * grid - 1) + (rel[1] + grid - 1)
-    index = torch.empty(grid * grid + 1, grid * grid + 1, dtype=torch.long)
+    index = torch.empty(grid * grid + 1, grid * grid + 1, dtype=torch.long, device=cpu)
     index[1:, 1:] = patch_index
     index[0, :] = n          # CLS query -> patch keys
     index[:, 0] = n + 1      # patch query -> CLS key
@@ -114,15 +130,27 @@ def text_relative_index(text_len: int, offset: int) -> Tensor:
     The table holds 2*text_len entries: 2*text_len - 3 distances (key - query) between
     non-CLS tokens, then CLS->token, token->CLS, CLS->CLS.
     """
-    pos = torch.arange(text_len - 1)
+    cpu = torch.device("cpu")
+    pos = torch.arange(text_len - 1, device=cpu)
     rel = pos[None, :] - pos[:, None] + (text_len - 2)                  # 0 .. 2*text_len-4
     last = offset + 2 * text_len
-    index = torch.empty(text_len, text_len, dtype=torch.long)
+    index = torch.empty(text_len, text_len, dtype=torch.long, device=cpu)
     index[1:, 1:] = rel + offset
     index[0, :] = last - 3
     index[:, 0] = last - 2
     index[0, 0] = last - 1
     return index
+
+
+def token_layout(text_len: int, num_image_tokens: int, device=None) -> Tuple[Tensor, Tensor]:
+    """(is_text [L] bool, positions [L] long) for the sequence [text (text_len) ; image
+    (num_image_tokens)]: each token's modality and position inside its own segment
+    (0 = that segment's CLS). text_len or num_image_tokens may be 0 (image- or text-only)."""
+    is_text = torch.cat([torch.ones(text_len, dtype=torch.bool, device=device),
+                         torch.zeros(num_image_tokens, dtype=torch.bool, device=device)])
+    positions = torch.cat([torch.arange(text_len, device=device),
+                           torch.arange(num_image_tokens, device=device)])
+    return is_text, positions
 
 
 class RelativePositionBias(nn.Module):
@@ -140,16 +168,40 @@ class RelativePositionBias(nn.Module):
         self.image_to_text = self.num_image_distances + 1
         self.num_distances = self.num_image_distances + 2 + 2 * text_len
         self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_distances, num_heads * depth))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("image_index", image_relative_index(grid_size), persistent=False)
-        self.register_buffer("text_index", text_relative_index(text_len, self.num_image_distances + 2),
-                             persistent=False)
+        # The [L, L] index tables are derived from the sizes, never stored: built on first
+        # use per device (so meta-device init, to_empty and load_state_dict(assign=True)
+        # need nothing recomputed) and not part of the state_dict.
+        self._index_cache: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=std)
+        self._index_cache.clear()
+
+    def _index_tables(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+        key = str(device)
+        if key not in self._index_cache:
+            self._index_cache[key] = (
+                image_relative_index(self.grid_size).to(device),
+                text_relative_index(self.text_len, self.num_image_distances + 2).to(device))
+        return self._index_cache[key]
+
+    @property
+    def image_index(self) -> Tensor:
+        """[grid^2 + 1, grid^2 + 1] table rows of image pairs (see `image_relative_index`)."""
+        return self._index_tables(self.relative_position_bias_table.device)[0]
+
+    @property
+    def text_index(self) -> Tensor:
+        """[text_len, text_len] table rows of text pairs (see `text_relative_index`)."""
+        return self._index_tables(self.relative_position_bias_table.device)[1]
 
     def _check_positions(self, is_text: Tensor, positions: Tensor) -> Tuple[int, int]:
-        """Range check on CPU (a host sync on an accelerator is not worth it); returns the
-        number of image and text positions the index tables hold."""
-        n_img, n_txt = self.image_index.shape[0], self.text_index.shape[0]
-        if positions.device.type == "cpu" and positions.numel():
+        """Range check on CPU (a host sync on an accelerator is not worth it, and none runs
+        under torch.compile); returns the number of image and text positions the index
+        tables hold."""
+        n_img, n_txt = self.grid_size * self.grid_size + 1, self.text_len
+        if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
             if bool((positions[~is_text] >= n_img).any()) or bool((positions[is_text] >= n_txt).any()) \
                     or bool((positions < 0).any()):
                 raise ValueError(f"positions out of range: image tokens need [0, {n_img - 1}], "
@@ -175,13 +227,9 @@ class RelativePositionBias(nn.Module):
         return torch.where(tq & tk, txt, torch.where(~tq & ~tk, img, cross))
 
     def layout(self, text_len: int, num_image_tokens: int, device=None) -> Tuple[Tensor, Tensor]:
-        """(is_text, positions) for the sequence [text (text_len) ; image (num_image_tokens)]."""
-        device = device or self.relative_position_bias_table.device
-        is_text = torch.cat([torch.ones(text_len, dtype=torch.bool, device=device),
-                             torch.zeros(num_image_tokens, dtype=torch.bool, device=device)])
-        positions = torch.cat([torch.arange(text_len, device=device),
-                               torch.arange(num_image_tokens, device=device)])
-        return is_text, positions
+        """(is_text, positions) for the sequence [text (text_len) ; image (num_image_tokens)]
+        on the table's device (see `token_layout`)."""
+        return token_layout(text_len, num_image_tokens, device or self.relative_position_bias_table.device)
 
     def forward(self, index: Tensor) -> Tensor:
         """Biases for every layer: [depth, num_heads, L, L] (fp32 if the table is)."""

@@ -58,3 +58,18 @@ def triton_available(device: torch.device) -> Optional[str]:
     if triton_interpret():
         return None  # the interpreter: correct but very slow (tests only)
     return "Triton kernels need a CUDA device (on CPU only with TRITON_INTERPRET=1, for tests)"
+
+
+# Device types torch.autocast knows (others, e.g. "meta", raise inside is_autocast_enabled).
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a GEMM on `x` in right now, or None when autocast is off
+    on x's device type (or it has no autocast) or leaves x alone (autocast casts only
+    fp32/fp16/bf16 tensors, never fp64)."""
+    device_type = x.device.type
+    if x.dtype not in KERNEL_FLOAT_DTYPES or device_type not in _AUTOCAST_DEVICE_TYPES \
+            or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)

@@ -34,6 +34,11 @@ class ContrastiveHead(nn.Module):
         self.text_proj = nn.Linear(dim, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
 
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.trunc_normal_(self.image_proj.weight, std=std)
+        nn.init.trunc_normal_(self.text_proj.weight, std=std)
+        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
+
     def image_features(self, cls_hidden: Tensor) -> Tensor:
         return F.normalize(self.image_proj(cls_hidden), dim=-1)
 

@@ -9,10 +9,9 @@ Three ways through the same blocks (see docs/ARCHITECTURE.md):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from .block import MoMEBlock
 from .config import VLMoConfig
-from .embeddings import PatchEmbed, RelativePositionBias, TextEmbeddings, image_relative_index
+from .embeddings import PatchEmbed, RelativePositionBias, TextEmbeddings
 from .heads import ClassificationHead, ContrastiveHead, MLMHead, Pooler
 from .mome import LANGUAGE, VISION, VISION_LANGUAGE
 from .packing import PackedSequences
@@ -52,7 +51,40 @@ class PackedEncoderOutput:
         return self.packing.split(self.hidden)
 
 
+class _PackedPart(NamedTuple):
+    """The real tokens of a group of same-layout sequences, ready to be packed."""
+    tokens: Tensor          # [n, dim] embedded tokens, padding dropped
+    ids_below: Tensor       # [n] expert per token below the VL layers
+    ids_vl: Tensor          # [n] expert per token in the VL layers
+    is_text: Tensor         # [n] bool
+    positions: Tensor       # [n] position inside the token's modality segment
+    lengths: List[int]      # real tokens per sequence
+
+
 class VLMo(nn.Module):
+    """VLMo: a unified vision-language transformer of `MoMEBlock`s (arXiv 2111.02358).
+
+    Build with `VLMo.from_preset("base")` (tiny | base | large | base_plus) or
+    `VLMo(VLMoConfig(...))`; load weights with `VLMo.from_pretrained(dir)` or the reference /
+    BEiT converters in `vlmo_fast.checkpoint`.
+
+    Passes (each returns an `EncoderOutput`): `encode_image(images)` and
+    `encode_text(text_ids, text_mask)` (dual encoder: L2-normalised ITC features),
+    `encode_pair(text_ids, images, text_mask)` (fusion encoder: pooled [CLS] for ITM /
+    classification, hidden states for MLM), `encode_packed(...)` (all three kinds in one
+    pass without padding). Heads: `itm_logits`, `mlm_logits`, `classify`. Images are
+    float [B, in_chans, img_size, img_size]; text_ids integer [B, L] (1 <= L <=
+    max_text_len, [CLS] first); text_mask 1 = real token.
+
+    Training under DDP / FSDP / DeepSpeed: every parameter is used by a step that runs the
+    three passes and the heads it trains; run the whole step inside one `forward` (see
+    `StepModule`) so the wrapper sees all of it.
+
+    Args:
+        config: the sizes and switches (`VLMoConfig`).
+        ffn_backend / attn_backend: backend names for every block (None: automatic).
+    """
+
     def __init__(self, config: VLMoConfig, ffn_backend: Optional[str] = None,
                  attn_backend: Optional[str] = None):
         super().__init__()
@@ -92,9 +124,18 @@ class VLMo(nn.Module):
     @classmethod
     def from_preset(cls, name: str, ffn_backend: Optional[str] = None,
                     attn_backend: Optional[str] = None, **overrides) -> "VLMo":
+        """A freshly initialised model of preset `name` ("tiny", "base", "large",
+        "base_plus"; see `vlmo_fast.PRESETS`); `overrides` replace config fields, e.g.
+        `VLMo.from_preset("base", num_classes=3129, drop_path_rate=0.0)`."""
         return cls(VLMoConfig.preset(name, **overrides), ffn_backend=ffn_backend, attn_backend=attn_backend)
 
     def reset_parameters(self) -> None:
+        """Initialise every parameter (also what deferred init needs: build under
+        `torch.device("meta")`, `to_empty(device=...)`, then call this). Linear weights
+        truncated normal (config.init_std), embeddings normal, LayerNorms 1/0, biases 0, the
+        patch projection nn.Conv2d's default, layer scales config.layer_scale_init, the
+        relative bias table truncated normal 0.02, logit scales log(1/0.07). Index tables
+        are derived on first use (no buffer to recompute)."""
         std = self.config.init_std
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -106,11 +147,17 @@ class VLMo(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.patch_embed.reset_parameters()
         nn.init.trunc_normal_(self.cls_token, std=std)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=std)
+        if self.rel_pos_bias is not None:
+            self.rel_pos_bias.reset_parameters()
         for blk in self.blocks:
-            blk.mlp.reset_parameters(std=std)
+            blk.reset_parameters(std=std)
+        for head in (self.itc, self.itc_vl):
+            if head is not None:
+                head.reset_parameters(std=std)
         nn.init.zeros_(self.mlm_head.bias)
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
@@ -127,14 +174,14 @@ class VLMo(nn.Module):
         return self.config.depth
 
     def no_weight_decay(self) -> set:
-        """Parameter names that AdamW should not decay (positions, CLS, scales, norms, biases)."""
-        names = set()
-        for n, p in self.named_parameters():
-            if p.dim() <= 1 or n.endswith(("cls_token", "pos_embed", "relative_position_bias_table",
-                                             "logit_scale", "norm_weight", "norm_bias",
-                                             "fc1_bias", "fc2_bias")):
-                names.add(n)
-        return names
+        """Parameter names that AdamW should not decay (positions, CLS, scales, norms, biases,
+        the experts' stacked norms and biases), as timm models report them."""
+        names = {"cls_token", "pos_embed", "rel_pos_bias.relative_position_bias_table",
+                 "itc.logit_scale", "itc_vl.logit_scale"}
+        for i, blk in enumerate(self.blocks):
+            names |= {f"blocks.{i}.{n}" for n in blk.no_weight_decay()}
+        present = dict(self.named_parameters())
+        return {n for n in names if n in present} | {n for n, p in present.items() if p.dim() <= 1}
 
     # -- embeddings ------------------------------------------------------------------------
     def embed_image(self, images: Tensor) -> Tensor:
@@ -181,21 +228,23 @@ class VLMo(nn.Module):
 
     # -- encoders --------------------------------------------------------------------------
     def _encode_single(self, x: Tensor, modality: int, key_padding_mask, is_text, positions,
-                       head: ContrastiveHead, vl_head: Optional[ContrastiveHead], return_vl: bool,
-                       feature_fn_name: str) -> EncoderOutput:
+                       features_of: Callable[[ContrastiveHead, Tensor], Tensor],
+                       return_vl: bool) -> EncoderOutput:
+        """features_of(head, cls_hidden): the head's projection for this modality, e.g.
+        `ContrastiveHead.image_features`."""
         b, length, _ = x.shape
         ids = torch.full((b, length), modality, dtype=torch.long, device=x.device)
         biases = self._layer_biases(is_text, positions)
         vl_start = self.config.vl_start
-        want_vl = return_vl and vl_head is not None and vl_start < self.config.depth
+        want_vl = return_vl and self.itc_vl is not None and vl_start < self.config.depth
         out, kept = self._run(x, ids, ids, key_padding_mask, biases, keep_at=vl_start if want_vl else None)
         hidden = self.norm(out)
-        features = getattr(head, feature_fn_name)(hidden[:, 0])
+        features = features_of(self.itc, hidden[:, 0])
         vl_features = None
         if want_vl:
             vl_ids = torch.full_like(ids, VISION_LANGUAGE)
             vl_out, _ = self._run(kept, vl_ids, vl_ids, key_padding_mask, biases, start=vl_start)
-            vl_features = getattr(vl_head, feature_fn_name)(self.norm(vl_out)[:, 0])
+            vl_features = features_of(self.itc_vl, self.norm(vl_out)[:, 0])
         return EncoderOutput(hidden=hidden, features=features, vl_features=vl_features,
                              text_len=length if modality == LANGUAGE else 0)
 
@@ -204,8 +253,8 @@ class VLMo(nn.Module):
         x = self.embed_image(images)
         is_text = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
         positions = torch.arange(x.shape[1], device=x.device)
-        return self._encode_single(x, VISION, None, is_text, positions, self.itc, self.itc_vl,
-                                   return_vl, "image_features")
+        return self._encode_single(x, VISION, None, is_text, positions,
+                                   ContrastiveHead.image_features, return_vl)
 
     def encode_text(self, text_ids: Tensor, text_mask: Optional[Tensor] = None,
                     return_vl: bool = False) -> EncoderOutput:
@@ -214,8 +263,8 @@ class VLMo(nn.Module):
         x = self.embed_text(text_ids)
         is_text = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
         positions = torch.arange(x.shape[1], device=x.device)
-        return self._encode_single(x, LANGUAGE, padding, is_text, positions, self.itc, self.itc_vl,
-                                   return_vl, "text_features")
+        return self._encode_single(x, LANGUAGE, padding, is_text, positions,
+                                   ContrastiveHead.text_features, return_vl)
 
     def encode_pair(self, text_ids: Tensor, images: Tensor, text_mask: Optional[Tensor] = None) -> EncoderOutput:
         """Fusion pass over [text ; image]: modality experts below the VL layers, VL expert above."""
@@ -255,8 +304,8 @@ class VLMo(nn.Module):
         its original position. The `return_vl` re-run of the single-modality passes is not
         part of the packed pass (run encode_image/encode_text(return_vl=True) for it).
         """
-        # parts: (tokens [n, d], ids below the VL layers, ids in them, is_text, positions, lengths)
-        parts, kinds, pair_lens = [], [], ()
+        parts: List[_PackedPart] = []
+        kinds, pair_lens = [], ()
         device = None
 
         def select(x: Tensor, keep: Tensor, is_text: Tensor, below: Tensor, vl: Tensor):
@@ -265,8 +314,8 @@ class VLMo(nn.Module):
             n, length = keep.shape
             lengths = keep.sum(1).tolist()        # host ints: the pack's layout (one sync)
             pos = _segment_positions(is_text).expand(n, length)
-            return (x[keep], below.expand(n, length)[keep], vl.expand(n, length)[keep],
-                    is_text.expand(n, length)[keep], pos[keep], lengths)
+            return _PackedPart(x[keep], below.expand(n, length)[keep], vl.expand(n, length)[keep],
+                               is_text.expand(n, length)[keep], pos[keep], lengths)
 
         if images is not None:
             x = self.embed_image(images)
@@ -304,14 +353,15 @@ class VLMo(nn.Module):
             vl = torch.full_like(below, VISION_LANGUAGE)
             part = select(torch.cat([text, image], 1), keep, is_text, below, vl)
             parts.append(part)
-            pair_lens = tuple(n_tok - li for n_tok in part[5])
+            pair_lens = tuple(n_tok - li for n_tok in part.lengths)
             kinds += ["pair"] * n
         if not parts:
             raise ValueError("encode_packed needs images, text_ids or pairs")
 
-        cat = lambda i: torch.cat([p[i] for p in parts], 0)
-        lengths = [n_tok for p in parts for n_tok in p[5]]
-        x, ids_below, ids_vl, is_text, positions = (cat(i) for i in range(5))
+        cat = lambda field: torch.cat([getattr(p, field) for p in parts], 0)   # noqa: E731
+        lengths = [n_tok for p in parts for n_tok in p.lengths]
+        x, ids_below, ids_vl, is_text, positions = (
+            cat(f) for f in ("tokens", "ids_below", "ids_vl", "is_text", "positions"))
         packing = PackedSequences.from_lengths(lengths, device, is_text, positions)
         biases = self._layer_biases(is_text, positions)
         out, _ = self._run(x[None], ids_below[None], ids_vl[None], None, biases, packing=packing)
@@ -327,20 +377,36 @@ class VLMo(nn.Module):
             pair_text_lengths=pair_lens)
 
     # -- heads -----------------------------------------------------------------------------
+    @staticmethod
+    def _pooled(pair: EncoderOutput, what: str) -> Tensor:
+        if not isinstance(pair, EncoderOutput) or pair.pooled is None:
+            raise ValueError(f"{what} needs the output of encode_pair (the fusion encoder's pooled "
+                             "[CLS]); got " + (type(pair).__name__ if not isinstance(pair, EncoderOutput)
+                                               else "an encode_image/encode_text output (no .pooled)"))
+        return pair.pooled
+
     def itm_logits(self, pair: EncoderOutput) -> Tensor:
-        return self.itm_head(pair.pooled)
+        """Image-text matching logits [B, 2] (0 = no match, 1 = match) of an `encode_pair` output."""
+        return self.itm_head(self._pooled(pair, "itm_logits"))
 
     def mlm_logits(self, pair_or_text: EncoderOutput) -> Tensor:
+        """Masked-LM logits [B, text_len, vocab] over the text positions of an `encode_pair`
+        or `encode_text` output."""
+        if not isinstance(pair_or_text, EncoderOutput) or pair_or_text.text_len == 0:
+            raise ValueError("mlm_logits needs the output of encode_pair or encode_text (an output "
+                             "with text positions)")
         return self.mlm_head(pair_or_text.hidden[:, :pair_or_text.text_len])
 
     def classify(self, pair: EncoderOutput) -> Tensor:
+        """Classifier logits [B, num_classes] (VQA / NLVR2 style) of an `encode_pair` output."""
         if self.classifier is None:
             raise RuntimeError("this model has no classification head: build it with config.num_classes > 0")
-        return self.classifier(pair.pooled)
+        return self.classifier(self._pooled(pair, "classify"))
 
     def forward(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
                 text_mask: Optional[Tensor] = None) -> EncoderOutput:
-        """Images and text: fusion encoder; one of them: that modality's encoder."""
+        """Images and text: `encode_pair`; only images: `encode_image`; only text:
+        `encode_text` (see those for shapes). Returns an `EncoderOutput`."""
         if images is not None and text_ids is not None:
             return self.encode_pair(text_ids, images, text_mask)
         if images is not None:
@@ -354,6 +420,9 @@ class VLMo(nn.Module):
     def resize_image(self, img_size: int) -> None:
         """Change the input resolution; interpolate the image positions (bicubic) to match."""
         c = self.config
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < c.patch_size:
+            raise ValueError(f"img_size must be a positive multiple of the patch size {c.patch_size}, "
+                             f"got {img_size!r}")
         if img_size % c.patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by the patch size {c.patch_size}")
         old_grid, new_grid = c.grid_size, img_size // c.patch_size
@@ -367,7 +436,7 @@ class VLMo(nn.Module):
             grid_part = F.interpolate(grid_part.float(), size=(2 * new_grid - 1,) * 2, mode="bicubic",
                                       align_corners=False)
             grid_part = grid_part.reshape(table.shape[1], -1).T.to(table.dtype)
-            new = RelativePositionBias(new_grid, old.text_len, old.num_heads, old.depth).to(table.device)
+            new = RelativePositionBias(new_grid, old.text_len, old.num_heads, old.depth).to(table.device, table.dtype)
             new.relative_position_bias_table.copy_(torch.cat([grid_part, table[n_old:]], 0))
             self.rel_pos_bias = new
         if self.pos_embed is not None:
@@ -379,6 +448,30 @@ class VLMo(nn.Module):
             self.pos_embed = nn.Parameter(torch.cat([cls_pos, grid_pos], 1))
         self.config = c.replace(img_size=img_size)
         self.patch_embed.img_size = img_size
+
+
+class StepModule(nn.Module):
+    """A whole training step as one module call: `StepModule(model, step_fn)(batch)` runs
+    `step_fn(model, batch)` (all passes, heads and losses of the step) inside `forward`.
+
+    DDP, FSDP and DeepSpeed ZeRO-3 hook parameter use and gradient reduction into the
+    wrapped module's `forward`: calling `model.encode_image`, `model.encode_text`,
+    `model.itm_logits` ... directly on the wrapper's inner module bypasses those hooks (DDP:
+    "Expected to have finished reduction"; ZeRO-3: parameters not gathered). Wrap this
+    module instead: `DDP(StepModule(model, step))(batch)` returns what `step` returns (e.g.
+    the loss and its parts). Checkpoint `step_module.model` (its state_dict has no prefix).
+    """
+
+    def __init__(self, model: nn.Module, step_fn: Callable):
+        super().__init__()
+        if not callable(step_fn):
+            raise TypeError(f"step_fn must be callable as step_fn(model, *inputs), got "
+                            f"{type(step_fn).__name__}")
+        self.model = model
+        self.step_fn = step_fn
+
+    def forward(self, *inputs, **kwargs):
+        return self.step_fn(self.model, *inputs, **kwargs)
 
 
 def _segment_positions(is_text: Tensor) -> Tensor:

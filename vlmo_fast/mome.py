@@ -20,16 +20,19 @@ fc2_bias [E, d]. Note fc*_weight are (in, out): the transpose of nn.Linear's (ou
   "reference"   per-expert index_select / index_copy loop (host sync through nonzero); the
                 semantics every other backend is tested against.
 
+Each backend also says which inputs it takes (`accepts` in `vlmo_fast.backends`): triton and
+grouped_mm take fp32/bf16/fp16 (grouped_mm only bf16 under torch.compile, whose tracer
+lacks its fp32 path), so fp64 and compiled fp32 run on the next backend that accepts them,
+ultimately the reference. Under autocast the GEMMs run in the autocast dtype (`mome_ffn`).
+
 Override per module (`MoMEFeedForward(..., backend=)`), per call (`mome_ffn(..., backend=)`),
 process-wide (`vlmo_fast.set_backend("ffn", name)`) or with VLMO_FAST_FFN_BACKEND; what ran
 is in `vlmo_fast.backends.last_used()` and the module's repr.
 """
 from __future__ import annotations
 
-import importlib.util
-import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import backends
+from .env import INTEGER_DTYPES, KERNEL_FLOAT_DTYPES, autocast_dtype, triton_available
 
 VISION, LANGUAGE, VISION_LANGUAGE = 0, 1, 2
 MODALITY_NAMES = ("vision", "language", "vision-language")
@@ -46,15 +50,15 @@ def check_modality_ids(modality_ids: Tensor, x: Tensor, num_experts: int) -> Non
     """Validate routing ids against the tokens `x` [..., d] and the number of experts."""
     if not isinstance(modality_ids, Tensor):
         raise TypeError(f"modality_ids must be a torch.Tensor, got {type(modality_ids).__name__}")
-    if modality_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if modality_ids.dtype not in INTEGER_DTYPES:
         raise TypeError(f"modality_ids must be an integer tensor, got dtype {modality_ids.dtype}")
     if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"modality_ids must have shape {tuple(x.shape[:-1])} (the token dims of x "
                          f"{tuple(x.shape)}), got {tuple(modality_ids.shape)}")
     if modality_ids.device != x.device:
         raise ValueError(f"modality_ids is on {modality_ids.device} but x is on {x.device}")
-    if modality_ids.numel() == 0:
-        return
+    if modality_ids.numel() == 0 or torch.compiler.is_compiling():
+        return  # under torch.compile: no host sync in the graph (the range is not checked)
     if modality_ids.device.type == "cpu":
         lo, hi = int(modality_ids.min()), int(modality_ids.max())
         if lo < 0 or hi >= num_experts:
@@ -71,16 +75,23 @@ def mome_ffn_reference(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, nor
                        fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                        gamma: Optional[Tensor] = None, drop_path_scale: Optional[Tensor] = None,
                        eps: float = 1e-6) -> Tensor:
-    """Per-expert loop over masked tokens (index_select / index_copy): the plain reference."""
+    """Per-expert loop over masked tokens (index_select / index_copy): the plain reference.
+    Every token must be routed: an id outside [0, E) raises (even when the caller skipped
+    validation), since the loop would silently leave such a token without its FFN."""
     d = x.shape[-1]
     flat = x.reshape(-1, d)
     ids = modality_ids.reshape(-1)
     branch = torch.zeros_like(flat)
+    routed = 0
     for e in range(norm_weight.shape[0]):
         rows = (ids == e).nonzero().squeeze(1)
+        routed = routed + rows.shape[0]   # host ints (nonzero already synced), symbolic under compile
         z = F.layer_norm(flat.index_select(0, rows), (d,), norm_weight[e], norm_bias[e], eps)
         hid = F.gelu(torch.addmm(fc1_bias[e], z, fc1_weight[e]))
         branch = branch.index_copy(0, rows, torch.addmm(fc2_bias[e], hid, fc2_weight[e]))
+    message = (f"modality_ids route some tokens to none of the {norm_weight.shape[0]} experts: "
+               f"every id must be in [0, {norm_weight.shape[0] - 1}]")
+    torch._check(routed == flat.shape[0], lambda: message)
     if gamma is not None:
         branch = branch * gamma
     if drop_path_scale is not None:
@@ -117,6 +128,11 @@ def mome_ffn_grouped_mm(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, no
     flat = x.reshape(-1, d)
     ids = modality_ids.reshape(-1)
     perm, offs = _routing(ids, num_experts)
+    if not torch.compiler.is_compiling() and flat.shape[0]:
+        # an id outside [0, E) would leave its token out of every group (no host sync on CUDA)
+        torch._assert_async(offs[-1] == flat.shape[0],
+                            f"modality_ids route some tokens to none of the {num_experts} experts: "
+                            f"every id must be in [0, {num_experts - 1}]")
     ids_sorted = ids.index_select(0, perm)
     z = F.layer_norm(flat.index_select(0, perm), (d,), eps=eps)
     z = z * norm_weight.index_select(0, ids_sorted) + norm_bias.index_select(0, ids_sorted)
@@ -143,14 +159,21 @@ def _grouped_mm_available(device: torch.device) -> Optional[str]:
     return None
 
 
-def _triton_available(device: torch.device) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None  # the interpreter: correct but very slow (tests only)
-    return "Triton kernels need a CUDA device (on CPU only with TRITON_INTERPRET=1, for tests)"
+def _grouped_mm_accepts(facts: dict) -> Optional[str]:
+    dtype = facts.get("dtype")
+    if dtype is not None and dtype not in KERNEL_FLOAT_DTYPES:
+        return f"torch._grouped_mm takes fp32/bf16/fp16, got {dtype}"
+    if facts.get("compiling") and dtype not in (None, torch.bfloat16):
+        # its meta kernel (used when tracing) accepts bf16 only, although eager runs fp32
+        return f"torch._grouped_mm cannot be traced by torch.compile for {dtype} (bf16 only)"
+    return None
+
+
+def _triton_accepts(facts: dict) -> Optional[str]:
+    dtype = facts.get("dtype")
+    if dtype is not None and dtype not in KERNEL_FLOAT_DTYPES:
+        return f"the Triton FFN kernels take fp32/bf16/fp16, got {dtype}"
+    return None
 
 
 class _MoMEFFNTriton(torch.autograd.Function):
@@ -243,27 +266,44 @@ backends.register("ffn", "reference", preference={
     "cuda": ["triton", "grouped_mm", "reference"],
     "cpu": ["grouped_mm", "reference"],
     "default": ["reference"]})
-backends.register("ffn", "grouped_mm", _grouped_mm_available)
-backends.register("ffn", "triton", _triton_available)
+backends.register("ffn", "grouped_mm", _grouped_mm_available, accepts=_grouped_mm_accepts)
+backends.register("ffn", "triton", triton_available, accepts=_triton_accepts)
 _IMPLS = {"reference": mome_ffn_reference, "grouped_mm": mome_ffn_grouped_mm,
           "triton": mome_ffn_triton}
 
 
-def register_ffn_impl(name: str, fn, available=backends._always, preference=None) -> None:
-    """Plug an implementation with mome_ffn_reference's signature into the dispatch."""
+def register_ffn_impl(name: str, fn: Callable, available=backends.always_available, preference=None,
+                      accepts: Optional[Callable[[dict], Optional[str]]] = None) -> None:
+    """Plug an implementation with mome_ffn_reference's signature into the dispatch.
+    `available(device)` / `accepts(facts)` return None or why it cannot run; the facts of
+    an FFN call are dtype, compiling, autocast (see `backends.register`)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     _IMPLS[name] = fn
-    backends.register("ffn", name, available, preference)
+    backends.register("ffn", name, available, preference, accepts=accepts)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested: Optional[str], device: torch.device, facts_items: tuple) -> str:
+    # a compile-time constant: torch.compile traces only the chosen implementation
+    return backends.resolve("ffn", requested, device, **dict(facts_items))
 
 
 def mome_ffn(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
              fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
              gamma: Optional[Tensor] = None, drop_path_scale: Optional[Tensor] = None,
              eps: float = 1e-6, backend: Optional[str] = None, validate: bool = True) -> Tensor:
-    """x + drop_path_scale * gamma * FFN_{modality_ids}(LN_{modality_ids}(x)) for x [..., d]."""
+    """x + drop_path_scale * gamma * FFN_{modality_ids}(LN_{modality_ids}(x)) for x [..., d].
+
+    Under autocast (like nn.Linear) the expert GEMMs run in the autocast dtype with the
+    chosen backend: x and the expert weights are cast to it, LayerNorm statistics stay fp32
+    inside every backend, and the result keeps x's dtype (the branch is added back to the
+    un-rounded x). fp64 input runs on the first backend that takes it (the reference)."""
     num_experts, d = norm_weight.shape
     if x.shape[-1] != d:
         raise ValueError(f"x has hidden size {x.shape[-1]} but the experts expect {d}")
-    if x.dtype != fc1_weight.dtype or x.device != fc1_weight.device:
+    low_dtype = autocast_dtype(x)
+    if x.device != fc1_weight.device or (low_dtype is None and x.dtype != fc1_weight.dtype):
         raise TypeError(f"x is {x.dtype} on {x.device} but the expert weights are "
                         f"{fc1_weight.dtype} on {fc1_weight.device}; cast the input or the module")
     if validate:
@@ -271,9 +311,24 @@ def mome_ffn(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_bias: Te
     if drop_path_scale is not None and drop_path_scale.shape != modality_ids.shape:
         raise ValueError(f"drop_path_scale must have the token shape {tuple(modality_ids.shape)}, "
                          f"got {tuple(drop_path_scale.shape)}")
-    name = backends.resolve("ffn", backend, x.device)
-    return _IMPLS[name](x, modality_ids, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                        fc2_weight, fc2_bias, gamma, drop_path_scale, eps)
+    run_dtype = low_dtype or x.dtype
+    facts = (("autocast", low_dtype is not None), ("compiling", torch.compiler.is_compiling()),
+             ("dtype", run_dtype))
+    name = _resolve(backend, x.device, facts)
+    impl = _IMPLS[name]
+    if low_dtype is None:
+        return impl(x, modality_ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                    fc2_bias, gamma, drop_path_scale, eps)
+    cast = lambda t: None if t is None else t.to(low_dtype)   # noqa: E731
+    x_low = cast(x)
+    with torch.autocast(x.device.type, enabled=False):
+        out = impl(x_low, modality_ids, *map(cast, (norm_weight, norm_bias, fc1_weight, fc1_bias,
+                                                    fc2_weight, fc2_bias, gamma)),
+                   drop_path_scale, eps)
+    if x.dtype == low_dtype:
+        return out
+    # the backend fused the residual in the low dtype; keep x's own precision on the stream
+    return x + (out.to(x.dtype) - x_low.to(x.dtype))
 
 
 class MoMEFeedForward(nn.Module):
@@ -284,6 +339,8 @@ class MoMEFeedForward(nn.Module):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be >= 1 (dim * mlp_ratio), got {hidden_dim}")
         fk = {"device": device, "dtype": dtype}
         self.dim, self.hidden_dim, self.num_experts, self.eps = dim, hidden_dim, num_experts, eps
         self.backend = backend  # None/"auto": backends.resolve decides per call
@@ -294,6 +351,11 @@ class MoMEFeedForward(nn.Module):
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **fk))
         self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim, **fk))
         self.reset_parameters()
+
+    def no_weight_decay(self) -> set:
+        """Names (relative to this module) that AdamW should not decay: the stacked expert
+        norms and biases are 2-D, so the usual `ndim <= 1` rule would decay them."""
+        return {"norm_weight", "norm_bias", "fc1_bias", "fc2_bias"}
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.trunc_normal_(self.fc1_weight, std=std)

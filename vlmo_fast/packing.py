@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+def cu_seqlens_from_counts(counts: Tensor) -> Tensor:
+    """int32 [N + 1] cumulative sequence starts, then the total (flash-attn's varlen layout),
+    from per-sequence token counts [N]."""
+    return F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
 
 
 @dataclass(eq=False)
@@ -42,8 +49,7 @@ class PackedSequences:
         device = torch.device(device) if device is not None else (
             is_text.device if is_text is not None else torch.device("cpu"))
         counts = torch.tensor(lengths, dtype=torch.long, device=device)
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-        cu[1:] = counts.cumsum(0)
+        cu = cu_seqlens_from_counts(counts)
         docs = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)
         for name, t in (("is_text", is_text), ("positions", positions)):
             if t is not None and (t.dim() != 1 or t.shape[0] != total):
