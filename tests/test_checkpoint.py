@@ -389,3 +389,109 @@ def test_relative_index_matches_the_reference_at_base_size(text_len):
     ours = rel.index(*rel.layout(text_len, c.num_image_tokens))
     assert torch.equal(ours, _ref_rel_index(c, text_len))
     assert int(ours.max()) < rel.num_distances
+
+
+# --- our own format: save_pretrained / from_pretrained ------------------------------------------
+def _tiny(**overrides):
+    torch.manual_seed(1)
+    return VLMo(VLMoConfig.preset("tiny", **overrides))
+
+
+def test_from_pretrained_follows_hf_conventions(tmp_path):
+    model = _tiny(num_classes=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "manifest.json",
+                                                                     "model.safetensors"]
+    loaded = VLMo.from_pretrained(tmp_path / "ckpt")
+    assert not loaded.training and all(not m.training for m in loaded.modules())  # eval mode
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # config overrides as keyword arguments; backend arguments still go to the model
+    loaded = VLMo.from_pretrained(tmp_path / "ckpt", drop_path_rate=0.0, ffn_backend="reference")
+    assert loaded.config.drop_path_rate == 0.0 and loaded.config.num_classes == 3
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['dropout'\]"):
+        VLMo.from_pretrained(tmp_path / "ckpt", dropout=0.0)
+    with pytest.raises(TypeError, match="VLMoConfig.drop_path_rate must be a float"):
+        VLMo.from_pretrained(tmp_path / "ckpt", drop_path_rate="0")
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)model.safetensors does not fit.*with overrides "
+                                                      r"\{'num_classes': 4\}.*classifier.fc2.weight"):
+        VLMo.from_pretrained(tmp_path / "ckpt", num_classes=4)
+
+
+def test_dtypes_round_trip_and_torch_dtype_casts(tmp_path):
+    model = _tiny().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    loaded = VLMo.from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    as_fp32 = VLMo.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float32)
+    assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
+    assert torch.equal(as_fp32.norm.weight, model.norm.weight.float())
+    assert VLMo.from_pretrained(tmp_path / "bf16", torch_dtype="float16").norm.weight.dtype == torch.float16
+    mixed = _tiny()
+    mixed.itc.logit_scale.data = mixed.itc.logit_scale.data.double()  # kept per tensor with "auto"
+    mixed.save_pretrained(tmp_path / "mixed")
+    loaded = VLMo.from_pretrained(tmp_path / "mixed")
+    assert loaded.itc.logit_scale.dtype == torch.float64 and loaded.norm.weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="torch_dtype must be 'auto' or a floating torch.dtype"):
+        VLMo.from_pretrained(tmp_path / "bf16", torch_dtype=torch.int8)
+
+
+def test_paths_that_look_like_json_and_bad_paths(tmp_path):
+    model = _tiny()
+    odd = tmp_path / "{exp}"
+    model.save_pretrained(odd)
+    assert VLMo.from_pretrained(str(odd)).config == model.config
+    with pytest.raises(FileNotFoundError, match="does not exist: expected a checkpoint directory"):
+        VLMo.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        VLMo.from_pretrained(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        model.save_pretrained(tmp_path / "file")
+    with pytest.raises(TypeError, match="directory must be a path"):
+        VLMo.from_pretrained(None)
+
+
+def test_save_keeps_other_files_and_follows_the_umask(tmp_path):
+    import os
+    import stat
+    d = tmp_path / "ckpt"
+    _tiny().save_pretrained(d)
+    (d / "tokenizer.json").write_text("{}")
+    (d / "logs").mkdir()
+    (d / "logs" / "train.jsonl").write_text("{}\n")
+    old = os.umask(0o027)
+    try:
+        _tiny(num_classes=2).save_pretrained(d)
+    finally:
+        os.umask(old)
+    assert (d / "tokenizer.json").read_text() == "{}" and (d / "logs" / "train.jsonl").is_file()
+    assert VLMo.from_pretrained(d).config.num_classes == 2
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    for name in ("config.json", "model.safetensors", "manifest.json"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o640, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries beside it
+
+
+def test_checkpoints_without_manifest_load_with_a_warning(tmp_path):
+    model = _tiny()
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="has no manifest.json"):
+        loaded = VLMo.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.norm.weight, model.norm.weight)
+
+
+def test_from_pretrained_without_text_positions_parameter(tmp_path):
+    """Checkpoints written before/after the unused text positions were removed load both ways."""
+    with_positions = _tiny()
+    without = _drop_text_positions(_tiny())
+    without.save_pretrained(tmp_path / "without")
+    loaded = VLMo.from_pretrained(tmp_path / "without")
+    for k, v in without.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with_positions.save_pretrained(tmp_path / "with")
+    VLMo.from_pretrained(tmp_path / "with")

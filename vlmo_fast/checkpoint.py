@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PRESETS, VLMoConfig
-from .io import (MANIFEST_NAME, CorruptFileError, atomic_directory, read_manifest, resolve_directory,
+from .io import (MANIFEST_NAME, CorruptFileError, atomic_directory, atomic_write, read_manifest, resolve_directory,
                  verify_manifest, write_manifest)
 
 CONFIG_NAME = "config.json"
@@ -476,7 +476,9 @@ def save_pretrained(model, directory: Union[str, os.PathLike]) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config_text = model.config.to_json() + "\n"
     with atomic_directory(directory, keep=lambda name: name not in CHECKPOINT_FILES) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "vlmo_fast"})
+        # through atomic_write for its permissions: safetensors creates files 0600
+        atomic_write(tmp / WEIGHTS_NAME,
+                     lambda p: save_file(tensors, p, metadata={"format": "pt", "library": "vlmo_fast"}))
         (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
         write_manifest(tmp, [CONFIG_NAME, WEIGHTS_NAME])
     return Path(directory)
