@@ -278,6 +278,9 @@ def read_manifest(directory: PathLike, name: str = MANIFEST_NAME) -> Dict[str, A
     if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
             or not isinstance(files, dict)):
         raise CorruptFileError(path, f"not a {MANIFEST_FORMAT} file")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise CorruptFileError(path, f"manifest version {manifest.get('version')!r}; this vlmo_fast "
+                                     f"reads version {MANIFEST_VERSION}")
     for rel, entry in files.items():
         if (not isinstance(entry, dict) or type(entry.get("bytes")) is not int
                 or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
