@@ -9,7 +9,8 @@ ones none, so a mix of two generations cannot load as either.
 Commands:
   {"op": "save", "dir": D, "gen": g}                save in this process; reply {"seconds": t}
   {"op": "kill", "dir": D, "gen": g, "delay": s}    fork a child that says "about to write"
-      through a pipe and saves; SIGKILL it `s` seconds after that; reply {"killed": bool}
+      through a pipe and saves; SIGKILL it `s` seconds after that (None: never); reply
+      {"killed": bool, "seconds": from "about to write" to the child's end}
   {"op": "crash", "dir": D, "gen": g, "at": k}      fork a child whose k-th file-system call
       (rename/replace/fsync/unlink/rmtree/link/mkdir) exits the process before it happens;
       reply {"crashed": bool}
@@ -92,15 +93,18 @@ def main() -> None:
             pid, ready = fork_and_save(cmd["dir"], cmd["gen"], lambda: None)
             os.read(ready, 1)
             os.close(ready)
-            time.sleep(cmd["delay"])
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            start = time.perf_counter()
+            if cmd["delay"] is not None:  # None: let it finish (measures a forked save)
+                time.sleep(cmd["delay"])
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             _, status = os.waitpid(pid, 0)
+            elapsed = time.perf_counter() - start
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
                 raise RuntimeError(f"the writer child failed (exit status {os.WEXITSTATUS(status)})")
-            reply = {"killed": os.WIFSIGNALED(status)}
+            reply = {"killed": os.WIFSIGNALED(status), "seconds": elapsed}
         elif op == "crash":
             pid, ready = fork_and_save(cmd["dir"], cmd["gen"], lambda: crash_at(cmd["at"]))
             os.read(ready, 1)
