@@ -106,6 +106,8 @@ def test_text_positions_are_dropped_on_load_and_zero_on_export_without_the_param
     assert back[TEXT_POSITIONS].shape == (c.max_text_len, c.dim)
     for k in without:
         assert torch.equal(back[k], sd[k]), k
+    # optional for a relative-position model that still has the parameter
+    assert load_reference_state_dict(VLMo(c), without) == LoadResult([], [])
     # an absolute-position model loads it (it is used there)
     ca = VLMoConfig.preset("tiny", relative_position=False)
     sda = random_reference_state_dict(ca)
@@ -134,6 +136,17 @@ def test_reference_loader_accepts_wrappers_modules_and_ignores_index_buffers():
     load_reference_state_dict(other, Holder())
     for k, v in model.state_dict().items():
         assert torch.equal(v, other.state_dict()[k]), k
+
+
+def test_reference_loader_assigns_into_a_meta_model():
+    c = VLMoConfig.preset("tiny")
+    sd = random_reference_state_dict(c)
+    with torch.device("meta"):
+        model = VLMo(c)
+    load_reference_state_dict(model, sd, assign=True)
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.blocks[3].mlp.fc2_weight[2], sd["transformer.blocks.3.mlp_vl.fc2.weight"].t())
+    assert torch.equal(model.itc.logit_scale, sd["logit_scale"].reshape(1))
 
 
 def _snapshot(model):

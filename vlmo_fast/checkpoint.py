@@ -329,7 +329,7 @@ def export_reference_state_dict(model) -> Dict[str, Tensor]:
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in ref.items()}
 
 
-def load_reference_state_dict(model, state_dict, strict: bool = True) -> LoadResult:
+def load_reference_state_dict(model, state_dict, strict: bool = True, assign: bool = False) -> LoadResult:
     """Load a reference VLMo state_dict (a mapping, possibly wrapped, or a module) into `model`.
 
     Everything is checked before anything is copied: with strict=True any missing or
@@ -341,14 +341,14 @@ def load_reference_state_dict(model, state_dict, strict: bool = True) -> LoadRes
              if not _IGNORED_REFERENCE_KEYS.match(k)}
     ours = model.state_dict()
     expected = vlmo_to_reference(_meta(ours))  # the reference layout of this model
-    optional = () if TEXT_POSITIONS in ours else (TEXT_POSITIONS,)
+    optional = (TEXT_POSITIONS,) if model.config.relative_position or TEXT_POSITIONS not in ours else ()
     result = _check_fit(given, expected, strict=strict, what="reference VLMo state_dict",
                         optional=optional, hint=_reference_hint(given, model.config))
     usable = {k: v for k, v in given.items() if k in expected}
     translated, untranslated = reference_to_vlmo(usable, fill=ours)
     if untranslated:  # cannot happen: every name of the model's reference layout translates
         raise RuntimeError(f"internal error: reference names not translated: {untranslated}")
-    model.load_state_dict(translated, strict=False)
+    model.load_state_dict(translated, strict=False, assign=assign)
     return result
 
 
@@ -439,7 +439,7 @@ def _beit_hint(sd: Mapping[str, Tensor], config: VLMoConfig) -> str:
     return hint
 
 
-def load_beit_state_dict(model, state_dict, strict: bool = True) -> LoadResult:
+def load_beit_state_dict(model, state_dict, strict: bool = True, assign: bool = False) -> LoadResult:
     """Load a timm BEiT into the attention, vision expert, patch embedding, CLS token (and
     final norm / pos_embed when present). `state_dict` is a state_dict or a timm module (its
     state_dict() is used).
@@ -448,7 +448,8 @@ def load_beit_state_dict(model, state_dict, strict: bool = True) -> LoadResult:
     a BEiT tensor the model needs but the checkpoint lacks (e.g. fewer blocks), or one the
     model has no place for, raises; the classifier (`head.*`, `fc_norm.*`) and index buffers
     are never loaded and never raise (they are listed in unexpected_keys). Either per-layer
-    bias tables or BEiT's shared one are accepted. Returns LoadResult in BEiT's names."""
+    bias tables or BEiT's shared one are accepted. assign=True is passed to `load_state_dict`.
+    Returns LoadResult in BEiT's names."""
     model = _unwrap_model(model)
     given = _as_state_dict(state_dict, "state_dict")
     ours = model.state_dict()
@@ -461,7 +462,7 @@ def load_beit_state_dict(model, state_dict, strict: bool = True) -> LoadResult:
                         tolerated=lambda k: bool(_BEIT_NOT_LOADED.search(k)),
                         hint=_beit_hint(given, model.config))
     usable = {k: v for k, v in given.items() if k in layout}
-    model.load_state_dict(beit_to_vlmo(usable, ours, model.config), strict=False)
+    model.load_state_dict(beit_to_vlmo(usable, ours, model.config), strict=False, assign=assign)
     return result
 
 
