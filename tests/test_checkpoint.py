@@ -184,8 +184,10 @@ def test_reference_loader_errors_are_clear_and_leave_the_model_untouched():
     model = VLMo(c)
     before = _snapshot(model)
     for key, value, pattern in [
-            ("transformer.norm.weight", torch.zeros(c.dim + 1), r"transformer.norm.weight: checkpoint \(65,\), model \(64,\)"),
-            ("transformer.norm.weight", torch.ones(c.dim, dtype=torch.long), "transformer.norm.weight: checkpoint dtype torch.int64"),
+            ("transformer.norm.weight", torch.zeros(c.dim + 1),
+             r"transformer.norm.weight: checkpoint \(65,\), model \(64,\)"),
+            ("transformer.norm.weight", torch.ones(c.dim, dtype=torch.long),
+             "transformer.norm.weight: checkpoint dtype torch.int64"),
             ("transformer.blocks.3.mlp_vl.fc1.bias", torch.zeros(7), "mlp_vl.fc1.bias: checkpoint \\(7,\\)")]:
         bad = dict(sd)
         bad[key] = value
@@ -216,8 +218,9 @@ def test_a_checkpoint_of_another_depth_names_the_difference_and_the_preset():
     small = random_reference_state_dict(VLMoConfig.preset("tiny", depth=2, vl_layers=1))
     model = VLMo(VLMoConfig.preset("tiny"))
     before = _snapshot(model)
-    with pytest.raises(CheckpointMismatchError, match=r"(?s)reference checkpoint depth=2, model depth=4.*"
-                                                      r"relative_position_bias_table: checkpoint \(78, 8\), model \(78, 16\)"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"(?s)reference checkpoint depth=2, model depth=4.*"
+                             r"relative_position_bias_table: checkpoint \(78, 8\), model \(78, 16\)"):
         load_reference_state_dict(model, small, strict=False)
     _assert_unchanged(model, before)
 

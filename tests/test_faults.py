@@ -174,10 +174,11 @@ def test_every_flipped_bit_is_detected_and_names_the_file(checkpoint):
     rng = random.Random(7)
     weights = checkpoint / "model.safetensors"
     header_end = _safetensors_header_end(weights)
+    config, manifest = checkpoint / "config.json", checkpoint / "manifest.json"
     places = ([(weights, rng.randrange(0, header_end)) for _ in range(20)]
               + [(weights, rng.randrange(header_end, weights.stat().st_size)) for _ in range(20)]
-              + [(checkpoint / "config.json", rng.randrange((checkpoint / "config.json").stat().st_size)) for _ in range(10)]
-              + [(checkpoint / "manifest.json", rng.randrange((checkpoint / "manifest.json").stat().st_size)) for _ in range(10)])
+              + [(config, rng.randrange(config.stat().st_size)) for _ in range(10)]
+              + [(manifest, rng.randrange(manifest.stat().st_size)) for _ in range(10)])
     detected = 0
     for path, offset in places:
         bit = rng.randrange(8)

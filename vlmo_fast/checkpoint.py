@@ -150,8 +150,9 @@ def _as_state_dict(obj, argument: str) -> Dict[str, Tensor]:
 
 
 def _unwrap_model(model) -> nn.Module:
-    if not isinstance(getattr(model, "config", None), VLMoConfig) and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module  # DDP / DeepSpeed engine
+    inner = getattr(model, "module", None)
+    if not isinstance(getattr(model, "config", None), VLMoConfig) and isinstance(inner, nn.Module):
+        model = inner  # DDP / DeepSpeed engine
     if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), VLMoConfig):
         raise TypeError(f"model must be a vlmo_fast.VLMo (or a DDP/DeepSpeed wrapper of one), got "
                         f"{type(model).__name__}")
@@ -240,7 +241,8 @@ def vlmo_to_reference(state_dict: Mapping[str, Tensor], config: Optional[VLMoCon
         elif m and m.group(2).startswith("mlp.") and m.group(2)[4:] in _EXPERT_FIELDS:
             pattern, transpose = _EXPERT_FIELDS[m.group(2)[4:]]
             for e in range(v.shape[0]):
-                out[f"transformer.blocks.{m.group(1)}." + pattern.format(EXPERT_SUFFIX[e])] = v[e].t() if transpose else v[e]
+                ref = f"transformer.blocks.{m.group(1)}." + pattern.format(EXPERT_SUFFIX[e])
+                out[ref] = v[e].t() if transpose else v[e]
         else:
             raise CheckpointMismatchError(f"{k}: no reference VLMo name for this parameter")
     if config is not None and TEXT_POSITIONS not in out:
