@@ -318,3 +318,22 @@ def test_manifests(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(CorruptFileError, match=message):
             read_manifest(tmp_path)
+
+
+def test_jsonl_logs_survive_a_torn_last_line(tmp_path):
+    from vlmo_fast.io import append_jsonl, read_jsonl
+    log = tmp_path / "logs" / "train.jsonl"
+    for step in range(3):
+        append_jsonl(log, {"step": step, "loss": 1.0 / (step + 1), "note": "a\nb"})
+    with open(log, "ab") as f:  # a writer killed in the middle of a line
+        f.write(b'{"step": 3, "lo')
+    assert [r["step"] for r in read_jsonl(log)] == [0, 1, 2]
+    append_jsonl(log, {"step": 3}, fsync=False)  # the torn tail is cut before appending
+    assert [r["step"] for r in read_jsonl(log)] == [0, 1, 2, 3]
+    assert read_jsonl(log)[0]["note"] == "a\nb"
+    (tmp_path / "torn_only.jsonl").write_bytes(b'{"st')
+    append_jsonl(tmp_path / "torn_only.jsonl", {"step": 0})
+    assert read_jsonl(tmp_path / "torn_only.jsonl") == [{"step": 0}]
+    log.write_bytes(log.read_bytes().replace(b'{"loss": 1.0', b'{"loss": 1.#', 1))
+    with pytest.raises(CorruptFileError, match=r"train.jsonl: line 1 is not valid JSON"):
+        read_jsonl(log)

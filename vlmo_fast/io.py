@@ -306,3 +306,50 @@ def verify_manifest(directory: PathLike, verify_hashes: bool = True,
             raise CorruptFileError(p, f"SHA-256 differs from the one recorded in {name} "
                                       "(corrupted, or modified after it was written)")
     return manifest
+
+
+# -- append-only JSON-lines logs ---------------------------------------------------------------
+def append_jsonl(path: PathLike, record: Any, fsync: bool = True) -> None:
+    """Append one JSON record as a line. A writer killed mid-append leaves at most a torn last
+    line: this function cuts such a tail off before appending, `read_jsonl` skips it, so every
+    complete line stays readable. fsync=True makes the line durable before returning."""
+    path = Path(path)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")  # json escapes newlines
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # a torn tail from a killed writer: cut back to the last newline
+                pos, keep = end, 0
+                while pos > 0:
+                    step = min(65536, pos)
+                    pos -= step
+                    f.seek(pos)
+                    cut = f.read(step).rfind(b"\n")
+                    if cut >= 0:
+                        keep = pos + cut + 1
+                        break
+                f.truncate(keep)
+        f.write(line)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def read_jsonl(path: PathLike) -> list:
+    """The records of a JSON-lines file; a torn last line (killed writer) is skipped, a bad line
+    elsewhere raises CorruptFileError naming the file and line."""
+    raw = Path(path).read_bytes()
+    lines = raw.split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if number == len(lines):  # no newline after it: the torn tail of a killed append
+                break
+            raise CorruptFileError(path, f"line {number} is not valid JSON ({e})") from None
+    return records
