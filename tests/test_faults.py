@@ -337,3 +337,21 @@ def test_jsonl_logs_survive_a_torn_last_line(tmp_path):
     log.write_bytes(log.read_bytes().replace(b'{"loss": 1.0', b'{"loss": 1.#', 1))
     with pytest.raises(CorruptFileError, match=r"train.jsonl: line 1 is not valid JSON"):
         read_jsonl(log)
+
+
+def test_a_failed_swap_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    import errno
+    d = tmp_path / "out"
+    with atomic_directory(d) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(TMP_PREFIX):  # the new directory cannot move into place
+            raise OSError(errno.EXDEV, "cross-device link")
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="cross-device"):
+        with atomic_directory(d) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (d / "a.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["out"]

@@ -160,8 +160,8 @@ def recover_directory(path: PathLike) -> None:
     path = _normalise_dir(path)
     old = _old_path(path)
     if old.exists():
-        if path.exists():
-            shutil.rmtree(old)  # the swap completed; deleting the old copy was interrupted
+        if path.exists():  # the swap completed; deleting the old copy was interrupted
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(old, path)  # interrupted between the renames: the old copy is complete
             fsync_directory(path.parent)
@@ -228,13 +228,20 @@ def atomic_directory(path: PathLike, keep: Optional[Callable[[str], bool]] = Non
             _carry_over(path, tmp, keep)
         _fsync_tree(tmp)
         old = _old_path(path)
-        if path.exists():
+        moved_old = path.exists()
+        if moved_old:
             os.rename(path, old)
             fsync_directory(path.parent)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if moved_old and not path.exists():  # e.g. EXDEV/EBUSY: put the old one back now
+                os.rename(old, path)
+            raise
         fsync_directory(path.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        # the new directory is in place: a failure to delete the old copy is not the caller's
+        # (the next save or recover_directory deletes what is left)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
