@@ -223,6 +223,9 @@ def test_a_checkpoint_of_another_depth_names_the_difference_and_the_preset():
                              r"relative_position_bias_table: checkpoint \(78, 8\), model \(78, 16\)"):
         load_reference_state_dict(model, small, strict=False)
     _assert_unchanged(model, before)
+    narrow = random_reference_state_dict(VLMoConfig.preset("tiny", mlp_ratio=2))
+    with pytest.raises(CheckpointMismatchError, match=r"reference checkpoint mlp_ratio=2.0, model mlp_ratio=4.0\n"):
+        load_reference_state_dict(model, narrow)
 
 
 # --- an independent re-implementation of the reference forward (fusion encoder) ------------

@@ -303,7 +303,12 @@ def infer_reference_config(state_dict: Mapping[str, Tensor]) -> Dict[str, object
         found["dim"] = int(sd["transformer.cls_token"].shape[-1])
     if "text_embeddings.word_embeddings.weight" in sd:
         found["vocab_size"] = int(sd["text_embeddings.word_embeddings.weight"].shape[0])
+    fc1 = sd.get("transformer.blocks.0.mlp_imag.fc1.weight")
+    if fc1 is not None and fc1.dim() == 2 and fc1.shape[1]:
+        found["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
     found["relative_position"] = "relative_position_bias_table" in sd
+    if not found["relative_position"] and TEXT_POSITIONS in sd:  # used (so sized) only then
+        found["max_text_len"] = int(sd[TEXT_POSITIONS].shape[0])
     table = sd.get("relative_position_bias_table")
     if table is not None and table.dim() == 2 and found.get("depth"):
         found["num_heads"] = int(table.shape[1]) // found["depth"]
@@ -324,10 +329,16 @@ def _reference_hint(sd: Mapping[str, Tensor], config: VLMoConfig) -> str:
     return hint
 
 
+def _parameters(model: nn.Module) -> Dict[str, Tensor]:
+    """The model's state_dict without buffers: every buffer of ours is rebuilt from the config."""
+    names = {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
 def export_reference_state_dict(model) -> Dict[str, Tensor]:
     """Our VLMo -> the reference implementation's state_dict (new contiguous tensors)."""
     model = _unwrap_model(model)
-    ref = vlmo_to_reference({k: v.detach() for k, v in model.state_dict().items()}, model.config)
+    ref = vlmo_to_reference({k: v.detach() for k, v in _parameters(model).items()}, model.config)
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in ref.items()}
 
 
@@ -341,7 +352,7 @@ def load_reference_state_dict(model, state_dict, strict: bool = True, assign: bo
     model = _unwrap_model(model)
     given = {k: v for k, v in _as_state_dict(state_dict, "state_dict").items()
              if not _IGNORED_REFERENCE_KEYS.match(k)}
-    ours = model.state_dict()
+    ours = _parameters(model)
     expected = vlmo_to_reference(_meta(ours))  # the reference layout of this model
     optional = (TEXT_POSITIONS,) if model.config.relative_position or TEXT_POSITIONS not in ours else ()
     result = _check_fit(given, expected, strict=strict, what="reference VLMo state_dict",
@@ -431,6 +442,9 @@ def _beit_hint(sd: Mapping[str, Tensor], config: VLMoConfig) -> str:
         found["depth"] = max(blocks) + 1
     if "cls_token" in sd:
         found["dim"] = int(sd["cls_token"].shape[-1])
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None and fc1.dim() == 2 and fc1.shape[1]:
+        found["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
     table = sd.get(f"blocks.0.{_BEIT_TABLE}", sd.get(_BEIT_SHARED_TABLE))
     if table is not None and table.dim() == 2:
         found["num_heads"] = int(table.shape[1])
@@ -553,7 +567,12 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location="cpu", *, t
     state = _read_weights(directory / WEIGHTS_NAME)
     model = VLMo(config, **model_kwargs)
     ours = model.state_dict()
-    optional = (TEXT_POSITIONS,) if config.relative_position else ()
+    # buffers are rebuilt from the config (kept when a checkpoint lacks one); the text
+    # positions are never used with relative positions
+    parameters = _parameters(model)
+    optional = {k for k in ours if k not in parameters}
+    if config.relative_position:
+        optional.add(TEXT_POSITIONS)
     _check_fit(state, _meta(ours), strict=True, what=str(directory / WEIGHTS_NAME), optional=optional,
                hint=f"(written for the config in {directory / CONFIG_NAME}"
                     + (f" with overrides {kwargs})" if kwargs else ")"))
