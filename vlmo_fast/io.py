@@ -26,6 +26,11 @@ Integrity: `write_manifest` records every file's size and SHA-256 in `manifest.j
 `verify_manifest` checks sizes always (cheap: catches truncation) and hashes on request,
 raising `CorruptFileError` naming the file.
 
+Multi-writer folders (a DeepSpeed checkpoint, every rank writing its shards): write the tag
+folder, barrier, then move a pointer with `atomic_write_text(dir / "latest", tag)` on one
+rank; a folder no pointer names is never read. Logs: `append_jsonl` / `read_jsonl` (a killed
+append leaves at most a torn last line, which both skip).
+
 Permissions follow the umask as for a plain `open()`/`mkdir()` (files 0666 & ~umask,
 directories 0777 & ~umask), not mkstemp's 0600 / mkdtemp's 0700.
 """
