@@ -266,12 +266,15 @@ def test_interrupted_swaps_are_read_and_recovered(tmp_path):
         (tmp / "a.txt").write_text("old")
     # killed between the renames: the old copy is aside, a complete new one is still a temporary
     os.rename(d, tmp_path / f"{OLD_PREFIX}out")
-    (tmp_path / f"{TMP_PREFIX}out.x1").mkdir()
-    (tmp_path / f"{TMP_PREFIX}out.x1" / "a.txt").write_text("new")
+    (tmp_path / f"{TMP_PREFIX}out.x1y2z3_4").mkdir()
+    (tmp_path / f"{TMP_PREFIX}out.x1y2z3_4" / "a.txt").write_text("new")
+    (tmp_path / f"{TMP_PREFIX}out.v2.abcdefgh").mkdir()  # another writer's, for "out.v2"
     assert resolve_directory(d) == tmp_path / f"{OLD_PREFIX}out"  # readers see the old one
-    assert sorted(os.listdir(tmp_path)) == [f"{OLD_PREFIX}out", f"{TMP_PREFIX}out.x1"]  # and change nothing
+    assert len(os.listdir(tmp_path)) == 3  # and change nothing
     recover_directory(d)
-    assert (d / "a.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["out"]
+    assert (d / "a.txt").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == [f"{TMP_PREFIX}out.v2.abcdefgh", "out"]
+    os.rmdir(tmp_path / f"{TMP_PREFIX}out.v2.abcdefgh")
     # killed while deleting the old copy: the new one is in place, the leftover goes
     (tmp_path / f"{OLD_PREFIX}out").mkdir()
     (d / f"{TMP_PREFIX}a.txt.123.tmp").write_text("torn")  # a killed atomic_write inside

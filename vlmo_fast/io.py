@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -137,6 +138,9 @@ def remove_stale_temporaries(directory: PathLike) -> int:
 
 
 # -- whole directories ------------------------------------------------------------------------
+_TMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # tempfile's random part
+
+
 def _old_path(path: Path) -> Path:
     return path.parent / f"{OLD_PREFIX}{path.name}"
 
@@ -173,7 +177,10 @@ def recover_directory(path: PathLike) -> None:
     prefix = f"{TMP_PREFIX}{path.name}."
     if path.parent.is_dir():
         for entry in path.parent.iterdir():
-            if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink():
+            # exactly our temporaries for this name (mkdtemp's 8 random characters), not those
+            # of a sibling such as "<name>.v2" that another writer may be filling right now
+            if (entry.name.startswith(prefix) and _TMP_SUFFIX.fullmatch(entry.name[len(prefix):])
+                    and entry.is_dir() and not entry.is_symlink()):
                 shutil.rmtree(entry, ignore_errors=True)
     if path.is_dir():
         remove_stale_temporaries(path)
