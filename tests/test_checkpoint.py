@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from vlmo_fast import VLMo, VLMoConfig, export_reference_state_dict, load_beit_state_dict, \
     load_reference_state_dict
-from vlmo_fast.checkpoint import CheckpointMismatchError
+from vlmo_fast.checkpoint import TEXT_POSITIONS, CheckpointMismatchError, LoadResult
 
 
 def reference_shapes(c: VLMoConfig, num_classes: int = 0):
@@ -74,39 +74,158 @@ def test_reference_round_trip_is_exact(preset, overrides, num_classes):
     c = VLMoConfig.preset(preset, **overrides)
     sd = random_reference_state_dict(c, num_classes)
     model = VLMo(c)
-    missing, unexpected = load_reference_state_dict(model, sd)
-    assert missing == [] and unexpected == []
+    result = load_reference_state_dict(model, sd)
+    assert isinstance(result, LoadResult) and result == LoadResult([], [])
     back = export_reference_state_dict(model)
     assert set(back) == set(sd)
+    has_positions = TEXT_POSITIONS in model.state_dict()
     for k in sd:
+        if k == TEXT_POSITIONS and not has_positions:  # unused with relative positions: zeros
+            assert back[k].shape == sd[k].shape and not back[k].any()
+        else:
+            assert torch.equal(back[k], sd[k]), k
+        assert back[k].is_contiguous(), k
+
+
+def _drop_text_positions(model):
+    """A model as the relative-position presets build it without the unused BERT positions."""
+    model.text_embeddings.position_embeddings = None
+    assert TEXT_POSITIONS not in model.state_dict()
+    return model
+
+
+def test_text_positions_are_dropped_on_load_and_zero_on_export_without_the_parameter():
+    c = VLMoConfig.preset("tiny")
+    sd = random_reference_state_dict(c)
+    model = _drop_text_positions(VLMo(c))
+    assert load_reference_state_dict(model, sd) == LoadResult([], [])
+    without = {k: v for k, v in sd.items() if k != TEXT_POSITIONS}
+    assert load_reference_state_dict(model, without) == LoadResult([], [])  # optional both ways
+    back = export_reference_state_dict(model)
+    assert set(back) == set(sd) and not back[TEXT_POSITIONS].any()
+    assert back[TEXT_POSITIONS].shape == (c.max_text_len, c.dim)
+    for k in without:
         assert torch.equal(back[k], sd[k]), k
+    # optional for a relative-position model that still has the parameter
+    assert load_reference_state_dict(VLMo(c), without) == LoadResult([], [])
+    # an absolute-position model loads it (it is used there)
+    ca = VLMoConfig.preset("tiny", relative_position=False)
+    sda = random_reference_state_dict(ca)
+    absolute = VLMo(ca)
+    load_reference_state_dict(absolute, sda)
+    assert torch.equal(absolute.text_embeddings.position_embeddings.weight, sda[TEXT_POSITIONS])
 
 
-def test_reference_loader_accepts_wrappers_and_ignores_index_buffers():
+def test_reference_loader_accepts_wrappers_modules_and_ignores_index_buffers():
     c = VLMoConfig.preset("tiny")
     sd = random_reference_state_dict(c)
     wrapped = {"module": {"module." + k: v for k, v in sd.items()}}
     wrapped["module"]["module.text_embeddings.position_ids"] = torch.arange(c.max_text_len)[None]
-    load_reference_state_dict(VLMo(c), wrapped)
+    model = VLMo(c)
+    load_reference_state_dict(model, wrapped)
+
+    class Holder(torch.nn.Module):  # a module whose state_dict() has the reference names
+        def __init__(self):
+            super().__init__()
+            for i, (k, v) in enumerate(sd.items()):
+                self.register_buffer(f"b{i}", v)
+
+        def state_dict(self, *args, **kwargs):
+            return dict(sd)
+    other = VLMo(c)
+    load_reference_state_dict(other, Holder())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
 
 
-def test_reference_loader_errors_are_clear():
+def test_reference_loader_assigns_into_a_meta_model():
+    c = VLMoConfig.preset("tiny")
+    sd = random_reference_state_dict(c)
+    with torch.device("meta"):
+        model = VLMo(c)
+    load_reference_state_dict(model, sd, assign=True)
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.blocks[3].mlp.fc2_weight[2], sd["transformer.blocks.3.mlp_vl.fc2.weight"].t())
+    assert torch.equal(model.itc.logit_scale, sd["logit_scale"].reshape(1))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), f"{k} was modified by a failed load"
+
+
+def test_reference_loader_errors_are_clear_and_leave_the_model_untouched():
     c = VLMoConfig.preset("tiny")
     sd = random_reference_state_dict(c)
     model = VLMo(c)
+    before = _snapshot(model)
     bad = dict(sd)
     del bad["transformer.blocks.0.mlp_text.fc1.weight"]
     bad["transformer.blocks.0.mlp_audio.fc1.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): blocks.0.mlp.fc1_weight\[1\]"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): transformer.blocks.0.mlp_text.fc1.weight"):
         load_reference_state_dict(model, bad)
     with pytest.raises(CheckpointMismatchError, match="unexpected.*mlp_audio"):
         load_reference_state_dict(model, bad)
-    missing, unexpected = load_reference_state_dict(model, bad, strict=False)
-    assert missing == ["blocks.0.mlp.fc1_weight[1]"] and unexpected == ["transformer.blocks.0.mlp_audio.fc1.weight"]
-    bad = dict(sd)
-    bad["transformer.norm.weight"] = torch.zeros(c.dim + 1)
-    with pytest.raises(CheckpointMismatchError, match=r"transformer.norm.weight: checkpoint has shape"):
-        load_reference_state_dict(model, bad)
+    _assert_unchanged(model, before)
+    result = load_reference_state_dict(model, bad, strict=False)
+    assert result.missing_keys == ["transformer.blocks.0.mlp_text.fc1.weight"]
+    assert result.unexpected_keys == ["transformer.blocks.0.mlp_audio.fc1.weight"]
+    fc1 = model.blocks[0].mlp.fc1_weight
+    assert torch.equal(fc1[1], before["blocks.0.mlp.fc1_weight"][1])  # the missing expert kept its value
+    assert torch.equal(fc1[0], sd["transformer.blocks.0.mlp_imag.fc1.weight"].t())  # the others loaded
+    assert torch.equal(model.norm.weight, sd["transformer.norm.weight"])
+
+    model = VLMo(c)
+    before = _snapshot(model)
+    for key, value, pattern in [
+            ("transformer.norm.weight", torch.zeros(c.dim + 1),
+             r"transformer.norm.weight: checkpoint \(65,\), model \(64,\)"),
+            ("transformer.norm.weight", torch.ones(c.dim, dtype=torch.long),
+             "transformer.norm.weight: checkpoint dtype torch.int64"),
+            ("transformer.blocks.3.mlp_vl.fc1.bias", torch.zeros(7), "mlp_vl.fc1.bias: checkpoint \\(7,\\)")]:
+        bad = dict(sd)
+        bad[key] = value
+        for strict in (True, False):  # shape/dtype problems raise even with strict=False
+            with pytest.raises(CheckpointMismatchError, match=pattern) as err:
+                load_reference_state_dict(model, bad, strict=strict)
+            assert "strict=False" not in str(err.value)
+        _assert_unchanged(model, before)
+    with pytest.raises(TypeError, match="state_dict must be a state_dict"):
+        load_reference_state_dict(model, [("a", torch.zeros(1))])
+    with pytest.raises(TypeError, match=r"state_dict\['logit_scale'\] must be a tensor, got float"):
+        load_reference_state_dict(model, {**sd, "logit_scale": 2.6})
+    with pytest.raises(TypeError, match="model must be a vlmo_fast.VLMo"):
+        load_reference_state_dict(torch.nn.Linear(2, 2), sd)
+
+
+def test_a_checkpoint_of_another_depth_names_the_difference_and_the_preset():
+    """The issue's case: a depth-4 (tiny) checkpoint and a depth-2 model, and the reverse."""
+    sd = random_reference_state_dict(VLMoConfig.preset("tiny"))
+    model = VLMo(VLMoConfig.preset("tiny", depth=2, vl_layers=1))
+    before = _snapshot(model)
+    for strict in (True, False):
+        with pytest.raises(CheckpointMismatchError,
+                           match=r"reference checkpoint depth=4, model depth=2; reference checkpoint "
+                                 r"vl_layers=2, model vl_layers=1 \(the checkpoint looks like preset 'tiny'\)"):
+            load_reference_state_dict(model, sd, strict=strict)
+        _assert_unchanged(model, before)
+    small = random_reference_state_dict(VLMoConfig.preset("tiny", depth=2, vl_layers=1))
+    model = VLMo(VLMoConfig.preset("tiny"))
+    before = _snapshot(model)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"(?s)reference checkpoint depth=2, model depth=4.*"
+                             r"relative_position_bias_table: checkpoint \(78, 8\), model \(78, 16\)"):
+        load_reference_state_dict(model, small, strict=False)
+    _assert_unchanged(model, before)
+    narrow = random_reference_state_dict(VLMoConfig.preset("tiny", mlp_ratio=2))
+    with pytest.raises(CheckpointMismatchError, match=r"reference checkpoint mlp_ratio=2.0, model mlp_ratio=4.0\n"):
+        load_reference_state_dict(model, narrow)
 
 
 # --- an independent re-implementation of the reference forward (fusion encoder) ------------
@@ -202,19 +321,28 @@ def test_loaded_reference_weights_reproduce_the_reference_forward():
 timm = pytest.importorskip("timm")
 
 
-def test_beit_image_outputs_match_timm():
+def _random_beit(depth=3, **kwargs):
     from timm.models.beit import Beit
-    torch.manual_seed(0)
-    beit = Beit(img_size=48, patch_size=16, embed_dim=64, depth=3, num_heads=4, mlp_ratio=4,
-                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token",
-                num_classes=0).eval()
+    beit = Beit(img_size=48, patch_size=16, embed_dim=64, depth=depth, num_heads=4, mlp_ratio=4,
+                use_abs_pos_emb=False, init_values=0.1, global_pool="token", num_classes=0,
+                **{"use_rel_pos_bias": True, **kwargs}).eval()
     with torch.no_grad():  # random weights everywhere, including biases and the bias tables
         for p in beit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return beit
+
+
+@pytest.mark.parametrize("shared_table", [False, True])
+def test_beit_image_outputs_match_timm(shared_table):
+    torch.manual_seed(0)
+    beit = _random_beit(**({"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True} if shared_table else {}))
     c = VLMoConfig.preset("tiny", img_size=48, depth=3, vl_layers=1)
     model = VLMo(c).eval()
-    loaded, ignored = load_beit_state_dict(model, beit.state_dict())
-    assert any(k.endswith("attn.relative_position_bias_table") for k in loaded)
+    text_expert = model.blocks[0].mlp.fc1_weight[1].clone()
+    result = load_beit_state_dict(model, beit)  # a module is accepted (its state_dict() is used)
+    assert isinstance(result, LoadResult) and result.missing_keys == []
+    assert all("relative_position_index" in k for k in result.unexpected_keys)
+    assert torch.equal(model.blocks[0].mlp.fc1_weight[1], text_expert)  # BEiT fills the vision expert only
     with torch.no_grad():
         model.token_type_embeddings.weight.zero_()  # BEiT has no modality embedding
     images = torch.randn(2, 3, 48, 48)
@@ -223,21 +351,53 @@ def test_beit_image_outputs_match_timm():
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
 
 
+def test_beit_of_another_depth_raises_before_copying():
+    torch.manual_seed(0)
+    c = VLMoConfig.preset("tiny", img_size=48, depth=4, vl_layers=1)
+    model = VLMo(c)
+    before = _snapshot(model)
+    shallow = _random_beit(depth=3).state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)BEiT checkpoint depth=3, model depth=4.*"
+                                                      r"missing \(\d+\): blocks.3."):
+        load_beit_state_dict(model, shallow)
+    _assert_unchanged(model, before)
+    result = load_beit_state_dict(model, shallow, strict=False)  # loads blocks 0-2
+    assert result.missing_keys and all(k.startswith("blocks.3.") for k in result.missing_keys)
+    torch.testing.assert_close(model.blocks[2].attn.qkv.weight, shallow["blocks.2.attn.qkv.weight"])
+    model = VLMo(c.replace(depth=2))
+    before = _snapshot(model)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)BEiT checkpoint depth=3, model depth=2.*"
+                                                      r"unexpected \(\d+\): blocks.2."):
+        load_beit_state_dict(model, shallow)
+    _assert_unchanged(model, before)
+    absolute = VLMo(c.replace(relative_position=False))
+    with pytest.raises(CheckpointMismatchError, match="relative position bias tables, the model uses absolute"):
+        load_beit_state_dict(absolute, shallow)
+    with pytest.raises(TypeError, match="or an nn.Module whose state_dict"):
+        load_beit_state_dict(model, "beit_base_patch16_224")
+
+
 def test_beit_base_layout_maps_every_block():
     beit = timm.create_model("beit_base_patch16_224", pretrained=False)
+    with torch.no_grad():
+        for p in beit.parameters():
+            p.normal_()
     with torch.device("meta"):
         model = VLMo.from_preset("base")
     model = model.to_empty(device="cpu")
-    loaded, ignored = load_beit_state_dict(model, beit.state_dict())
+    result = load_beit_state_dict(model, beit.state_dict())
+    assert result.missing_keys == []
+    assert {k for k in result.unexpected_keys if "relative_position_index" not in k} <= \
+        {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
     for i in range(12):
-        for s in ("norm1.weight", "attn.qkv.weight", "attn.q_bias", "attn.v_bias", "attn.proj.weight",
-                  "gamma_1", "gamma_2", "norm2.weight", "mlp.fc1.weight", "mlp.fc2.bias",
-                  "attn.relative_position_bias_table"):
-            assert f"blocks.{i}.{s}" in loaded
-    assert set(ignored) <= {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+        for ours, theirs in [(model.blocks[i].attn.qkv.weight, beit.blocks[i].attn.qkv.weight),
+                             (model.blocks[i].gamma_2, beit.blocks[i].gamma_2),
+                             (model.blocks[i].mlp.norm_weight[0], beit.blocks[i].norm2.weight),
+                             (model.blocks[i].mlp.fc2_bias[0], beit.blocks[i].mlp.fc2.bias),
+                             (model.rel_pos_bias.relative_position_bias_table[:732, i * 12:(i + 1) * 12],
+                              beit.blocks[i].attn.relative_position_bias_table)]:
+            assert torch.equal(ours, theirs)
     torch.testing.assert_close(model.blocks[5].mlp.fc1_weight[0], beit.blocks[5].mlp.fc1.weight.T)
-    torch.testing.assert_close(model.rel_pos_bias.relative_position_bias_table[:732, 5 * 12:6 * 12],
-                               beit.blocks[5].attn.relative_position_bias_table)
 
 
 @pytest.mark.parametrize("text_len", [2, 40])
@@ -248,3 +408,109 @@ def test_relative_index_matches_the_reference_at_base_size(text_len):
     ours = rel.index(*rel.layout(text_len, c.num_image_tokens))
     assert torch.equal(ours, _ref_rel_index(c, text_len))
     assert int(ours.max()) < rel.num_distances
+
+
+# --- our own format: save_pretrained / from_pretrained ------------------------------------------
+def _tiny(**overrides):
+    torch.manual_seed(1)
+    return VLMo(VLMoConfig.preset("tiny", **overrides))
+
+
+def test_from_pretrained_follows_hf_conventions(tmp_path):
+    model = _tiny(num_classes=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "manifest.json",
+                                                                     "model.safetensors"]
+    loaded = VLMo.from_pretrained(tmp_path / "ckpt")
+    assert not loaded.training and all(not m.training for m in loaded.modules())  # eval mode
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # config overrides as keyword arguments; backend arguments still go to the model
+    loaded = VLMo.from_pretrained(tmp_path / "ckpt", drop_path_rate=0.0, ffn_backend="reference")
+    assert loaded.config.drop_path_rate == 0.0 and loaded.config.num_classes == 3
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['dropout'\]"):
+        VLMo.from_pretrained(tmp_path / "ckpt", dropout=0.0)
+    with pytest.raises(TypeError, match="VLMoConfig.drop_path_rate must be a float"):
+        VLMo.from_pretrained(tmp_path / "ckpt", drop_path_rate="0")
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)model.safetensors does not fit.*with overrides "
+                                                      r"\{'num_classes': 4\}.*classifier.fc2.weight"):
+        VLMo.from_pretrained(tmp_path / "ckpt", num_classes=4)
+
+
+def test_dtypes_round_trip_and_torch_dtype_casts(tmp_path):
+    model = _tiny().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    loaded = VLMo.from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    as_fp32 = VLMo.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float32)
+    assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
+    assert torch.equal(as_fp32.norm.weight, model.norm.weight.float())
+    assert VLMo.from_pretrained(tmp_path / "bf16", torch_dtype="float16").norm.weight.dtype == torch.float16
+    mixed = _tiny()
+    mixed.itc.logit_scale.data = mixed.itc.logit_scale.data.double()  # kept per tensor with "auto"
+    mixed.save_pretrained(tmp_path / "mixed")
+    loaded = VLMo.from_pretrained(tmp_path / "mixed")
+    assert loaded.itc.logit_scale.dtype == torch.float64 and loaded.norm.weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="torch_dtype must be 'auto' or a floating torch.dtype"):
+        VLMo.from_pretrained(tmp_path / "bf16", torch_dtype=torch.int8)
+
+
+def test_paths_that_look_like_json_and_bad_paths(tmp_path):
+    model = _tiny()
+    odd = tmp_path / "{exp}"
+    model.save_pretrained(odd)
+    assert VLMo.from_pretrained(str(odd)).config == model.config
+    with pytest.raises(FileNotFoundError, match="does not exist: expected a checkpoint directory"):
+        VLMo.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        VLMo.from_pretrained(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        model.save_pretrained(tmp_path / "file")
+    with pytest.raises(TypeError, match="directory must be a path"):
+        VLMo.from_pretrained(None)
+
+
+def test_save_keeps_other_files_and_follows_the_umask(tmp_path):
+    import os
+    import stat
+    d = tmp_path / "ckpt"
+    _tiny().save_pretrained(d)
+    (d / "tokenizer.json").write_text("{}")
+    (d / "logs").mkdir()
+    (d / "logs" / "train.jsonl").write_text("{}\n")
+    old = os.umask(0o027)
+    try:
+        _tiny(num_classes=2).save_pretrained(d)
+    finally:
+        os.umask(old)
+    assert (d / "tokenizer.json").read_text() == "{}" and (d / "logs" / "train.jsonl").is_file()
+    assert VLMo.from_pretrained(d).config.num_classes == 2
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    for name in ("config.json", "model.safetensors", "manifest.json"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o640, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries beside it
+
+
+def test_checkpoints_without_manifest_load_with_a_warning(tmp_path):
+    model = _tiny()
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="has no manifest.json"):
+        loaded = VLMo.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.norm.weight, model.norm.weight)
+
+
+def test_from_pretrained_without_text_positions_parameter(tmp_path):
+    """Checkpoints written before/after the unused text positions were removed load both ways."""
+    with_positions = _tiny()
+    without = _drop_text_positions(_tiny())
+    without.save_pretrained(tmp_path / "without")
+    loaded = VLMo.from_pretrained(tmp_path / "without")
+    for k, v in without.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with_positions.save_pretrained(tmp_path / "with")
+    VLMo.from_pretrained(tmp_path / "with")

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
+
+from .io import atomic_write_text
 
 
 @dataclass
@@ -71,16 +77,25 @@ class VLMoConfig:
         return 3 if layer >= self.vl_start else 2
 
     def validate(self) -> None:
+        """Check every field's type (bool is bool, int is int and not bool, float accepts an
+        int) and range, naming the field; normalises int -> float for float fields."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), hints[f.name]))
+
         def need(cond: bool, msg: str):
             if not cond:
                 raise ValueError(f"VLMoConfig: {msg}")
         for field in ("dim", "depth", "num_heads", "img_size", "patch_size", "in_chans",
-                      "vocab_size", "max_text_len", "type_vocab_size"):
+                      "vocab_size", "max_text_len", "type_vocab_size", "text_relpos_len"):
             v = getattr(self, field)
-            need(isinstance(v, int) and v > 0, f"{field} must be a positive int, got {v!r}")
+            need(v > 0, f"{field} must be a positive int, got {v!r}")
         need(self.dim % self.num_heads == 0,
              f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
-        need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        need(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0,
+             f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
+        need(self.mlp_hidden_dim >= 1, f"mlp_ratio ({self.mlp_ratio}) gives an FFN hidden size of "
+                                       f"int(dim * mlp_ratio) = {self.mlp_hidden_dim}; it must be >= 1")
         need(0 <= self.vl_layers <= self.depth,
              f"vl_layers must be in [0, depth={self.depth}], got {self.vl_layers}")
         need(self.img_size % self.patch_size == 0,
@@ -91,15 +106,30 @@ class VLMoConfig:
                  f"max_text_len ({self.max_text_len}) exceeds text_relpos_len "
                  f"({self.text_relpos_len}), the text length the relative index is sized for")
             need(self.text_relpos_len >= 2, "text_relpos_len must be >= 2")
-        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        if self.layer_scale_init is not None:
+            need(math.isfinite(self.layer_scale_init),
+                 f"layer_scale_init must be finite (None disables layer scale), got {self.layer_scale_init}")
+        for field in ("layer_norm_eps", "text_layer_norm_eps", "init_std"):
+            v = getattr(self, field)
+            need(math.isfinite(v) and v > 0, f"{field} must be a finite number > 0, got {v!r}")
         need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        need(len(self.name) > 0, "name must be a non-empty str")
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
+    def _check_names(cls, names, what: str) -> None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise TypeError(f"{what}: unknown VLMoConfig field(s) {unknown}; fields: {sorted(known)}")
+
+    @classmethod
     def from_dict(cls, data: dict) -> "VLMoConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"VLMoConfig.from_dict expects a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -109,25 +139,85 @@ class VLMoConfig:
     def to_json(self, path: Union[str, Path, None] = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod
+    def from_json_string(cls, text: str, source: str = "config JSON") -> "VLMoConfig":
+        """Parse a JSON text; errors name `source` (e.g. the file it came from)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of VLMoConfig fields, "
+                             f"got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{source}: {e}") from None
+
+    @classmethod
     def from_json(cls, path_or_text: Union[str, Path]) -> "VLMoConfig":
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            text = Path(path_or_text).read_text()
-        return cls.from_dict(json.loads(text))
+        """From a config.json path, or from JSON text (a str starting with '{' that is not an
+        existing file's name). A Path is always a path."""
+        if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{") \
+                and not os.path.exists(path_or_text):
+            return cls.from_json_string(path_or_text)
+        path = Path(path_or_text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        return cls.from_json_string(text, source=str(path))
 
     def replace(self, **changes) -> "VLMoConfig":
+        self._check_names(changes, "VLMoConfig.replace")
         return dataclasses.replace(self, **changes)
 
     # -- presets -------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, **overrides) -> "VLMoConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], "name": name, **overrides})
+    def preset(cls, preset_name: str, /, **overrides) -> "VLMoConfig":
+        """A published preset with field overrides. `name` defaults to the preset's name and
+        may be overridden like any field (`preset("tiny", name="my-tiny")`)."""
+        if preset_name not in PRESETS:
+            raise ValueError(f"unknown preset {preset_name!r}; expected one of {sorted(PRESETS)}")
+        cls._check_names(overrides, f"VLMoConfig.preset({preset_name!r})")
+        return cls(**{**PRESETS[preset_name], "name": preset_name, **overrides})
+
+
+def _type_name(value) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _checked(field: str, value, hint):
+    """`value` as the type `hint` names (int, float, bool, str, Optional[float]), or TypeError."""
+    if typing.get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        expected_none = " or None"
+    else:
+        expected_none = ""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"VLMoConfig.{field} must be a bool (True/False){expected_none}, got "
+                        f"{_type_name(value)}")
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise TypeError(f"VLMoConfig.{field} must be an int{expected_none}, got {_type_name(value)}")
+    if hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"VLMoConfig.{field} must be a float (an int is accepted){expected_none}, "
+                        f"got {_type_name(value)}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"VLMoConfig.{field} must be a str{expected_none}, got {_type_name(value)}")
+    raise AssertionError(f"VLMoConfig.{field}: no type check for {hint}")  # a new field's type
 
 
 PRESETS = {
