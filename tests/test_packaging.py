@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,3 +76,17 @@ def test_importing_the_package_pulls_no_training_dependencies():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, TRITON_INTERPRET="0"))
     assert out.stdout.strip() == "", f"import vlmo_fast imported {out.stdout.strip()}"
+
+
+def test_compile_time_constant_sets_the_marker_of_torchs_public_decorator():
+    from vlmo_fast.env import compile_time_constant
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+    marked = torch.compiler.assume_constant_result(theirs)
+    assert compile_time_constant(ours) is ours
+    added = set(vars(marked)) - set(vars(lambda: None))
+    assert added == set(vars(ours)) - set(vars(lambda: None)) == {"_dynamo_marked_constant"}

@@ -73,3 +73,12 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
             or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def compile_time_constant(fn):
+    """`torch.compiler.assume_constant_result` without its cost at import time: the public
+    decorator imports torch._dynamo (seconds, and it pulls in triton) only to set this
+    marker on `fn`, which dynamo reads when it traces a call. tests/test_packaging.py checks
+    that the public decorator still sets exactly this marker."""
+    fn._dynamo_marked_constant = True
+    return fn

@@ -122,7 +122,7 @@ class VLMo(nn.Module):
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, ffn_backend: Optional[str] = None,
+    def from_preset(cls, name: str, /, ffn_backend: Optional[str] = None,
                     attn_backend: Optional[str] = None, **overrides) -> "VLMo":
         """A freshly initialised model of preset `name` ("tiny", "base", "large",
         "base_plus"; see `vlmo_fast.PRESETS`); `overrides` replace config fields, e.g.

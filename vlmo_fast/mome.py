@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import backends
-from .env import INTEGER_DTYPES, KERNEL_FLOAT_DTYPES, autocast_dtype, triton_available
+from .env import (INTEGER_DTYPES, KERNEL_FLOAT_DTYPES, autocast_dtype, compile_time_constant,
+                  triton_available)
 
 VISION, LANGUAGE, VISION_LANGUAGE = 0, 1, 2
 MODALITY_NAMES = ("vision", "language", "vision-language")
@@ -283,7 +284,7 @@ def register_ffn_impl(name: str, fn: Callable, available=backends.always_availab
     backends.register("ffn", name, available, preference, accepts=accepts)
 
 
-@torch.compiler.assume_constant_result
+@compile_time_constant
 def _resolve(requested: Optional[str], device: torch.device, facts_items: tuple) -> str:
     # a compile-time constant: torch.compile traces only the chosen implementation
     return backends.resolve("ffn", requested, device, **dict(facts_items))

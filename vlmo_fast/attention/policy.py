@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..env import compile_time_constant
 from ..embeddings import RelativeBias
 from ..packing import PackedSequences
 from .cores import AttnBias, attention_flash, attention_reference, attention_sdpa, flash_available
@@ -127,7 +128,7 @@ def attention_core(name: str) -> AttentionCore:
     return _CORES[name]
 
 
-@torch.compiler.assume_constant_result
+@compile_time_constant
 def _resolve(requested: Optional[str], device: torch.device, facts_items: tuple) -> str:
     # A compile-time constant: torch.compile traces the chosen core only (the choice reads
     # environment variables and registries, which dynamo need not trace).
