@@ -23,10 +23,15 @@ Additions to the contract:
 from .builders import RetrievalEvalSet, build_pretrain_loader, build_retrieval_eval_set
 from .collate import PretrainCollator
 from .datasets import EmbeddedPretrainDataset
+from .formats import (DataError, ImageRef, PairRecord, Records, build_answer_vocab, normalize_answer, read_image_folder,
+                      read_karpathy, read_manifest, read_nlvr2, read_tar_shards, read_texts, read_vqav2, vqa_score,
+                      vqa_targets)
 from .loader import Loader, ShardedBatchSampler
 from .masking import blockwise_patch_mask, whole_word_mask
 from .render import render_scene, render_scenes
+from .sources import FilePairsDataset, TextDataset, detect_format, open_pretrain_dataset, open_records
 from .tokenizer import WordPieceTokenizer, build_tokenizer
+from .transforms import ImageTransform, decode_image, swap_left_right
 from .world import (COLOURS, SHAPES, SIZES, SPLITS, Caption, EmbeddedWorld, Scene, SceneObject, WorldConfig,
                     check_claims)
 
@@ -35,4 +40,8 @@ __all__ = [
     "RetrievalEvalSet", "EmbeddedWorld", "WorldConfig", "Scene", "SceneObject", "Caption", "check_claims",
     "SPLITS", "SHAPES", "COLOURS", "SIZES", "render_scene", "render_scenes", "Loader", "ShardedBatchSampler",
     "PretrainCollator", "EmbeddedPretrainDataset", "whole_word_mask", "blockwise_patch_mask",
+    "DataError", "ImageRef", "PairRecord", "Records", "read_manifest", "read_karpathy", "read_image_folder",
+    "read_texts", "read_tar_shards", "read_vqav2", "read_nlvr2", "build_answer_vocab", "normalize_answer",
+    "vqa_score", "vqa_targets", "FilePairsDataset", "TextDataset", "detect_format", "open_pretrain_dataset",
+    "open_records", "ImageTransform", "decode_image", "swap_left_right",
 ]
