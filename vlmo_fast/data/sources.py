@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .datasets import STAGES, item_rng
 from .formats import (IMAGE_EXTENSIONS, DataError, Records, group_by_image, read_image_folder,
                       read_karpathy, read_manifest, read_tar_shards, read_texts)
-from .transforms import ImageTransform, decode_image
+from .transforms import ImageTransform
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -54,9 +54,8 @@ class FilePairsDataset(Dataset):
 
     def _load(self, row: int, key: int) -> dict:
         rec = self.records.pairs[row]
-        img = decode_image(rec.image, rec.origin)
         rng = item_rng(self.seed, key, 2)
-        array, caption = self.transform(img, rng, rec.caption)
+        array, caption = self.transform.load(rec.image, rec.origin, rng, rec.caption)
         item = {"image": array}
         if self.stage == "vl":
             item.update(text=caption, image_id=self.records.image_ids[row], caption_id=row)
@@ -194,5 +193,5 @@ def open_retrieval_records(source: PathLike, *, split: str = "test", img_size: i
     transform = ImageTransform(img_size, train=False)
     arrays = np.empty((len(images), 3, img_size, img_size), dtype=np.float32)
     for i, (ref, origin) in enumerate(zip(images, origins)):
-        arrays[i] = transform(decode_image(ref, origin))[0]
+        arrays[i] = transform.load(ref, origin)[0]
     return torch.from_numpy(arrays), captions, text_to_image, keys

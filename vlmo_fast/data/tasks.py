@@ -30,7 +30,7 @@ from .formats import (DataError, NLVR2Record, VQARecord, build_answer_vocab, rea
                       vqa_targets)
 from .loader import Loader
 from .tokenizer import WordPieceTokenizer
-from .transforms import ImageTransform, decode_image
+from .transforms import ImageTransform
 from .world import SPLITS, EmbeddedWorld, WorldConfig
 
 TASKS = ("vqa", "nlvr2")
@@ -91,7 +91,7 @@ class _FileTaskDataset(Dataset):
 
     def _image(self, ref, origin: str, key: int, stream: int) -> np.ndarray:
         rng = item_rng(self.seed, key, stream) if self.train else None
-        return self.transform(decode_image(ref, origin), rng)[0]
+        return self.transform.load(ref, origin, rng)[0]
 
     def _load(self, index: int, key: int) -> dict:
         raise NotImplementedError
