@@ -73,3 +73,21 @@ def test_vqav2_and_nlvr2_files(tmp_path, tok):
     assert (b["images_right"][:, 1] > b["images_left"][:, 1]).all()     # img1 is the greener one
     with pytest.raises(ValueError, match="task"):
         build_task_loader("captioning", "embedded", tok)
+
+
+def test_zero_shot_eval_sets(tmp_path):
+    from vlmo_fast.data import SHAPES, build_zero_shot_eval_set
+    from vlmo_fast.data.world import EmbeddedWorld
+    zs = build_zero_shot_eval_set("embedded", "test_comp", img_size=32, num_images=20)
+    assert zs.images.shape == (20, 3, 32, 32) and len(zs.class_names) == 48
+    held = EmbeddedWorld(0).held_out
+    assert all(tuple(zs.class_names[k].split()) in held for k in zs.labels.tolist())   # unseen pairs
+    shapes = build_zero_shot_eval_set("embedded", "test", img_size=32, num_images=30, attribute="shape")
+    assert shapes.class_names == list(SHAPES) and len(set(shapes.labels.tolist())) > 3
+    assert shapes.prompt_texts()[0][0] == "a circle"
+    for k, name in enumerate(("red_car", "blue_boat")):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / name / f"{i}.png")
+    folder = build_zero_shot_eval_set(tmp_path, img_size=16)
+    assert folder.class_names == ["blue boat", "red car"] and folder.labels.tolist() == [0, 0, 1, 1]

@@ -19,6 +19,8 @@ Additions to the contract:
 - `build_pretrain_loader(..., shuffle, drop_last, world_seed, world_config, pin_memory,
   persistent_workers, max_bad_fraction, min_mask_block, **reader options)`.
 - `RetrievalEvalSet.image_ids` and `.image_to_texts`.
+- `build_zero_shot_eval_set("embedded" | class-folder path, split, attribute=...)`: images,
+  labels, class_names, prompts for zero-shot classification.
 
 Fine-tuning tasks (issue 14's data part, `tasks.py`): `build_task_loader("vqa" | "nlvr2",
 "embedded" | path, tok, split, batch_size, ...)` -> the same resumable, sharded Loader;
@@ -26,7 +28,8 @@ batches: vqa -> images, text_ids, text_mask, vqa_targets [B, A] soft scores, ans
 question_ids (loader.answer_vocab lists the A answers); nlvr2 -> images_left, images_right,
 text_ids, text_mask, labels.
 """
-from .builders import RetrievalEvalSet, build_pretrain_loader, build_retrieval_eval_set
+from .builders import (RetrievalEvalSet, ZeroShotEvalSet, build_pretrain_loader, build_retrieval_eval_set,
+                       build_zero_shot_eval_set)
 from .collate import PretrainCollator
 from .datasets import EmbeddedPretrainDataset
 from .formats import (DataError, ImageRef, PairRecord, Records, build_answer_vocab, normalize_answer, read_image_folder,
@@ -52,6 +55,6 @@ __all__ = [
     "read_texts", "read_tar_shards", "read_vqav2", "read_nlvr2", "build_answer_vocab", "normalize_answer",
     "vqa_score", "vqa_targets", "FilePairsDataset", "TextDataset", "detect_format", "open_pretrain_dataset",
     "open_records", "ImageTransform", "decode_image", "swap_left_right",
-    "build_task_dataset", "build_task_loader", "TaskCollator", "EmbeddedVQADataset", "EmbeddedNLVR2Dataset",
+    "ZeroShotEvalSet", "build_zero_shot_eval_set", "build_task_dataset", "build_task_loader", "TaskCollator", "EmbeddedVQADataset", "EmbeddedNLVR2Dataset",
     "VQAv2Dataset", "NLVR2FileDataset",
 ]
