@@ -149,7 +149,7 @@ def test_vqa_items_are_correct_and_closed(world):
         m = re.match(r"how many (\w+) shapes are there\?", q)
         if m:
             assert int(a) == scene.count(colour=m.group(1))
-        m = re.match(r"what colour is the shape (?:at|in) the (.+)\?", q)
+        m = re.match(r"what colour is the shape (?:at|in|on) the (.+)\?", q)
         if m:
             (o,) = [o for o in scene.objects if position_name(o.row, o.col, scene.grid) == m.group(1)]
             assert a == o.colour

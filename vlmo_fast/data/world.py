@@ -74,6 +74,17 @@ def position_name(row: int, col: int, grid: int) -> str:
     return f"{r} {c}"
 
 
+def position_phrase(pos: str, rng: Optional[np.random.Generator] = None) -> str:
+    """'in the center', 'on the left', 'at the top', 'in the top left' / 'at the top left'."""
+    if pos == "center":
+        return "in the center"
+    if pos in ("left", "right"):
+        return f"on the {pos}"
+    if pos in ("top", "bottom"):
+        return f"at the {pos}"
+    return f"{'in' if rng is None or rng.random() < 0.5 else 'at'} the {pos}"
+
+
 @dataclass(frozen=True)
 class SceneObject:
     shape: str
@@ -297,8 +308,7 @@ class EmbeddedWorld:
         text = _article(" ".join(words))
         if position:
             pos = position_name(obj.row, obj.col, self.config.grid)
-            prep = "in the" if pos in ("center",) else _pick(rng, ("at the", "in the"))
-            text = f"{text} {prep} {pos}"
+            text = f"{text} {position_phrase(pos, rng)}"
             attrs["position"] = pos
         return text, attrs
 
@@ -387,6 +397,15 @@ class EmbeddedWorld:
     def caption_texts(self, scene: Scene) -> List[str]:
         return [c.text for c in self.captions(scene)]
 
+    def reference(self, scene: Scene, obj: SceneObject) -> str:
+        """The shortest phrase naming `obj` unambiguously in `scene`: 'the red circle', else
+        'the small red circle', else 'the red circle on the left'."""
+        if scene.count(colour=obj.colour, shape=obj.shape) == 1:
+            return f"the {obj.colour} {obj.shape}"
+        if scene.count(colour=obj.colour, shape=obj.shape, size=obj.size) == 1:
+            return f"the {obj.size} {obj.colour} {obj.shape}"
+        return f"the {obj.colour} {obj.shape} {position_phrase(position_name(obj.row, obj.col, scene.grid))}"
+
     def document(self, scene: Scene) -> str:
         """A multi-sentence description of the scene (the text-only stage's corpus)."""
         rng = np.random.default_rng([scene.render_seed, 11])
@@ -398,12 +417,12 @@ class EmbeddedWorld:
             t, _ = self._object_phrase(o, rng, detail=1.0, position=False)
             pos = position_name(o.row, o.col, scene.grid)
             verb = _pick(rng, ("is", "sits", "lies"))
-            sents.append(f"{t} {verb} {'in the' if pos == 'center' else 'at the'} {pos}.")
+            sents.append(f"{t} {verb} {position_phrase(pos, rng)}.")
         rels = scene.relations()
         for r in rng.permutation(len(rels))[:3]:
             i, rel, j = rels[int(r)]
-            sents.append(f"the {objs[i].colour} {objs[i].shape} is "
-                         f"{_pick(rng, RELATION_WORDS[rel])} the {objs[j].colour} {objs[j].shape}.")
+            sents.append(f"{self.reference(scene, objs[i])} is {_pick(rng, RELATION_WORDS[rel])} "
+                         f"{self.reference(scene, objs[j])}.")
         colour_counts = sorted({o.colour for o in objs})
         c = colour_counts[int(rng.integers(len(colour_counts)))]
         k = scene.count(colour=c)
@@ -429,7 +448,7 @@ class EmbeddedWorld:
         out = []
         for o in objs:
             pos = position_name(o.row, o.col, g)
-            where = "in the center" if pos == "center" else f"at the {pos}"
+            where = position_phrase(pos)
             out.append((f"what colour is the shape {where}?", o.colour, "colour"))
             out.append((f"what shape is {where}?", o.shape, "shape"))
             if scene.count(colour=o.colour, shape=o.shape) == 1:
