@@ -72,8 +72,11 @@ class ShardedBatchSampler(Sampler):
 class Loader:
     """An iterable of batches with set_epoch / state_dict / load_state_dict / len.
 
-    Iterating yields this rank's remaining batches of the current epoch and then moves to the
-    next epoch; breaking out early keeps the position (the next iteration continues).
+    Iterating yields this rank's remaining batches of the current epoch; breaking out early
+    keeps the position (the next iteration continues there). After the last batch the
+    position reads (epoch, len(loader)); then either set_epoch(epoch + 1) or simply iterating
+    again starts the next epoch. set_epoch(e) is a no-op while already in epoch e, so a
+    resumed run may call it with the resumed epoch without losing its place.
     """
 
     def __init__(self, dataset: Dataset, collate_fn, batch_size: int, *, rank: int = 0, world: int = 1,
@@ -129,8 +132,6 @@ class Loader:
         if not 0 <= index <= len(s):
             raise ValueError(f"loader state_dict: batch_index {index} outside [0, {len(s)}]")
         s.epoch, s.start_batch = epoch, index
-        if index == len(s):
-            s.epoch, s.start_batch = epoch + 1, 0
         self.num_skipped = int(state.get("num_skipped", 0))
 
     # -- iteration -------------------------------------------------------------------------
@@ -165,7 +166,8 @@ class Loader:
         if self.num_skipped:
             log.warning("%s: %d corrupt or unreadable samples skipped so far (epoch %d)",
                         self.description or "loader", self.num_skipped, epoch)
-        s.epoch, s.start_batch = epoch + 1, 0
+        # the position stays "epoch finished" (batch_index == len): a trainer that calls
+        # set_epoch(epoch + 1) next and one that just iterates again both get the next epoch
 
     def _count_skipped(self, n: int) -> None:
         self.num_skipped += n
