@@ -220,6 +220,11 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path, tok, caplo
     no_skip = build_pretrain_loader(path, tok, "vl", 32, img_size=16, max_text_len=10, skip_bad=False)
     with pytest.raises(DataError, match=r"m.jsonl line 3[12]"):
         list(no_skip)
+    # raised inside a worker: the same message reaches the main process (no silent crash)
+    in_worker = build_pretrain_loader(path, tok, "vl", 32, img_size=16, max_text_len=10, skip_bad=False,
+                                      num_workers=1)
+    with pytest.raises(DataError, match=r"b[01].jpg .*m.jsonl line 3[12]"):
+        list(in_worker)
 
 
 def test_pretrain_loader_from_files_all_stages(tmp_path, tok, images):

@@ -182,3 +182,23 @@ def test_bad_arguments_are_named(tok):
         _loader(tok, "vision", rank=2, world=2)
     with pytest.raises(TypeError, match="tokenizer"):
         build_pretrain_loader("embedded", object(), "vl")
+
+
+def test_flip_mirrors_images_and_swaps_sides(tok):
+    plain = next(iter(_loader(tok, "vl", num_samples=16, batch_size=16)))
+    flipped = next(iter(_loader(tok, "vl", num_samples=16, batch_size=16, flip=True)))
+    assert torch.equal(plain["keys"], flipped["keys"])
+    same = [torch.equal(a, b) for a, b in zip(plain["images"], flipped["images"])]
+    mirrored = [torch.equal(a.flip(-1), b) for a, b in zip(plain["images"], flipped["images"])]
+    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 16
+    from vlmo_fast.data.datasets import EmbeddedPretrainDataset
+    from vlmo_fast.data import EmbeddedWorld
+    ds = EmbeddedPretrainDataset(EmbeddedWorld(7), "vl", num_samples=16, img_size=IMG, flip=True)
+    plain_ds = EmbeddedPretrainDataset(EmbeddedWorld(7), "vl", num_samples=16, img_size=IMG)
+    for k, m in enumerate(mirrored):
+        key = int(plain["keys"][k])
+        a, b = plain_ds[key]["text"], ds[key]["text"]
+        if m:
+            assert a.replace("left", "#").replace("right", "left").replace("#", "right") == b
+        else:
+            assert a == b
