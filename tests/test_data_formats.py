@@ -235,6 +235,9 @@ def test_pretrain_loader_from_files_all_stages(tmp_path, tok, images):
     assert vis["images"].shape == (6, 3, 32, 32) and vis["patch_mask"].shape == (6, 4)
     txt = list(build_pretrain_loader(tmp_path / "corpus.txt", tok, "text", 2, max_text_len=12))
     assert sum(len(b["text_ids"]) for b in txt) == 3
+    (tmp_path / "m.tsv").write_text("path\ttext\n" + "".join(f"imgs/img{i}.jpg\tcaption {i}\n" for i in range(5)))
+    caps = build_pretrain_loader(tmp_path / "m.tsv", tok, "text", 5, image_key="path", caption_key="text", shuffle=False)
+    assert tok.decode(next(iter(caps))["text_ids"][4]) == "caption 4"
     vl = build_pretrain_loader(tmp_path / "m.jsonl", tok, "vl", 4, img_size=32, rank=1, world=2)
     keys = [k for b in vl for k in b["keys"].tolist()]
     assert len(keys) == 3

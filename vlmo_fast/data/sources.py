@@ -164,10 +164,9 @@ def open_pretrain_dataset(source: PathLike, stage: str, *, split: str = "train",
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fmt = reader_options.pop("fmt", None) or detect_format(source)
     if stage == "text":
-        if fmt in ("text", "manifest", "karpathy"):
-            caption_key = reader_options.get("caption_key", "caption")
-            texts = read_texts(source, text_mode, caption_key=caption_key) if fmt != "karpathy" else \
-                [p.caption for p in read_karpathy(source, split, image_root=reader_options.get("image_root")).pairs]
+        # a text corpus, or the captions of an image-text source (images are not opened)
+        if fmt == "text":
+            texts = read_texts(source, text_mode)
         else:
             texts = [p.caption for p in open_records(source, split=split, fmt=fmt, **reader_options).pairs]
         if num_samples is not None:
