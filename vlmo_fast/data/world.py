@@ -236,6 +236,8 @@ class EmbeddedWorld:
         self.held_out = frozenset(self.config.held_out_pairs)
         probs = np.asarray(self.config.count_probs[:self.config.max_objects], dtype=np.float64)
         self._count_probs = probs / probs.sum()
+        # inverse-CDF draw of the object count (Generator.choice with p= is slow per call)
+        self._count_cdf = np.cumsum(self._count_probs)[:-1]
         self.answer_vocab: List[str] = (list(COLOURS) + list(SHAPES) + list(SIZES)
                                         + [str(n) for n in range(self.config.max_objects + 1)]
                                         + ["yes", "no"]
@@ -263,7 +265,7 @@ class EmbeddedWorld:
 
     def _sample_scene(self, rng: np.random.Generator, split: str, index: int) -> Scene:
         cfg = self.config
-        n = 1 + int(rng.choice(len(self._count_probs), p=self._count_probs))
+        n = 1 + int(np.searchsorted(self._count_cdf, rng.random(), side="right"))
         cells = rng.permutation(cfg.grid * cfg.grid)[:n]
         colours, shapes = list(COLOURS), SHAPES
         held = sorted(self.held_out)
