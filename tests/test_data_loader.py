@@ -127,6 +127,14 @@ def test_resume_sees_exactly_the_same_batches(tok):
             _same(a, b)
     with pytest.raises(ValueError, match="batch_size"):
         _loader(tok, "vl", num_samples=20, batch_size=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="world"):
+        _loader(tok, "vl", num_samples=20, world=2).load_state_dict(state)
+    # rank 0's state resumes rank 1 at the same position of rank 1's own shard
+    r1, r1_resumed = _loader(tok, "vl", num_samples=20, rank=1, world=2), _loader(tok, "vl", num_samples=20, rank=1, world=2)
+    r0 = _loader(tok, "vl", num_samples=20, rank=0, world=2)
+    _run(r0, 2)
+    r1_resumed.load_state_dict(r0.state_dict())
+    _same(_run(r1, 3)[2], _run(r1_resumed, 1)[0])
 
 
 def test_same_batches_for_any_worker_count(tok):

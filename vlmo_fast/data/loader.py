@@ -123,7 +123,9 @@ class Loader:
 
     def load_state_dict(self, state: dict) -> None:
         s = self.sampler
-        for name in ("seed", "num_samples", "batch_size", "world", "rank", "shuffle", "drop_last"):
+        # rank is not compared: in synchronous training every rank has consumed the same number
+        # of batches, so rank 0's state (the one a checkpoint usually keeps) resumes every rank
+        for name in ("seed", "num_samples", "batch_size", "world", "shuffle", "drop_last"):
             if name in state and state[name] != getattr(s, name):
                 raise ValueError(f"loader state_dict does not match this loader: {name}={state[name]!r} "
                                  f"in the state, {getattr(s, name)!r} here (resume with the same data "
