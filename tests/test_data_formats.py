@@ -46,14 +46,29 @@ def test_jsonl_csv_tsv_manifests_with_configurable_keys(tmp_path, images):
         recs = read_manifest(tmp_path / name, image_key="filepath", caption_key="title")
         assert [p.caption for p in recs.pairs] == [f"caption {i}" for i in range(6)]
         assert recs.pairs[2].image.path == str(images / "img2.jpg")     # relative to the manifest
-        assert recs.image_ids == list(range(6))
+        assert recs.image_ids.tolist() == list(range(6))
     # defaults image/caption, an id column groups captions of one image; ALBEF JSON lists
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"image": str(images / f"img{i // 2}.jpg"),
                                                             "caption": f"c{i}", "image_id": i // 2}) for i in range(4)))
-    assert read_manifest(tmp_path / "d.jsonl").image_ids == [0, 0, 1, 1]
+    assert read_manifest(tmp_path / "d.jsonl").image_ids.tolist() == [0, 0, 1, 1]
     (tmp_path / "a.json").write_text(json.dumps([{"image": "imgs/img0.jpg", "caption": ["one", "two"]}]))
     recs = read_manifest(tmp_path / "a.json")
-    assert [p.caption for p in recs.pairs] == ["one", "two"] and recs.image_ids == [0, 0]
+    assert [p.caption for p in recs.pairs] == ["one", "two"] and recs.image_ids.tolist() == [0, 0]
+
+
+def test_records_are_stored_in_numpy_buffers(tmp_path):
+    # no per-row Python objects: workers keep sharing the parent's pages (copy-on-write)
+    rows = [{"image": f"dir/ü{i}.jpg", "caption": f"caption {i} ✓", "image_id": i // 3} for i in range(10)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    recs = read_manifest(tmp_path / "m.jsonl")
+    table = recs.pairs
+    assert isinstance(table.caption.blob, np.ndarray) and isinstance(recs.image_ids, np.ndarray)
+    assert [p.caption for p in table] == [r["caption"] for r in rows]
+    assert table[-1].image.path.endswith("dir/ü9.jpg") and table[4].origin.endswith("m.jsonl line 5")
+    assert [p.caption for p in table[2:4]] == ["caption 2 ✓", "caption 3 ✓"]
+    assert recs.num_images == 4 and recs.image_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    with pytest.raises(IndexError):
+        table[10]
 
 
 def test_manifest_errors_name_file_and_row(tmp_path, images):
@@ -109,7 +124,7 @@ def test_image_folder_and_text_corpus(tmp_path, images):
     for i in range(3, 6):
         (images / f"img{i}.txt").write_text(f"only {i}\n")
     recs = read_image_folder(images)
-    assert len(recs) == 9 and recs.image_ids[:3] == [0, 0, 1] and recs.pairs[1].caption == "second 0"
+    assert len(recs) == 9 and recs.image_ids[:3].tolist() == [0, 0, 1] and recs.pairs[1].caption == "second 0"
     (tmp_path / "lines.txt").write_text("doc one.\ndoc two.\n\n")
     assert read_texts(tmp_path / "lines.txt") == ["doc one.", "doc two."]
     (tmp_path / "paras.txt").write_text("para one\ncontinues.\n\npara two.\n")

@@ -40,12 +40,9 @@ class FilePairsDataset(Dataset):
         if unique_images is None:
             unique_images = stage == "vision"
         if unique_images:
-            seen, rows = set(), []
-            for i, img_id in enumerate(records.image_ids):
-                if img_id not in seen:
-                    seen.add(img_id)
-                    rows.append(i)
-            self.rows = np.asarray(rows, dtype=np.int64)
+            # the first row of each image, in file order
+            _, first = np.unique(records.image_ids, return_index=True)
+            self.rows = np.sort(first).astype(np.int64)
         else:
             self.rows = np.arange(len(records), dtype=np.int64)
 
@@ -58,7 +55,7 @@ class FilePairsDataset(Dataset):
         array, caption = self.transform.load(rec.image, rec.origin, rng, rec.caption)
         item = {"image": array}
         if self.stage == "vl":
-            item.update(text=caption, image_id=self.records.image_ids[row], caption_id=row)
+            item.update(text=caption, image_id=int(self.records.image_ids[row]), caption_id=row)
         return item
 
     def __getitem__(self, key: int) -> dict:
