@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import STAGES, item_rng
-from .formats import (IMAGE_EXTENSIONS, DataError, Records, group_by_image, read_image_folder,
+from .formats import (IMAGE_EXTENSIONS, DataError, Records, StringTable, group_by_image, read_image_folder,
                       read_karpathy, read_manifest, read_tar_shards, read_texts)
 from .transforms import ImageTransform
 
@@ -84,12 +84,12 @@ class TextDataset(Dataset):
     """Documents of a text corpus (stage "text")."""
 
     def __init__(self, texts: Sequence[str], source: str = ""):
-        self.texts = [t for t in texts]
-        if not self.texts:
+        if not texts:
             raise DataError(f"{source or 'text corpus'}: empty corpus")
-        for i, t in enumerate(self.texts):
+        for i, t in enumerate(texts):
             if not str(t).strip():
                 raise DataError(f"{source or 'text corpus'} document {i}: empty text")
+        self.texts = StringTable(texts)   # one numpy buffer: shared by workers, not copied
 
     def __len__(self) -> int:
         return len(self.texts)
