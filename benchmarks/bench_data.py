@@ -14,8 +14,9 @@ impl names (stable across runs):
                    no collate, no text).
 
 `ms` is the mean wall time per batch over the timed batches of a round (after the warm-up
-batch, which starts the workers, and the 2 batches per worker they prefetch meanwhile), best of --rounds rounds interleaved across rows (the
-machine is shared: the best round is the least disturbed); `items_per_s` = batch_size / ms;
+batch, which starts the workers, and the 2 batches per worker they prefetch meanwhile),
+best of --rounds rounds interleaved across rows (the machine is shared: the best round is
+the least disturbed); `items_per_s` = batch_size / ms;
 `x_vs_ref` (same worker count) and `x_vs_floor` (single-process floor) are ratios of items/s
 from the same run.
 
@@ -148,7 +149,8 @@ def main(argv=None):
                 if src == "embedded":
                     kw["num_samples"] = n_items
                 case = f"src={src} S={size} B={B} workers={w}"
-                plan.append((case, "vlmo_fast", lambda source=source, kw=kw: build_pretrain_loader(source, tok, "vl", B, **kw)))
+                plan.append((case, "vlmo_fast",
+                             lambda source=source, kw=kw: build_pretrain_loader(source, tok, "vl", B, **kw)))
                 if src == "jsonl_jpeg":
                     ds = TorchvisionRefDataset(manifest, size)
                     plan.append((case, "torchvision_ref", lambda ds=ds, w=w: torch.utils.data.DataLoader(

@@ -40,7 +40,8 @@ def images(tmp_path):
 def test_jsonl_csv_tsv_manifests_with_configurable_keys(tmp_path, images):
     rows = [{"filepath": f"imgs/img{i}.jpg", "title": f"caption {i}", "extra": "ignored"} for i in range(6)]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    (tmp_path / "m.csv").write_text("filepath,title,extra\n" + "".join(f"{r['filepath']},\"{r['title']}\",x\n" for r in rows))
+    (tmp_path / "m.csv").write_text("filepath,title,extra\n"
+                                    + "".join(f"{r['filepath']},\"{r['title']}\",x\n" for r in rows))
     (tmp_path / "m.tsv").write_text("filepath\ttitle\n" + "".join(f"{r['filepath']}\t{r['title']}\n" for r in rows))
     for name in ("m.jsonl", "m.csv", "m.tsv"):
         recs = read_manifest(tmp_path / name, image_key="filepath", caption_key="title")
@@ -75,7 +76,8 @@ def test_manifest_errors_name_file_and_row(tmp_path, images):
     (tmp_path / "a.csv").write_text("image,caption\nimgs/img0.jpg,fine\nimgs/img1.jpg\n")
     with pytest.raises(DataError, match=r"a.csv line 3: missing column 'caption'"):
         read_manifest(tmp_path / "a.csv")
-    (tmp_path / "b.jsonl").write_text('{"image": "imgs/img0.jpg", "caption": "x"}\n{"image": "imgs/img1.jpg", "caption": "  "}\n')
+    (tmp_path / "b.jsonl").write_text('{"image": "imgs/img0.jpg", "caption": "x"}\n'
+                                      '{"image": "imgs/img1.jpg", "caption": "  "}\n')
     with pytest.raises(DataError, match=r"b.jsonl line 2: empty caption"):
         read_manifest(tmp_path / "b.jsonl")
     (tmp_path / "c.jsonl").write_text('{"image": "x.jpg", "caption": "x"}\n{not json\n')

@@ -72,6 +72,7 @@ __all__ = [
     "read_texts", "read_tar_shards", "read_vqav2", "read_nlvr2", "build_answer_vocab", "normalize_answer",
     "vqa_score", "vqa_targets", "FilePairsDataset", "TextDataset", "detect_format", "open_pretrain_dataset",
     "open_records", "ImageTransform", "decode_image", "swap_left_right",
-    "ZeroShotEvalSet", "build_zero_shot_eval_set", "build_task_dataset", "build_task_loader", "TaskCollator", "EmbeddedVQADataset", "EmbeddedNLVR2Dataset",
+    "ZeroShotEvalSet", "build_zero_shot_eval_set", "build_task_dataset", "build_task_loader", "TaskCollator",
+    "EmbeddedVQADataset", "EmbeddedNLVR2Dataset",
     "VQAv2Dataset", "NLVR2FileDataset",
 ]
