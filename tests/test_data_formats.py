@@ -301,3 +301,17 @@ def test_decode_errors_name_the_file(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"x.png is corrupt .*row 9"):
         decode_image(ImageRef(str(tmp_path / "x.png")), "row 9")
+
+
+def test_source_detection_errors(tmp_path, tok):
+    from vlmo_fast.data import detect_format
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"x.parquet: cannot tell the format"):
+        detect_format(tmp_path / "x.parquet")
+    with pytest.raises(FileNotFoundError, match=r"nowhere.jsonl does not exist"):
+        build_pretrain_loader(tmp_path / "nowhere.jsonl", tok, "vl")
+    (tmp_path / "k.json").write_text('{"images": []}')
+    (tmp_path / "l.json").write_text('[{"image": "a.jpg", "caption": "c"}]')
+    assert (detect_format(tmp_path / "k.json"), detect_format(tmp_path / "l.json")) == ("karpathy", "manifest")
+    with pytest.raises(TypeError, match="unexpected options for the embedded world"):
+        build_pretrain_loader("embedded", tok, "vl", image_key="x")
