@@ -22,6 +22,7 @@ construction.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -210,6 +211,12 @@ class WorldConfig:
         self.held_out_pairs = tuple(tuple(p) for p in self.held_out_pairs)
 
 
+_TEMPLATES = ("positions", "list", "relation", "there_is", "count_list", "colour_count")
+_TEMPLATES_SINGLE = ("positions", "list", "there_is", "count_list", "single")
+_TEMPLATE_PERMUTATIONS = {n: list(itertools.permutations(range(n - 2)))
+                          for n in (len(_TEMPLATES), len(_TEMPLATES_SINGLE))}
+
+
 def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
@@ -317,12 +324,11 @@ class EmbeddedWorld:
     def caption_templates(self, scene: Scene) -> List[str]:
         """The template of each of the scene's captions (the first two always describe every
         object, or two of them: the most discriminative; the rest in a scene-seeded order)."""
-        rng = np.random.default_rng([scene.render_seed, 7])
-        n = len(scene.objects)
-        templates = ["positions", "list", "relation", "there_is", "count_list", "colour_count"]
-        if n == 1:
-            templates = ["positions", "list", "there_is", "count_list", "single"]
-        order = templates[:2] + [templates[2 + i] for i in rng.permutation(len(templates) - 2)]
+        templates = _TEMPLATES_SINGLE if len(scene.objects) == 1 else _TEMPLATES
+        # the order of the other templates: one of their permutations, picked by the scene's
+        # seed (cheaper than a random generator per call; every vl item asks for it)
+        rest = _TEMPLATE_PERMUTATIONS[len(templates)]
+        order = list(templates[:2]) + [templates[2 + i] for i in rest[scene.render_seed % len(rest)]]
         return [order[k % len(order)] for k in range(self.config.captions_per_image)]
 
     def caption(self, scene: Scene, j: int) -> Caption:
