@@ -226,13 +226,17 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path, tok, caplo
     caps = [loader.dataset.records.pairs[int(c)].caption for b in batches for c in b["caption_ids"]]
     assert not any(c.startswith("bad") for c in caps)
     assert "b0.jpg is corrupt" in caplog.text and "b1.jpg does not exist" in caplog.text
-    assert "2 corrupt or unreadable samples skipped" in caplog.text
+    assert "2 corrupt or unreadable samples skipped in epoch 0" in caplog.text
+    # the limit is per epoch: the same two files met again in later epochs do not add up to a failure
+    for _ in range(3):
+        list(loader)
+    assert loader.num_skipped == 8 and loader.epoch_skipped == 2
     # same substitutes with workers (deterministic), and past the allowed fraction a clear error
     with_workers = list(build_pretrain_loader(path, tok, "vl", 8, num_workers=2, **kw))
     for x, y in zip(batches, with_workers):
         assert torch.equal(x["images"], y["images"]) and torch.equal(x["caption_ids"], y["caption_ids"])
     strict = build_pretrain_loader(path, tok, "vl", 8, img_size=16, max_text_len=10)   # default 1 %
-    with pytest.raises(RuntimeError, match=r"1 samples were unreadable.*max_bad_fraction=0.01 of 32"):
+    with pytest.raises(RuntimeError, match=r"1 samples were unreadable.*epoch 0.*max_bad_fraction=0.01 of the 32"):
         list(strict)
     no_skip = build_pretrain_loader(path, tok, "vl", 32, img_size=16, max_text_len=10, skip_bad=False)
     with pytest.raises(DataError, match=r"m.jsonl line 3[12]"):

@@ -73,11 +73,12 @@ class FilePairsDataset(Dataset):
                 if not self.skip_bad:
                     raise
                 skipped += 1
+                last_error = e
                 log.warning("skipping unreadable sample: %s", e)
                 # a deterministic substitute: a pseudo-random other index derived from the key
                 index = int(item_rng(self.seed, key, 100 + attempt).integers(n))
-        raise DataError(f"{self.records.source}: {skipped} unreadable images in a row around item {key % n} "
-                        f"(last: {self.records.pairs[int(self.rows[index])].origin}); the data looks broken")
+        raise DataError(f"{self.records.source}: {skipped} unreadable images in a row for item {key % n} and its "
+                        f"substitutes (last: {last_error}); the data looks broken")
 
 
 class TextDataset(Dataset):
