@@ -40,7 +40,8 @@ Additions to the contract:
 - `build_zero_shot_eval_set("embedded" | class-folder path, split, attribute=...)`: images,
   labels, class_names, prompts for zero-shot classification.
 - `python -m vlmo_fast.data.export OUT --split test --format jsonl|karpathy|folder|tar`
-  (`export_world`): the embedded world written in the real formats.
+  (`vlmo_fast.data.export.export_world`; not imported by the package, so `-m` runs cleanly):
+  the embedded world written in the real formats.
 - `build_task_loader("vqa" | "nlvr2", "embedded" | path, tok, split, batch_size, ...)`
   (tasks.py, issue 14's data part): the same resumable, sharded Loader; vqa batches: images,
   text_ids, text_mask, vqa_targets [B, A] soft scores, answer_ids, question_ids
@@ -51,7 +52,6 @@ from .builders import (RetrievalEvalSet, ZeroShotEvalSet, build_pretrain_loader,
                        build_zero_shot_eval_set)
 from .collate import PretrainCollator
 from .datasets import EmbeddedPretrainDataset
-from .export import export_world
 from .formats import (DataError, ImageRef, PairRecord, Records, build_answer_vocab, normalize_answer, read_image_folder,
                       read_karpathy, read_manifest, read_nlvr2, read_tar_shards, read_texts, read_vqav2, vqa_score,
                       vqa_targets)
@@ -76,6 +76,6 @@ __all__ = [
     "vqa_score", "vqa_targets", "FilePairsDataset", "TextDataset", "detect_format", "open_pretrain_dataset",
     "open_records", "ImageTransform", "decode_image", "swap_left_right",
     "ZeroShotEvalSet", "build_zero_shot_eval_set", "build_task_dataset", "build_task_loader", "TaskCollator",
-    "EmbeddedVQADataset", "EmbeddedNLVR2Dataset", "export_world",
+    "EmbeddedVQADataset", "EmbeddedNLVR2Dataset",
     "VQAv2Dataset", "NLVR2FileDataset",
 ]
