@@ -43,6 +43,10 @@ class ShardedBatchSampler(Sampler):
         if self.drop_last and len(self) == 0:
             raise ValueError(f"drop_last=True with {num_samples} samples over world={world} ranks leaves "
                              f"no full batch of {batch_size}")
+        if not self.drop_last and self.world > 1 and self.num_samples % self.world and self.rank == 0:
+            log.warning("%d samples do not split evenly over %d ranks: the first %d ranks read one sample more "
+                        "per epoch, so their last batches differ in size (or number); collective ops over "
+                        "batches need drop_last=True", self.num_samples, self.world, self.num_samples % self.world)
 
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's indices for `epoch`, in order."""
