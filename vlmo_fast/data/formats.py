@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import pickle
 import re
 import tarfile
 from collections import Counter
@@ -88,6 +89,29 @@ class StringTable:
 
     def __getitem__(self, i: int) -> str:
         return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+class PackedList:
+    """A read-only list of picklable records kept as one numpy byte buffer (see StringTable):
+    for the VQA / NLVR2 record lists that task datasets hold in every worker."""
+
+    def __init__(self, items: Iterable):
+        encoded = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in items]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} records")
+        i = int(i) % len(self)
+        return pickle.loads(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 class PairTable:
