@@ -714,8 +714,7 @@ def _mome_ffn_bwd_impl(dout: Tensor, x: Tensor, perm: Tensor, offsets: Tensor, z
     """need_input: x or the LN parameters need a gradient (they come from one kernel)."""
     num_experts = norm_weight.shape[0]
     dy, dgamma = gather_grad(dout, perm, gamma, dps, branch if need_gamma else None)
-    none = _empty(x)
-    dw2 = db2 = dw1 = db1 = dx = dnw = dnb = none
+    dw2 = db2 = dw1 = db1 = dx = dnw = dnb = None
     if need_fc2:
         dw2, db2 = grouped_wgrad(act, dy, offsets, num_experts, True, fc2_weight.dtype)
     if need_input or need_fc1:
@@ -731,8 +730,9 @@ def _mome_ffn_bwd_impl(dout: Tensor, x: Tensor, perm: Tensor, offsets: Tensor, z
             dx, dnw, dnb = layernorm_backward_scatter(dz, x, dout, perm, offsets, norm_weight,
                                                       mean, rstd)
             dnw, dnb = dnw.to(norm_weight.dtype), dnb.to(norm_weight.dtype)
-    dgamma = dgamma.to(gamma.dtype) if (need_gamma and gamma is not None) else none
-    return dx, dnw, dnb, dw1, db1, dw2, db2, dgamma
+    dgamma = dgamma.to(gamma.dtype) if (need_gamma and gamma is not None) else None
+    # Custom-op outputs may not alias each other: a fresh empty tensor per absent gradient.
+    return tuple(_empty(x) if g is None else g for g in (dx, dnw, dnb, dw1, db1, dw2, db2, dgamma))
 
 
 _mome_ffn_bwd_op = torch.library.custom_op("vlmo_fast::mome_ffn_bwd", _mome_ffn_bwd_impl,

@@ -133,12 +133,12 @@ def test_forward_partials_any_program_split(max_programs):
     ls = torch.tensor(math.log(20.0), device=DEVICE)
     out = kern.contrastive_forward(x, y, ls, target_offset=35, track_max=True, max_programs=max_programs)
     s = ls.double().exp() * x.double() @ y.double().t()
-    torch.testing.assert_close(out["row_lse"].double(), s.logsumexp(1), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out["col_lse"].double(), s.logsumexp(0), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out["row_max"].double(), s.amax(1), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out["col_max"].double(), s.amax(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.row_lse.double(), s.logsumexp(1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.col_lse.double(), s.logsumexp(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.row_max.double(), s.amax(1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.col_max.double(), s.amax(0), atol=1e-4, rtol=1e-5)
     rows = torch.arange(35)
-    torch.testing.assert_close(out["diag"].double(), s[rows, rows + 35], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.diag.double(), s[rows, rows + 35], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -199,20 +199,6 @@ def test_argument_errors_name_the_argument():
         contrastive_loss(img, bad, ls, check_finite=True)
     with pytest.raises(ValueError, match="gather must be"):
         contrastive_loss(img, txt, ls, gather="yes")
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_hopper():
-    """The CPU interpreter accepts code the GPU compiler rejects (and never sees the GPU launch
-    configs): compile both kernels for sm_90 with triton's bundled ptxas. In a subprocess,
-    because TRITON_INTERPRET replaces the jit functions at import time."""
-    code = ("import torch\nfrom vlmo_fast.kernels import contrastive as K\n"
-            "for d, dt in ((256, torch.bfloat16), (768, torch.bfloat16), (64, torch.float32), "
-            "(1024, torch.float32)):\n    K.compile_for(90, d, dt)\n")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 # ----------------------------------------------------------------------------- 2-process gloo

@@ -307,19 +307,3 @@ def test_gpu_triton_no_host_sync():
         out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-
-
-def test_triton_kernels_compile_for_sm90_without_gpu():
-    # The interpreter does not type-check like the compiler: compile every kernel variant for
-    # H100 (sm90) with Triton's bundled ptxas, in a process where the kernels are not
-    # interpreted. Catches GPU-only compile errors on machines without a GPU.
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = ("from vlmo_fast.kernels.mome_ffn import compile_check; "
-            "print(len(compile_check(90, 'bf16')))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.strip().splitlines()[-1]) >= 10
