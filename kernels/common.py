@@ -82,25 +82,40 @@ class Launch(NamedTuple):
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) on the device of the first tensor argument (all tensor
+    arguments of one launch live on one device: the launchers allocate on their input's)."""
     if _RECORDED is not None:
         _RECORDED.append(Launch(kernel, args, kwargs))
         return
-    kernel[grid](*args, **kwargs)
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    with device_guard(first):
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def offline_target(facts: DeviceFacts):
+    """Launchers choose their configs for `facts` (any device) while inside."""
+    global _TARGET
+    previous, _TARGET = _TARGET, facts
+    try:
+        yield facts
+    finally:
+        _TARGET = previous
 
 
 @contextlib.contextmanager
 def record_launches(facts: DeviceFacts):
     """Run launchers (on meta tensors) for an offline target: launches are recorded, not run."""
-    global _TARGET, _RECORDED
+    global _RECORDED
     if triton_interpret():
         raise RuntimeError("offline compiles need TRITON_INTERPRET unset: the interpreter "
                            "replaces the jit functions when the kernel files are imported")
-    previous = _TARGET, _RECORDED
-    _TARGET, _RECORDED = facts, []
+    previous, _RECORDED = _RECORDED, []
     try:
-        yield _RECORDED
+        with offline_target(facts):
+            yield _RECORDED
     finally:
-        _TARGET, _RECORDED = previous
+        _RECORDED = previous
 
 
 class CompileResult(NamedTuple):

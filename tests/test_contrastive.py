@@ -201,6 +201,130 @@ def test_argument_errors_name_the_argument():
         contrastive_loss(img, txt, ls, gather="yes")
 
 
+@pytest.mark.parametrize("upstream", [1.5e-5, 1e-3])
+def test_fp16_gradient_tile_does_not_underflow(upstream):
+    """dL/dS ~ upstream / (2N) * p is far below fp16's smallest subnormal at large N (emulated
+    here at N = 128 by a small upstream gradient): the kernel scales G by a power of two before
+    rounding it to fp16. Without the scaling the image-gradient error is 0.41 (1.5e-5) and
+    0.018 (1e-3); with it, only the fp16 rounding of the result itself remains."""
+    from vlmo_fast.kernels import contrastive as kern
+    img, txt = _features(128, 32, torch.float16, match=1.0, seed=4)
+    ls = torch.tensor([math.log(1 / 0.07)], device=DEVICE)
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    (kern.fused_contrastive(a, b, ls)[0] * upstream).backward()
+    ref = _float64_loss(img, txt, ls)
+    for got, want in ((a.grad, ref["img"] * upstream), (b.grad, ref["txt"] * upstream)):
+        scale = want.abs().max()
+        rounding = (want.half().double() - want).abs().max() / scale
+        err = (got.double() - want).abs().max() / scale
+        assert err <= rounding + 5e-3, f"fp16 gradient relative error {float(err):.3g}"
+
+
+def test_fused_op_under_torch_compile_fullgraph():
+    """The Triton op traces into one graph (custom ops with fake implementations inside an
+    autograd.Function): loss and all three gradients equal the eager kernels'."""
+    from vlmo_fast.kernels import contrastive as kern
+    img, txt = _features(21, 32, match=0.5)
+    ls = torch.tensor([math.log(20.0)], device=DEVICE)
+
+    def loss_and_grads(fn):
+        a, b, s = (t.clone().requires_grad_() for t in (img, txt, ls))
+        share, row_lse, col_lse, i2t, t2i = fn(a, b, s)
+        share.backward()
+        return share.detach(), row_lse, col_lse, i2t, a.grad, b.grad, s.grad
+
+    def fused(a, b, s):
+        return kern.fused_contrastive(a, b, s, None, True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    for got, want in zip(loss_and_grads(compiled), loss_and_grads(fused)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_config_fits_the_device_shared_memory():
+    """The launch config follows the device's opt-in shared memory: a 99 KB part (sm_86/89)
+    gets a config whose estimate fits, where an H100 keeps the large resident tiles.
+    tests/test_compile_matrix.py checks the estimates against the compiled kernels."""
+    from vlmo_fast.kernels import common, contrastive as kern
+    for arch in (80, 86, 90):
+        facts = common.arch_facts(arch)
+        with common.offline_target(facts):
+            for d, dtype in ((256, torch.bfloat16), (128, torch.float32), (768, torch.float16)):
+                size = torch.empty((), dtype=dtype).element_size()
+                fwd = kern.forward_config(d, dtype, torch.device("meta"))
+                bwd = kern.backward_config(d, dtype, torch.device("meta"))
+                assert kern.estimate_shared_memory(fwd, size, False) <= facts.shared_memory
+                assert kern.estimate_shared_memory(bwd, size, True) <= facts.shared_memory
+    big = kern._forward_candidates(256, False)[0]
+    assert kern.estimate_shared_memory(big, 2, False) > common.arch_facts(86).shared_memory
+
+
+def test_launches_enter_the_tensors_device(monkeypatch):
+    """Every kernel launch of forward and both backward operands runs inside the device
+    guard of its tensors (on CUDA: torch.cuda.device(tensor.device))."""
+    from vlmo_fast.kernels import common, contrastive as kern
+    active, entered = [], []
+
+    class Guard:
+        def __init__(self, tensor):
+            self.device = tensor.device
+
+        def __enter__(self):
+            active.append(self.device)
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            assert active == [torch.device(DEVICE)], "launch outside the device guard"
+            launched.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(common, "device_guard", Guard)
+    for name in ("_contrastive_fwd_kernel", "_contrastive_bwd_kernel"):
+        monkeypatch.setattr(kern, name, Spy(getattr(kern, name)))
+    img, txt = _features(9, 32)
+    ls = torch.tensor([1.0], device=DEVICE, requires_grad=True)
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    kern.fused_contrastive(a, b, ls)[0].backward()
+    assert len(launched) == 3 and len(entered) == 3
+
+
+def test_device_guard_selects_the_tensors_cuda_device(monkeypatch):
+    """device_guard(t) for a tensor on cuda:1 is torch.cuda.device(cuda:1) (mocked: no GPU)."""
+    from vlmo_fast.kernels import common
+    made = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: made.append(device) or "guard")
+
+    class OnCuda1:
+        device = torch.device("cuda", 1)
+
+    assert common.device_guard(OnCuda1()) == "guard" and made == [torch.device("cuda", 1)]
+    assert common.device_guard(torch.zeros(1)).__class__.__name__ == "nullcontext"
+
+
+@pytest.mark.gpu
+def test_gpu_second_device_while_current_is_first():
+    """Tensors on cuda:1 with cuda:0 current: same loss and gradients as on cuda:0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    img, txt = _features(300, 256, torch.bfloat16, device="cuda:0", match=1.0)
+    ls = torch.tensor(math.log(1 / 0.07), device="cuda:0")
+    on0 = _run(img, txt, ls, "triton")
+    torch.cuda.set_device(0)
+    on1 = _run(img.to("cuda:1"), txt.to("cuda:1"), ls.to("cuda:1"), "triton")
+    for key in ("loss", "img", "txt", "scale"):
+        torch.testing.assert_close(on1[key].to("cuda:0"), on0[key], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- 2-process gloo
 
 WORLD = 2
