@@ -282,54 +282,62 @@ def _interpreter_config(padded_d: int, backward: bool) -> BlockConfig:
                        (padded_d if resident else min(256, padded_d)) if backward else 0)
 
 
-def _forward_candidates(padded_d: int, fp32: bool) -> list:
-    """GPU configs in order of preference (H100 reasoning: large resident row blocks, Y tiles
-    streamed through stages); the first that fits the device's shared memory is used."""
+def _forward_candidates(padded_d: int, fp32: bool, arch: int) -> list:
+    """GPU configs in order of preference; the first whose shared memory fits the device is
+    used. All of them compile without register spills on the arches of the compile matrix
+    (benchmarks/results/compile-matrix.md): fp32 (3-pass TF32 splits both operands in
+    registers) streams D in 32-wide chunks instead of keeping the row block resident."""
     if fp32:
-        res = [BlockConfig(64, 64, padded_d, True, 8, 2), BlockConfig(64, 32, padded_d, True, 4, 2)] \
-            if padded_d <= 128 else []
-        return res + [BlockConfig(64, 64, 32, False, 8, 2)]
+        return [BlockConfig(64, 64, 32, False, 8, 2)] if arch >= 90 else \
+            [BlockConfig(64, 32, 32, False, 4, 2)]
+    res = []
     if padded_d <= 256:
-        res = [BlockConfig(128, 128 if padded_d <= 128 else 64, padded_d, True, 8, 3),
-               BlockConfig(128, 64, padded_d, True, 8, 2), BlockConfig(64, 64, padded_d, True, 4, 2)]
-    else:
-        res = []
-    return res + [BlockConfig(128, 64, 64, False, 8, 3), BlockConfig(64, 64, 64, False, 4, 2)]
+        # Row block (128 x D) resident; Y tiles stream through the stages.
+        res = [BlockConfig(128, 64, padded_d, True, 8, 3), BlockConfig(128, 64, padded_d, True, 8, 2),
+               BlockConfig(64, 64, padded_d, True, 4, 2)]
+    return res + [BlockConfig(128, 64, 64, False, 8, 3), BlockConfig(128, 64, 64, False, 8, 2),
+                  BlockConfig(64, 64, 64, False, 4, 2)]
 
 
-def _backward_candidates(padded_d: int, fp32: bool) -> list:
+def _backward_candidates(padded_d: int, fp32: bool, arch: int) -> list:
     """Like `_forward_candidates`. BLOCK_DO bounds the fp32 register accumulator
     [BLOCK_M, BLOCK_DO]; D > BLOCK_DO recomputes S once per output chunk."""
     if fp32:
-        # tf32x3 splits each operand in registers: smaller output chunks avoid spills.
-        res = [BlockConfig(64, 64, padded_d, True, 8, 2, padded_d)] if padded_d <= 128 else []
-        return res + [BlockConfig(64, 64, 32, False, 8, 2, 64), BlockConfig(32, 64, 32, False, 4, 2, 64)]
+        return [BlockConfig(64, 64, 32, False, 8, 2, 64)] if arch >= 90 else \
+            [BlockConfig(32, 64, 32, False, 4, 2, 64)]
+    res = []
     if padded_d <= 256:
-        res = [BlockConfig(128 if padded_d <= 128 else 64, 64, padded_d, True, 8, 2, padded_d),
+        # sm_90 keeps a 128-row block at D <= 128; mma.sync (sm_8x) spills there at 128 rows.
+        rows = 128 if (padded_d <= 128 and arch >= 90) else 64
+        res = [BlockConfig(rows, 64, padded_d, True, 8, 2, padded_d),
                BlockConfig(64, 32, padded_d, True, 4, 2, padded_d)]
-    else:
-        res = []
     return res + [BlockConfig(64, 64, 64, False, 8, 2, 256), BlockConfig(64, 32, 64, False, 4, 2, 128)]
 
 
-def estimate_shared_memory(cfg: BlockConfig, element_size: int, backward: bool) -> int:
-    """Upper estimate of a config's shared memory (bytes): pipelined operand tiles, the
-    resident row block, and an fp32 [BLOCK_M, BLOCK_N] tile for layout conversions. Checked
-    against the compiled kernels for sm_80/86/90 by tests/test_compile_matrix.py."""
+def estimate_shared_memory(cfg: BlockConfig, element_size: int, backward: bool, arch: int,
+                           fp32: bool = False) -> int:
+    """Upper estimate of a config's shared memory in bytes, per arch family: sm_90 (wgmma)
+    reads both operands from shared memory, sm_8x (mma.sync) keeps the resident row block in
+    registers but converts the fp32 S tile's layout through shared memory. The 3-pass TF32
+    split may hold hi/lo copies (x2). tests/test_compile_matrix.py checks every estimate
+    against the compiled kernel on sm_80/86/90."""
     m, n, k = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
     if cfg.RESIDENT:
-        operands = (m * k + cfg.num_stages * n * k) * element_size
+        operands = ((m * k if arch >= 90 else 0) + cfg.num_stages * n * k) * element_size
     else:
         operands = cfg.num_stages * (m + n) * k * element_size
     if backward:
-        # G (rounded to the input dtype) and the Y chunk feed the second GEMM.
-        operands += (m * n + n * (cfg.BLOCK_DO if not cfg.RESIDENT else 0)) * element_size
-    return operands + m * n * 4
+        # G (rounded to the input dtype) and, when D is chunked, the Y chunk feed the 2nd GEMM.
+        operands += (m * n + (0 if cfg.RESIDENT else n * cfg.BLOCK_DO)) * element_size
+    if fp32:
+        operands *= 2
+    scratch = m * n * 4 if arch < 90 else 0
+    return operands + scratch + 1024
 
 
-def _choose(candidates: list, element_size: int, backward: bool, shared_memory: int) -> BlockConfig:
+def _choose(candidates: list, element_size: int, backward: bool, facts, fp32: bool) -> BlockConfig:
     for cfg in candidates:
-        if estimate_shared_memory(cfg, element_size, backward) <= shared_memory:
+        if estimate_shared_memory(cfg, element_size, backward, facts.arch, fp32) <= facts.shared_memory:
             return cfg
     return candidates[-1]
 
@@ -339,8 +347,9 @@ def forward_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockCon
     facts = device_facts(device)
     if facts is None:
         return _interpreter_config(padded_d, backward=False)
-    return _choose(_forward_candidates(padded_d, dtype == torch.float32),
-                   torch.empty((), dtype=dtype).element_size(), False, facts.shared_memory)
+    fp32 = dtype == torch.float32
+    return _choose(_forward_candidates(padded_d, fp32, facts.arch),
+                   torch.empty((), dtype=dtype).element_size(), False, facts, fp32)
 
 
 def backward_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
@@ -348,8 +357,9 @@ def backward_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockCo
     facts = device_facts(device)
     if facts is None:
         return _interpreter_config(padded_d, backward=True)
-    return _choose(_backward_candidates(padded_d, dtype == torch.float32),
-                   torch.empty((), dtype=dtype).element_size(), True, facts.shared_memory)
+    fp32 = dtype == torch.float32
+    return _choose(_backward_candidates(padded_d, fp32, facts.arch),
+                   torch.empty((), dtype=dtype).element_size(), True, facts, fp32)
 
 
 def _program_budget(device: torch.device) -> int:

@@ -389,13 +389,32 @@ def _wgrad_configs() -> List[triton.Config]:
                      (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)])
 
 
+# fp32 inputs run the 3-pass TF32 split: both operands split into hi/lo parts in registers,
+# so tiles hold fewer accumulator registers per thread, and K steps are half as deep (the
+# same bytes per stage as the 16-bit configs).
+_FP32_TABLE = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3),
+               (32, 64, 32, 4, 3)]
+
+
+def _fp32_configs() -> List[triton.Config]:
+    return _configs(_FP32_TABLE)
+
+
+def _config_key(cfg: triton.Config) -> tuple:
+    kw = cfg.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
+
+
 # Register budget for the fp32 tiles one thread keeps live in a GEMM epilogue: accumulator
-# registers per thread x live tiles. Beyond 128 the 255-register file spills (measured by
-# tests/test_compile_matrix.py, table in benchmarks/results/compile-matrix.md).
-TILE_REGISTER_BUDGET = 128
+# registers per thread x live tiles. Beyond it the 255-register file spills (measured by the
+# compile matrix, benchmarks/results/compile-matrix.md): 128 for 16-bit inputs, 32 for the
+# 3-pass TF32 split (its hi/lo operand fragments take most of the rest). On sm_8x (mma.sync
+# keeps operand fragments in registers too) one accumulator may also hold at most 64.
+TILE_REGISTER_BUDGET = {"16bit": 128, "tf32x3": 32}
+SM8X_ACCUMULATOR_CAP = 64
 
 
-def _live_tiles(epilogue: int, recompute: bool) -> int:
+def _live_tiles(epilogue: int) -> int:
     """fp32 [BLOCK_M, BLOCK_N] tiles live at once in the epilogue: dGELU holds the gradient
     accumulator and H (a second accumulator when recomputed, a loaded tile otherwise); GELU
     holds H and GELU(H)."""
@@ -413,27 +432,30 @@ def _operand_smem(cfg: triton.Config, element_size: int) -> int:
     return cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
 
 
-def prune_gemm_configs(configs, arch: int, element_size: int, EPILOGUE=0, RECOMPUTE=False,
-                       **_) -> List[triton.Config]:
-    """Configs the autotuner may time for one grouped-GEMM variant on `arch`: no register
-    spills (epilogue tiles within TILE_REGISTER_BUDGET), operand tiles within the arch's shared
-    memory. Never empty (the smallest-footprint config stays)."""
+_KNOWN_ARCHS = (80, 86, 87, 89, 90, 100, 120)
+
+
+def _prune(configs, arch: int, element_size: int, live_tiles: int) -> List[triton.Config]:
+    fp32 = element_size == 4
+    fp32_keys = set(_FP32_TABLE)
+    pool = [c for c in configs if (_config_key(c) in fp32_keys) == fp32] or list(configs)
+    budget = TILE_REGISTER_BUDGET["tf32x3" if fp32 else "16bit"]
     limit = arch_facts(arch).shared_memory if arch in _KNOWN_ARCHS else 101376
-    tiles = _live_tiles(int(EPILOGUE), bool(RECOMPUTE))
-    kept = [c for c in configs
-            if _tile_registers(c) * tiles <= TILE_REGISTER_BUDGET
-            and _operand_smem(c, element_size) <= limit]
-    return kept or [min(configs, key=lambda c: (_tile_registers(c), _operand_smem(c, element_size)))]
+    cap = SM8X_ACCUMULATOR_CAP if arch < 90 else budget
+    kept = [c for c in pool if _tile_registers(c) * live_tiles <= budget
+            and _tile_registers(c) <= cap and _operand_smem(c, element_size) <= limit]
+    return kept or [min(pool, key=lambda c: (_tile_registers(c), _operand_smem(c, element_size)))]
+
+
+def prune_gemm_configs(configs, arch: int, element_size: int, EPILOGUE=0, **_) -> List[triton.Config]:
+    """Configs the autotuner may time for one grouped-GEMM variant on `arch`: the table for
+    the input width, no register spills (epilogue tiles within TILE_REGISTER_BUDGET), operand
+    tiles within the arch's shared memory. Never empty."""
+    return _prune(configs, arch, element_size, _live_tiles(int(EPILOGUE)))
 
 
 def prune_wgrad_configs(configs, arch: int, element_size: int, **_) -> List[triton.Config]:
-    limit = arch_facts(arch).shared_memory if arch in _KNOWN_ARCHS else 101376
-    kept = [c for c in configs if _tile_registers(c) <= TILE_REGISTER_BUDGET
-            and _operand_smem(c, element_size) <= limit]
-    return kept or [min(configs, key=lambda c: _operand_smem(c, element_size))]
-
-
-_KNOWN_ARCHS = (80, 86, 87, 89, 90, 100, 120)
+    return _prune(configs, arch, element_size, 1)
 
 
 def _autotune_prune(prune, tensor_arg: str):
@@ -460,11 +482,11 @@ if INTERPRET:
     _gemm = _grouped_gemm_kernel
     _wgrad = _grouped_wgrad_kernel
 else:
-    _gemm = triton.autotune(_gemm_configs(), key=["N", "K", "T_BUCKET", "EPILOGUE", "RECOMPUTE"],
+    _gemm = triton.autotune(_gemm_configs() + _fp32_configs(), key=["N", "K", "T_BUCKET", "EPILOGUE", "RECOMPUTE"],
                             prune_configs_by={"early_config_prune": _autotune_prune(
                                 prune_gemm_configs, "a_ptr")},
                             do_bench=_quick_bench, cache_results=True)(_grouped_gemm_kernel)
-    _wgrad = triton.autotune(_wgrad_configs(), key=["KD", "ND", "T_BUCKET"],
+    _wgrad = triton.autotune(_wgrad_configs() + _fp32_configs(), key=["KD", "ND", "T_BUCKET"],
                              prune_configs_by={"early_config_prune": _autotune_prune(
                                  prune_wgrad_configs, "x_ptr")},
                              do_bench=_quick_bench, cache_results=True)(_grouped_wgrad_kernel)

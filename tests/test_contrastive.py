@@ -244,20 +244,24 @@ def test_fused_op_under_torch_compile_fullgraph():
 
 def test_config_fits_the_device_shared_memory():
     """The launch config follows the device's opt-in shared memory: a 99 KB part (sm_86/89)
-    gets a config whose estimate fits, where an H100 keeps the large resident tiles.
+    gets a config whose estimate fits where an H100 keeps larger resident tiles.
     tests/test_compile_matrix.py checks the estimates against the compiled kernels."""
     from vlmo_fast.kernels import common, contrastive as kern
+    chosen = {}
     for arch in (80, 86, 90):
         facts = common.arch_facts(arch)
         with common.offline_target(facts):
             for d, dtype in ((256, torch.bfloat16), (128, torch.float32), (768, torch.float16)):
                 size = torch.empty((), dtype=dtype).element_size()
+                fp32 = dtype == torch.float32
                 fwd = kern.forward_config(d, dtype, torch.device("meta"))
                 bwd = kern.backward_config(d, dtype, torch.device("meta"))
-                assert kern.estimate_shared_memory(fwd, size, False) <= facts.shared_memory
-                assert kern.estimate_shared_memory(bwd, size, True) <= facts.shared_memory
-    big = kern._forward_candidates(256, False)[0]
-    assert kern.estimate_shared_memory(big, 2, False) > common.arch_facts(86).shared_memory
+                assert kern.estimate_shared_memory(fwd, size, False, arch, fp32) <= facts.shared_memory
+                assert kern.estimate_shared_memory(bwd, size, True, arch, fp32) <= facts.shared_memory
+                chosen[arch, d, dtype] = fwd
+    # bf16 D=256: three stages of resident tiles on H100, fewer on the 99 KB part.
+    assert chosen[90, 256, torch.bfloat16].num_stages == 3 and chosen[90, 256, torch.bfloat16].RESIDENT
+    assert chosen[86, 256, torch.bfloat16] != chosen[90, 256, torch.bfloat16]
 
 
 def test_launches_enter_the_tensors_device(monkeypatch):
