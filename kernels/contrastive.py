@@ -318,9 +318,9 @@ def estimate_shared_memory(cfg: BlockConfig, element_size: int, backward: bool, 
                            fp32: bool = False) -> int:
     """Upper estimate of a config's shared memory in bytes, per arch family: sm_90 (wgmma)
     reads both operands from shared memory, sm_8x (mma.sync) keeps the resident row block in
-    registers but converts the fp32 S tile's layout through shared memory. The 3-pass TF32
-    split may hold hi/lo copies (x2). tests/test_compile_matrix.py checks every estimate
-    against the compiled kernel on sm_80/86/90."""
+    registers but converts the fp32 S tile's layout through shared memory; the 3-pass TF32
+    split stages part of its hi/lo copies (x1.5). tests/test_compile_matrix.py checks every
+    estimate against the compiled kernel on sm_80/86/90."""
     m, n, k = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
     if cfg.RESIDENT:
         operands = ((m * k if arch >= 90 else 0) + cfg.num_stages * n * k) * element_size
@@ -330,7 +330,7 @@ def estimate_shared_memory(cfg: BlockConfig, element_size: int, backward: bool, 
         # G (rounded to the input dtype) and, when D is chunked, the Y chunk feed the 2nd GEMM.
         operands += (m * n + (0 if cfg.RESIDENT else n * cfg.BLOCK_DO)) * element_size
     if fp32:
-        operands *= 2
+        operands += operands // 2
     scratch = m * n * 4 if arch < 90 else 0
     return operands + scratch + 1024
 
