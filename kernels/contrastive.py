@@ -177,7 +177,7 @@ def _contrastive_fwd_kernel(
 def _contrastive_bwd_kernel(
         x_ptr, y_ptr, logit_scale_ptr, x_lse_ptr, y_lse_ptr, x_weight_ptr, y_weight_ptr,
         grad_bound_ptr, dx_ptr, dscale_part_ptr,
-        n_x, n_y, D, stride_x, stride_y, stride_dx, target_offset,
+        n_x, n_y, D, stride_x, stride_y, stride_dx, stride_split, target_offset, cols_per_split,
         SAFE_SPAN: tl.constexpr, FP32_INPUTS: tl.constexpr, EMULATE_DOT: tl.constexpr,
         COMPUTE_DSCALE: tl.constexpr, SCALE_G: tl.constexpr, RESIDENT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -185,9 +185,14 @@ def _contrastive_bwd_kernel(
     """RESIDENT: one program covers all of D (BLOCK_K == BLOCK_DO >= D): the row block is
     loaded once and each column tile of Y is loaded once for both S and dX += G @ Y.
     Otherwise the program owns the output features [pid_d * BLOCK_DO, ...) and S is recomputed
-    by a loop over D (once per output chunk)."""
+    by a loop over D (once per output chunk). Programs along axis 2 split the columns (few
+    rows, e.g. one rank's local batch): each writes fp32 partial dX at pid_s * stride_split,
+    summed in a fixed order by the launcher."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    col_begin = pid_s * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_y)
     scale = tl.exp(tl.load(logit_scale_ptr).to(tl.float32))
     scale2 = scale * LOG2E
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -210,9 +215,9 @@ def _contrastive_bwd_kernel(
         g_scale = tl.where(bound > 0, tl.exp2(tl.floor(tl.log2(16384.0 / bound))), 1.0)
     if RESIDENT:
         x_block = _load_rows(x_ptr, offs_m, n_x, stride_x, tl.arange(0, BLOCK_K), D)
-    for col0 in range(0, n_y, BLOCK_N):
+    for col0 in range(col_begin, col_end, BLOCK_N):
         offs_n = col0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < n_y
+        col_ok = offs_n < col_end
         valid = row_ok[:, None] & col_ok[None, :]
         if RESIDENT:
             y_chunk = _load_rows(y_ptr, offs_n, n_y, stride_y, tl.arange(0, BLOCK_K), D)
@@ -247,11 +252,13 @@ def _contrastive_bwd_kernel(
             g = g * g_scale
         acc = _mma(g.to(y_chunk.dtype), y_chunk, acc, FP32_INPUTS, EMULATE_DOT)
     dx = acc * (scale / g_scale)
-    tl.store(dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dx + offs_do[None, :],
+    tl.store(dx_ptr + pid_s.to(tl.int64) * stride_split
+             + offs_m.to(tl.int64)[:, None] * stride_dx + offs_do[None, :],
              dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & do_ok[None, :])
     if COMPUTE_DSCALE:
         if pid_d == 0:
-            tl.store(dscale_part_ptr + pid_m, tl.sum(dscale_acc, axis=0) * LN2)
+            tl.store(dscale_part_ptr + pid_s * tl.num_programs(0) + pid_m,
+                     tl.sum(dscale_acc, axis=0) * LN2)
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -442,19 +449,34 @@ def contrastive_forward(x: Tensor, y: Tensor, logit_scale: Tensor, target_offset
 def contrastive_backward_operand(x: Tensor, y: Tensor, logit_scale: Tensor, x_lse: Tensor,
                                  y_lse: Tensor, x_weight: Tensor, y_weight: Tensor,
                                  target_offset: int = 0, compute_dscale: bool = False,
-                                 out_dtype: Optional[torch.dtype] = None
+                                 out_dtype: Optional[torch.dtype] = None,
+                                 max_programs: Optional[int] = None
                                  ) -> Tuple[Tensor, Optional[Tensor]]:
     """dX = exp(logit_scale) * G @ Y with G = dL/dS recomputed tile by tile from the final
     LSEs (natural units) and the per-row / per-column loss weights; optionally also
-    dL/dlogit_scale = sum(G * S) (an fp32 0-d tensor). dX has x's dtype unless out_dtype."""
+    dL/dlogit_scale = sum(G * S) (an fp32 0-d tensor). dX has x's dtype unless out_dtype.
+    When the row blocks alone would leave SMs idle (n small against m, as for one rank's
+    rows against the global batch), the columns are split across programs too."""
     _check_operands(x, y, logit_scale)
     n, D = x.shape
     m = y.shape[0]
     dev = x.device
     cfg = backward_config(D, x.dtype, dev)
-    dx = torch.empty(x.shape, device=dev, dtype=out_dtype or x.dtype)
+    out_dtype = out_dtype or x.dtype
     row_blocks = triton.cdiv(n, cfg.BLOCK_M)
-    dscale_part = torch.zeros(row_blocks, device=dev, dtype=torch.float32)
+    d_chunks = triton.cdiv(D, cfg.BLOCK_DO)
+    col_tiles = triton.cdiv(m, cfg.BLOCK_N)
+    budget = max_programs or _program_budget(dev)
+    splits_wanted = max(1, min(col_tiles, budget // (row_blocks * d_chunks)))
+    tiles_per_split = triton.cdiv(col_tiles, splits_wanted)
+    splits = triton.cdiv(col_tiles, tiles_per_split)
+    if splits > 1:
+        dx = torch.empty((splits, n, D), device=dev, dtype=torch.float32)
+        stride_split, stride_dx = dx.stride(0), dx.stride(1)
+    else:
+        dx = torch.empty(x.shape, device=dev, dtype=out_dtype)
+        stride_split, stride_dx = 0, dx.stride(0)
+    dscale_part = torch.zeros(splits * row_blocks, device=dev, dtype=torch.float32)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     x_weight, y_weight = f32(x_weight), f32(y_weight)
     scale_g = x.dtype == torch.float16
@@ -462,12 +484,15 @@ def contrastive_backward_operand(x: Tensor, y: Tensor, logit_scale: Tensor, x_ls
     grad_bound = ((x_weight.abs().amax() + y_weight.abs().amax()).reshape(1) if scale_g
                   else dscale_part)
     ls = logit_scale.detach().reshape(1).to(torch.float32)
-    launch(_contrastive_bwd_kernel, (row_blocks, triton.cdiv(D, cfg.BLOCK_DO)),
+    launch(_contrastive_bwd_kernel, (row_blocks, d_chunks, splits),
            x, y, ls, f32(x_lse), f32(y_lse), x_weight, y_weight, grad_bound, dx, dscale_part,
-           n, m, D, x.stride(0), y.stride(0), dx.stride(0), target_offset,
+           n, m, D, x.stride(0), y.stride(0), stride_dx, stride_split, target_offset,
+           tiles_per_split * cfg.BLOCK_N,
            SAFE_SPAN=SAFE_SPAN2, FP32_INPUTS=x.dtype == torch.float32,
            EMULATE_DOT=triton_interpret(), COMPUTE_DSCALE=compute_dscale, SCALE_G=scale_g,
            **cfg.meta())
+    if splits > 1:
+        dx = dx.sum(0).to(out_dtype)  # fixed-order reduction: deterministic
     return dx, (dscale_part.sum() if compute_dscale else None)
 
 

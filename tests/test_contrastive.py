@@ -141,6 +141,36 @@ def test_forward_partials_any_program_split(max_programs):
     torch.testing.assert_close(out.diag.double(), s[rows, rows + 35], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_programs", [1, 64])
+def test_backward_column_split_matches_float64(max_programs):
+    """Few rows against many columns (one rank's view): with spare programs the backward
+    splits the columns and sums fp32 partials in a fixed order; either way dX and
+    d(logit_scale) equal the float64 gradient of the rows' and columns' terms."""
+    from vlmo_fast.kernels import contrastive as kern
+    x, _ = _features(20, 32, seed=1)
+    _, y = _features(90, 32, seed=2)
+    ls = torch.tensor(math.log(20.0), device=DEVICE)
+    offset = 30
+    x64 = x.double().requires_grad_()
+    s64 = ls.double().exp().requires_grad_()
+    s = s64 * x64 @ y.double().t()
+    rows = torch.arange(20)
+    row_w = torch.rand(20, dtype=torch.float64) + 0.5
+    col_w = torch.rand(90, dtype=torch.float64) + 0.5
+    # sum_i w_i (LSE_row_i - S_i,t(i)) + sum_j w_j (LSE_col_j(over these rows) - S_t^-1(j),j)
+    cols_hit = rows + offset
+    loss = (row_w * (s.logsumexp(1) - s[rows, cols_hit])).sum() \
+        + (col_w * s.logsumexp(0)).sum() - (col_w[cols_hit] * s[rows, cols_hit]).sum()
+    loss.backward()
+    stats = kern.contrastive_forward(x, y, ls, target_offset=offset)
+    dx, dscale = kern.contrastive_backward_operand(
+        x, y, ls, stats.row_lse, stats.col_lse, row_w.float(), col_w.float(),
+        target_offset=offset, compute_dscale=True, max_programs=max_programs)
+    torch.testing.assert_close(dx.double(), x64.grad, atol=1e-5, rtol=1e-4)
+    # d/dlogit_scale = scale * dL/dscale
+    torch.testing.assert_close(dscale.double(), s64.grad * s64.detach(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_accuracy_outputs(backend):
     img, txt = _features(48, 32, match=0.9, seed=3)  # partly matched: accuracy strictly in (0, 1)
