@@ -20,6 +20,16 @@ per-column loss weights w (upstream gradient / 2N),
   dL/dS_ij = w_row_i (softmax_row_ij - [j is target of i]) + w_col_j (softmax_col_ij - [...]),
 which is symmetric in the two roles, so one kernel serves both gradients.
 
+Layers: kernels -> launch configs (BlockConfig chosen from the device's opt-in shared memory,
+per arch family) -> launchers (contrastive_forward -> ForwardStats, contrastive_backward_operand;
+every launch through common.launch, inside the tensors' CUDA device) -> the two passes as
+torch.library custom ops (vlmo_fast::contrastive_fwd/bwd, with fake implementations) ->
+ContrastiveFunction (autograd; single process or a rank of a process group) ->
+fused_contrastive (what vlmo_fast.losses.contrastive calls) -> compile_for (offline compile).
+
+fp16: the gradient tile G is rounded to the input dtype for the second GEMM; fp16's exponent
+range would flush G ~ 1e-9 (N = 32k) to zero, so it is scaled by a power of two first.
+
 Numerical safety (logit scales of 100 and beyond): a tile whose statistics span less than
 SAFE_SPAN2 (in log2 units) needs ONE exponential per element for both directions, because
 exp2(S2 - peak) with a tile-wide shift can neither overflow nor lose a term that matters; a

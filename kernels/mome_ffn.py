@@ -16,9 +16,20 @@ sum_e ceil(count_e/BLOCK_M) that needs no host sync) and each program finds its 
 row range from `offsets` (E scalar loads); programs past the last real tile return at once.
 Because the tile map is derived in the kernel, BLOCK_M can be autotuned freely.
 
+Layers of this file: kernels -> launch configs (autotune tables pruned per arch: no config
+that spills or overflows shared memory is ever timed) -> launchers (route, gather_layernorm,
+grouped_gemm, ...; every launch through common.launch, inside the tensors' CUDA device) ->
+the forward and backward passes as torch.library custom ops (vlmo_fast::mome_ffn_fwd/bwd, with
+fake implementations, so torch.compile(fullgraph=True) traces through them) -> MoMEFFNFunction
+(autograd) -> mome_ffn_triton (the entry point vlmo_fast.mome forwards to) -> compile_for
+(offline compile of exactly what the launchers launch, for the compile matrix).
+
 Triton APIs used exist in 3.6 and 3.8: tl.dot(acc=, input_precision=), tl.erf, tl.cumsum,
-masked loads/stores, triton.autotune. With TRITON_INTERPRET=1 the kernels run on the CPU
-(tests) with fixed small blocks; on CUDA the GEMMs are autotuned.
+constexpr globals, masked loads/stores, triton.autotune(prune_configs_by=). Offline
+compiling (compile_for) uses 3.8 internals and runs only where the compile matrix runs. With
+TRITON_INTERPRET=1 the kernels run on the CPU (tests) with fixed small blocks; on CUDA the
+GEMMs are autotuned. fp32 inputs use the 3-pass TF32 split on tensor cores (~fp32 accuracy;
+plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set).
 """
 from __future__ import annotations
 
