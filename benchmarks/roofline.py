@@ -53,7 +53,7 @@ TC_EFFICIENCY = {"A100": 0.80, "H100": 0.70}   # Triton GEMM tiles vs peak (no T
 BW_EFFICIENCY = 0.85
 OVERLAP = 0.5          # fraction of the smaller of (tensor, ALU+SFU) time hidden under the larger
 LAUNCH_US = 3.0        # per launch (device side gap between dependent kernels)
-SERIAL_BLOCK_US = 1.0  # one dependent iteration of a single-program loop (routing)
+SERIAL_BLOCK_US = 1.0  # one dependent load-and-reduce step inside a program (routing)
 
 
 @dataclass
@@ -146,7 +146,8 @@ def mome_kernels(counts: List[int], d: int, h: int, dtype: str = "bf16", recompu
     gemm = 2.0 * t * d * h
     gelu_ops = 20.0  # erf + mul/add per element (ALU)
     fwd = [
-        Kernel("route", bytes=t * (8 * 2 + 4), serial_steps=2 * math.ceil(t / 1024)),
+        Kernel("route_count", bytes=t * 8.0, serial_steps=1),
+        Kernel("route_scatter", bytes=t * (8.0 + 4), serial_steps=1 + math.ceil(t / 1024 / 128)),
         Kernel("gather_ln", bytes=t * d * el * 2 + e * d * el * 2, alu_ops=t * d * 10.0),
         Kernel("fc1_gelu", gemm, prec, bytes=t * d * el + e * d * h * el + t * h * el * (1 if recompute else 2),
                alu_ops=t * h * gelu_ops, tiles=_gemm_tiles(counts, h)),

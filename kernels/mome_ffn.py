@@ -3,7 +3,7 @@
 Data flow (T tokens, E <= 3 experts, hidden d, inner h; "sorted" = grouped by expert):
 
   forward                                           backward
-  route        ids -> perm, offsets  (1 program)    gather_grad  dOut -> dY (sorted, scaled), dgamma
+  route        ids -> perm, offsets  (2 launches)   gather_grad  dOut -> dY (sorted, scaled), dgamma
   gather_ln    x[perm] -> z, mean, rstd             wgrad        dW2, db2 = A_e^T dY_e, sum dY_e
   gemm GELU    z @ W1[e] + b1 -> H (opt), A         gemm DGELU   dH = (dY @ W2[e]^T) * gelu'(H)
   gemm RESID   out[perm] = x + s * (A @ W2[e] + b2) wgrad        dW1, db1 = z_e^T dH_e, sum dH_e
@@ -86,32 +86,46 @@ def _expert_of_rows(rows, offsets_ptr, NUM_EXPERTS: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------
-# Routing: a stable counting sort in one program (E <= a few, so the histogram is a vector).
+# Routing: a stable counting sort over many programs, in two launches. Each program owns
+# BLOCK consecutive tokens: the first kernel writes its per-expert counts, the second finds
+# its tokens' slots from the counts of all blocks (expert starts) and of the blocks before it
+# (its base within each expert), plus the rank inside the block: stable and deterministic.
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _route_kernel(ids_ptr, perm_ptr, offsets_ptr, T,
-                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _route_count_kernel(ids_ptr, counts_ptr, T, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
-    # Pass 1: histogram.
-    counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, T, BLOCK):
-        tok = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    ends = tl.cumsum(counts, axis=0)
-    tl.store(offsets_ptr + 1 + experts, ends, mask=experts < NUM_EXPERTS)
-    tl.store(offsets_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32), mask=experts == 0)
-    # Pass 2: each token's slot = its expert's start + how many earlier tokens share the
-    # expert (exclusive scan inside the block + a running count across blocks): stable.
-    next_slot = ends - counts
-    for start in range(0, T, BLOCK):
-        tok = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-        rank = tl.cumsum(onehot, axis=0) - onehot
-        slot = tl.sum(onehot * (next_slot[None, :] + rank), axis=1)
-        tl.store(perm_ptr + slot, tok, mask=tok < T)
-        next_slot += tl.sum(onehot, axis=0)
+    tok = pid * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
+    counts = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + pid * E_PAD + experts, counts)
+
+
+@triton.jit
+def _route_scatter_kernel(ids_ptr, counts_ptr, perm_ptr, offsets_ptr, T, num_blocks,
+                          NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                          SCAN: tl.constexpr):
+    pid = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    before = tl.zeros([E_PAD], dtype=tl.int32)
+    for b0 in range(0, num_blocks, SCAN):  # SCAN blocks' counts per step
+        blocks = b0 + tl.arange(0, SCAN)
+        c = tl.load(counts_ptr + blocks[:, None] * E_PAD + experts[None, :],
+                    mask=(blocks < num_blocks)[:, None], other=0)
+        total += tl.sum(c, axis=0)
+        before += tl.sum(tl.where((blocks < pid)[:, None], c, 0), axis=0)
+    ends = tl.cumsum(total, axis=0)
+    if pid == 0:
+        tl.store(offsets_ptr + 1 + experts, ends, mask=experts < NUM_EXPERTS)
+        tl.store(offsets_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32), mask=experts == 0)
+    base = ends - total + before
+    tok = pid * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+    rank = tl.cumsum(onehot, axis=0) - onehot
+    slot = tl.sum(onehot * (base[None, :] + rank), axis=1)
+    tl.store(perm_ptr + slot, tok, mask=tok < T)
 
 
 # --------------------------------------------------------------------------------------
@@ -534,14 +548,25 @@ def _row_warps(block_d: int) -> int:
 # Host-side launchers (shape bookkeeping only; no device->host reads). Each launch goes
 # through common.launch, which enters the tensors' CUDA device.
 # --------------------------------------------------------------------------------------
+# Tokens per routing program: large enough that the counts stay a small buffer (T / 1024
+# blocks x E_PAD), small enough to spread T = 16k over 16 SMs instead of one.
+ROUTE_BLOCK = 1024
+ROUTE_SCAN = 128     # block counts read per step when a program sums the counts before it
+
+
 def route(ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
     """Stable counting sort of flat ids [T] -> (perm [T] int32, offsets [E+1] int32)."""
     t = ids.numel()
     perm = torch.empty(t, dtype=torch.int32, device=ids.device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
-    block = 128 if INTERPRET else 1024
-    launch(_route_kernel, (1,), ids, perm, offsets, t, NUM_EXPERTS=num_experts,
-           E_PAD=max(2, triton.next_power_of_2(num_experts)), BLOCK=block, num_warps=4)
+    block = 128 if INTERPRET else ROUTE_BLOCK
+    e_pad = max(2, triton.next_power_of_2(num_experts))
+    blocks = max(1, triton.cdiv(t, block))
+    counts = torch.empty((blocks, e_pad), dtype=torch.int32, device=ids.device)
+    launch(_route_count_kernel, (blocks,), ids, counts, t, E_PAD=e_pad, BLOCK=block, num_warps=4)
+    launch(_route_scatter_kernel, (blocks,), ids, counts, perm, offsets, t, blocks,
+           NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK=block,
+           SCAN=16 if INTERPRET else ROUTE_SCAN, num_warps=4)
     return perm, offsets
 
 
