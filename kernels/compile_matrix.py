@@ -81,7 +81,8 @@ def cuda_rows(archs=(80, 90)) -> List[Row]:
     src = os.path.join(root, "csrc", "hard_negatives_cuda.cu")
     if not os.path.exists(src) or not os.path.exists(nvcc):
         return []
-    from torch.utils.cpp_extension import include_paths
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    includes = [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include")]
     with open(src, "rb") as f:
         text = f.read()
     with open(os.path.join(root, "csrc", "hard_negatives.h"), "rb") as f:
@@ -97,7 +98,7 @@ def cuda_rows(archs=(80, 90)) -> List[Row]:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), "-std=c++20", "-O3",
                    "--use_fast_math", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C",
-                   *(f"-I{p}" for p in include_paths()), *gencode]
+                   *(f"-I{p}" for p in includes), *gencode]
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError("nvcc failed:\n" + proc.stderr[-4000:])
@@ -137,12 +138,14 @@ def parse_ptxas_log(log: str) -> List[Row]:
 
 
 def _demangle(name: str) -> str:
+    """gumbel_argmax_rows<c10::BFloat16> from the mangled entry name (c++filt)."""
     try:
         out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
-        return re.sub(r"\(.*", "", out).replace("vlmo_fast::hardneg::", "").replace(
-            "(anonymous namespace)::", "") or name
     except OSError:
         return name
+    out = out.replace("(anonymous namespace)::", "").replace("vlmo_fast::hardneg::", "")
+    out = out.split("(", 1)[0]
+    return out[5:] if out.startswith("void ") else (out or name)
 
 
 def run(full: bool) -> List[Row]:
