@@ -352,31 +352,53 @@ def estimate_shared_memory(cfg: BlockConfig, element_size: int, backward: bool, 
     return operands + scratch + 1024
 
 
-def _choose(candidates: list, element_size: int, backward: bool, facts, fp32: bool) -> BlockConfig:
-    for cfg in candidates:
-        if estimate_shared_memory(cfg, element_size, backward, facts.arch, fp32) <= facts.shared_memory:
-            return cfg
-    return candidates[-1]
+# Configs a device rejected at launch (OutOfResources: the estimate was wrong for an arch the
+# compile matrix does not cover): (device, backward, padded D, dtype) -> how many to skip.
+_REJECTED: dict = {}
+
+
+def _configs(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> list:
+    """Configs to try in order: the candidates whose estimated shared memory fits the
+    device, then the rest (smallest last), minus any the device already rejected."""
+    padded_d = max(16, triton.next_power_of_2(D))
+    facts = device_facts(device)
+    if facts is None:
+        return [_interpreter_config(padded_d, backward)]
+    fp32 = dtype == torch.float32
+    candidates = (_backward_candidates if backward else _forward_candidates)(padded_d, fp32, facts.arch)
+    size = torch.empty((), dtype=dtype).element_size()
+    fits = [c for c in candidates
+            if estimate_shared_memory(c, size, backward, facts.arch, fp32) <= facts.shared_memory]
+    ordered = fits + [c for c in candidates if c not in fits]
+    skip = _REJECTED.get((str(device), backward, padded_d, dtype), 0)
+    return ordered[min(skip, len(ordered) - 1):]
+
+
+def _reject(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> None:
+    key = (str(device), backward, max(16, triton.next_power_of_2(D)), dtype)
+    _REJECTED[key] = _REJECTED.get(key, 0) + 1
 
 
 def forward_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
-    padded_d = max(16, triton.next_power_of_2(D))
-    facts = device_facts(device)
-    if facts is None:
-        return _interpreter_config(padded_d, backward=False)
-    fp32 = dtype == torch.float32
-    return _choose(_forward_candidates(padded_d, fp32, facts.arch),
-                   torch.empty((), dtype=dtype).element_size(), False, facts, fp32)
+    return _configs(D, dtype, device, backward=False)[0]
 
 
 def backward_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
-    padded_d = max(16, triton.next_power_of_2(D))
-    facts = device_facts(device)
-    if facts is None:
-        return _interpreter_config(padded_d, backward=True)
-    fp32 = dtype == torch.float32
-    return _choose(_backward_candidates(padded_d, fp32, facts.arch),
-                   torch.empty((), dtype=dtype).element_size(), True, facts, fp32)
+    return _configs(D, dtype, device, backward=True)[0]
+
+
+def _with_fallback(run, D: int, dtype: torch.dtype, device: torch.device, backward: bool):
+    """run(cfg) with the preferred config; if the device refuses it (shared memory beyond its
+    limit), remember that and run with the next one."""
+    from triton.runtime.errors import OutOfResources
+    configs = _configs(D, dtype, device, backward)
+    for i, cfg in enumerate(configs):
+        try:
+            return run(cfg)
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            _reject(D, dtype, device, backward)
 
 
 def _program_budget(device: torch.device) -> int:
@@ -422,10 +444,16 @@ def contrastive_forward(x: Tensor, y: Tensor, logit_scale: Tensor, target_offset
                         track_max: bool = False, max_programs: Optional[int] = None) -> ForwardStats:
     """One pass over S = exp(logit_scale) X Y^T (see the module docstring)."""
     _check_operands(x, y, logit_scale)
+    return _with_fallback(lambda cfg: _forward(x, y, logit_scale, target_offset, track_max,
+                                               max_programs, cfg),
+                          x.shape[1], x.dtype, x.device, backward=False)
+
+
+def _forward(x: Tensor, y: Tensor, logit_scale: Tensor, target_offset: int, track_max: bool,
+             max_programs: Optional[int], cfg: BlockConfig) -> ForwardStats:
     n, D = x.shape
     m = y.shape[0]
     dev = x.device
-    cfg = forward_config(D, x.dtype, dev)
     budget = max_programs or _program_budget(dev)
     row_blocks = triton.cdiv(n, cfg.BLOCK_M)
     col_tiles = triton.cdiv(m, cfg.BLOCK_N)
@@ -468,10 +496,18 @@ def contrastive_backward_operand(x: Tensor, y: Tensor, logit_scale: Tensor, x_ls
     When the row blocks alone would leave SMs idle (n small against m, as for one rank's
     rows against the global batch), the columns are split across programs too."""
     _check_operands(x, y, logit_scale)
+    return _with_fallback(lambda cfg: _backward(x, y, logit_scale, x_lse, y_lse, x_weight, y_weight,
+                                                target_offset, compute_dscale, out_dtype,
+                                                max_programs, cfg),
+                          x.shape[1], x.dtype, x.device, backward=True)
+
+
+def _backward(x, y, logit_scale, x_lse, y_lse, x_weight, y_weight, target_offset: int,
+              compute_dscale: bool, out_dtype: Optional[torch.dtype], max_programs: Optional[int],
+              cfg: BlockConfig) -> Tuple[Tensor, Optional[Tensor]]:
     n, D = x.shape
     m = y.shape[0]
     dev = x.device
-    cfg = backward_config(D, x.dtype, dev)
     out_dtype = out_dtype or x.dtype
     row_blocks = triton.cdiv(n, cfg.BLOCK_M)
     d_chunks = triton.cdiv(D, cfg.BLOCK_DO)

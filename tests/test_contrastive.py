@@ -294,6 +294,36 @@ def test_config_fits_the_device_shared_memory():
     assert chosen[86, 256, torch.bfloat16] != chosen[90, 256, torch.bfloat16]
 
 
+def test_config_rejected_by_the_device_falls_back(monkeypatch):
+    """If a device refuses a config at launch (OutOfResources: shared memory on an arch the
+    compile matrix does not cover), the launcher remembers it and uses the next candidate;
+    results are unchanged."""
+    from triton.runtime.errors import OutOfResources
+    from vlmo_fast.kernels import common, contrastive as kern
+    img, txt = _features(24, 32, torch.bfloat16, match=0.5)  # 16-bit: 128-row configs first
+    ls = torch.tensor([math.log(20.0)], device=DEVICE)
+    want = kern.contrastive_forward(img, txt, ls)
+    tried = []
+    real_launch = common.launch
+
+    def picky_launch(kernel, grid, *args, **meta):
+        tried.append(meta["BLOCK_M"])
+        if meta["BLOCK_M"] == 128:  # this "device" refuses the 128-row tiles
+            raise OutOfResources(200000, 101376, "shared memory")
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(kern, "launch", picky_launch)
+    monkeypatch.setattr(kern, "_REJECTED", {})
+    with common.offline_target(common.arch_facts(90)):  # GPU configs, run by the interpreter
+        got = kern.contrastive_forward(img, txt, ls)
+        again = kern.contrastive_forward(img, txt, ls)
+    # Two 128-row candidates refused, then the 64-row one; the second call starts there.
+    assert tried == [128, 128, 64, 64]
+    for a, b, c in zip(got, again, want):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5)
+
+
 def test_launches_enter_the_tensors_device(monkeypatch):
     """Every kernel launch of forward and both backward operands runs inside the device
     guard of its tensors (on CUDA: torch.cuda.device(tensor.device))."""
