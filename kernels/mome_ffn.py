@@ -3,7 +3,7 @@
 Data flow (T tokens, E <= 3 experts, hidden d, inner h; "sorted" = grouped by expert):
 
   forward                                           backward
-  route        ids -> perm, offsets  (1 program)    gather_grad  dOut -> dY (sorted, scaled), dgamma
+  route        ids -> perm, offsets  (2 launches)   gather_grad  dOut -> dY (sorted, scaled), dgamma
   gather_ln    x[perm] -> z, mean, rstd             wgrad        dW2, db2 = A_e^T dY_e, sum dY_e
   gemm GELU    z @ W1[e] + b1 -> H (opt), A         gemm DGELU   dH = (dY @ W2[e]^T) * gelu'(H)
   gemm RESID   out[perm] = x + s * (A @ W2[e] + b2) wgrad        dW1, db1 = z_e^T dH_e, sum dH_e
@@ -16,30 +16,43 @@ sum_e ceil(count_e/BLOCK_M) that needs no host sync) and each program finds its 
 row range from `offsets` (E scalar loads); programs past the last real tile return at once.
 Because the tile map is derived in the kernel, BLOCK_M can be autotuned freely.
 
+Layers of this file: kernels -> launch configs (autotune tables pruned per arch: no config
+that spills or overflows shared memory is ever timed) -> launchers (route, gather_layernorm,
+grouped_gemm, ...; every launch through common.launch, inside the tensors' CUDA device) ->
+the forward and backward passes as torch.library custom ops (vlmo_fast::mome_ffn_fwd/bwd, with
+fake implementations, so torch.compile(fullgraph=True) traces through them) -> MoMEFFNFunction
+(autograd) -> mome_ffn_triton (the entry point vlmo_fast.mome forwards to) -> compile_for
+(offline compile of exactly what the launchers launch, for the compile matrix).
+
 Triton APIs used exist in 3.6 and 3.8: tl.dot(acc=, input_precision=), tl.erf, tl.cumsum,
-masked loads/stores, triton.autotune. With TRITON_INTERPRET=1 the kernels run on the CPU
-(tests) with fixed small blocks; on CUDA the GEMMs are autotuned.
+constexpr globals, masked loads/stores, triton.autotune(prune_configs_by=). Offline
+compiling (compile_for) uses 3.8 internals and runs only where the compile matrix runs. With
+TRITON_INTERPRET=1 the kernels run on the CPU (tests) with fixed small blocks; on CUDA the
+GEMMs are autotuned. fp32 inputs use the 3-pass TF32 split on tensor cores (~fp32 accuracy;
+plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set).
 """
 from __future__ import annotations
 
 import math
-import os
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-
 from torch import Tensor
 
-# The interpreter is chosen when triton.jit decorates, i.e. at import time of this module.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from vlmo_fast.env import env_flag, triton_interpret
 
-# Epilogues of the grouped GEMM.
-EPI_PLAIN = 0      # C = acc
-EPI_GELU = 1       # H = acc + bias; C = gelu(H); optionally keep H
-EPI_DGELU = 2      # C = acc * gelu'(H), H kept from forward or recomputed in this kernel
-EPI_RESIDUAL = 3   # out[perm[p]] = x[perm[p]] + gamma * dps[perm[p]] * (acc + bias)
+from .common import arch_facts, compile_launch, device_facts, launch, record_launches
+
+# The interpreter is chosen when triton.jit decorates, i.e. at import time of this module.
+INTERPRET = triton_interpret()
+
+# Epilogues of the grouped GEMM (constexpr so the kernels compare against the names).
+EPI_PLAIN = tl.constexpr(0)      # C = acc
+EPI_GELU = tl.constexpr(1)       # H = acc + bias; C = gelu(H); optionally keep H
+EPI_DGELU = tl.constexpr(2)      # C = acc * gelu'(H), H kept from forward or recomputed here
+EPI_RESIDUAL = tl.constexpr(3)   # out[perm[p]] = x[perm[p]] + gamma * dps[perm[p]] * (acc + bias)
 
 
 # Exact (erf) GELU, as VLMo uses; constants are 1/sqrt(2) and 1/sqrt(2*pi).
@@ -73,32 +86,46 @@ def _expert_of_rows(rows, offsets_ptr, NUM_EXPERTS: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------
-# Routing: a stable counting sort in one program (E <= a few, so the histogram is a vector).
+# Routing: a stable counting sort over many programs, in two launches. Each program owns
+# BLOCK consecutive tokens: the first kernel writes its per-expert counts, the second finds
+# its tokens' slots from the counts of all blocks (expert starts) and of the blocks before it
+# (its base within each expert), plus the rank inside the block: stable and deterministic.
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _route_kernel(ids_ptr, perm_ptr, offsets_ptr, T,
-                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _route_count_kernel(ids_ptr, counts_ptr, T, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
-    # Pass 1: histogram.
-    counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, T, BLOCK):
-        tok = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    ends = tl.cumsum(counts, axis=0)
-    tl.store(offsets_ptr + 1 + experts, ends, mask=experts < NUM_EXPERTS)
-    tl.store(offsets_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32), mask=experts == 0)
-    # Pass 2: each token's slot = its expert's start + how many earlier tokens share the
-    # expert (exclusive scan inside the block + a running count across blocks): stable.
-    next_slot = ends - counts
-    for start in range(0, T, BLOCK):
-        tok = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-        rank = tl.cumsum(onehot, axis=0) - onehot
-        slot = tl.sum(onehot * (next_slot[None, :] + rank), axis=1)
-        tl.store(perm_ptr + slot, tok, mask=tok < T)
-        next_slot += tl.sum(onehot, axis=0)
+    tok = pid * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
+    counts = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + pid * E_PAD + experts, counts)
+
+
+@triton.jit
+def _route_scatter_kernel(ids_ptr, counts_ptr, perm_ptr, offsets_ptr, T, num_blocks,
+                          NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                          SCAN: tl.constexpr):
+    pid = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    before = tl.zeros([E_PAD], dtype=tl.int32)
+    for b0 in range(0, num_blocks, SCAN):  # SCAN blocks' counts per step
+        blocks = b0 + tl.arange(0, SCAN)
+        c = tl.load(counts_ptr + blocks[:, None] * E_PAD + experts[None, :],
+                    mask=(blocks < num_blocks)[:, None], other=0)
+        total += tl.sum(c, axis=0)
+        before += tl.sum(tl.where((blocks < pid)[:, None], c, 0), axis=0)
+    ends = tl.cumsum(total, axis=0)
+    if pid == 0:
+        tl.store(offsets_ptr + 1 + experts, ends, mask=experts < NUM_EXPERTS)
+        tl.store(offsets_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32), mask=experts == 0)
+    base = ends - total + before
+    tok = pid * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+    rank = tl.cumsum(onehot, axis=0) - onehot
+    slot = tl.sum(onehot * (base[None, :] + rank), axis=1)
+    tl.store(perm_ptr + slot, tok, mask=tok < T)
 
 
 # --------------------------------------------------------------------------------------
@@ -145,8 +172,11 @@ def _grouped_gemm_kernel(
         STORE_AUX: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_GAMMA: tl.constexpr,
         HAS_DPS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # One grid axis (x: up to 2^31 - 1 programs; y would cap row tiles at 65,535). Column
+    # tiles vary fastest, so programs running together share their row tile of A.
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // tiles_n
+    pid_n = tl.program_id(0) % tiles_n
     # Tile -> (expert, first row): walk the E groups' tile counts.
     expert = -1
     row_start = 0
@@ -186,17 +216,17 @@ def _grouped_gemm_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert64 * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if EPILOGUE == 0:  # EPI_PLAIN
+    if EPILOGUE == EPI_PLAIN:
         tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :],
                  acc.to(c_ptr.dtype.element_ty), mask=mask)
-    elif EPILOGUE == 1:  # EPI_GELU
+    elif EPILOGUE == EPI_GELU:
         h = acc + bias[None, :]
         if STORE_AUX:
             tl.store(aux_ptr + rows64[:, None] * stride_auxm + cols[None, :],
                      h.to(aux_ptr.dtype.element_ty), mask=mask)
         tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :],
                  _gelu(h).to(c_ptr.dtype.element_ty), mask=mask)
-    elif EPILOGUE == 2:  # EPI_DGELU
+    elif EPILOGUE == EPI_DGELU:
         if RECOMPUTE:
             # Second K loop over the same rows: H = z @ W1[e] + b1 (costs 2*T*d*h FLOPs,
             # saves writing and reading the T x h pre-activation).
@@ -367,31 +397,105 @@ def _ln_bwd_scatter_kernel(dz_ptr, x_ptr, dout_ptr, perm_ptr, offsets_ptr, w_ptr
 # --------------------------------------------------------------------------------------
 # Launch configuration.
 # --------------------------------------------------------------------------------------
-def _gemm_configs():
+def _configs(table) -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                          num_stages=stages) for bm, bn, bk, warps, stages in table]
+
+
+def _gemm_configs() -> List[triton.Config]:
     # H100 bf16: 128-row tiles for large groups, 64 for small token counts; 3-4 stages.
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-            (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
-            (128, 128, 32, 4, 4)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+    return _configs([(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                     (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
+                     (128, 128, 32, 4, 4)])
 
 
-def _wgrad_configs():
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-            (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+def _wgrad_configs() -> List[triton.Config]:
+    return _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+                     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)])
+
+
+# fp32 inputs run the 3-pass TF32 split: both operands split into hi/lo parts in registers,
+# so tiles hold fewer accumulator registers per thread, and K steps are half as deep (the
+# same bytes per stage as the 16-bit configs). 64x64 tiles take 8 warps: with 4, mma.sync
+# (sm_8x) reaches 255 registers and spills in the fp32-output epilogue.
+_FP32_TABLE = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (32, 64, 32, 4, 3)]
+
+
+def _fp32_configs() -> List[triton.Config]:
+    return _configs(_FP32_TABLE)
+
+
+def _config_key(cfg: triton.Config) -> tuple:
+    kw = cfg.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
+
+
+# Register budget for the fp32 tiles one thread keeps live in a GEMM epilogue: accumulator
+# registers per thread x live tiles. Beyond it the 255-register file spills (measured by the
+# compile matrix, benchmarks/results/compile-matrix.md): 128 for 16-bit inputs, 32 for the
+# 3-pass TF32 split (its hi/lo operand fragments take most of the rest). On sm_8x (mma.sync
+# keeps operand fragments in registers too) one accumulator may also hold at most 64.
+TILE_REGISTER_BUDGET = {"16bit": 128, "tf32x3": 32}
+SM8X_ACCUMULATOR_CAP = 64
+
+
+def _live_tiles(epilogue: int) -> int:
+    """fp32 [BLOCK_M, BLOCK_N] tiles live at once in the epilogue: dGELU holds the gradient
+    accumulator and H (a second accumulator when recomputed, a loaded tile otherwise); GELU
+    holds H and GELU(H)."""
+    return 2 if epilogue in (EPI_DGELU, EPI_GELU) else 1
+
+
+def _tile_registers(cfg: triton.Config) -> int:
+    kw = cfg.kwargs
+    return kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * cfg.num_warps)
+
+
+def _operand_smem(cfg: triton.Config, element_size: int) -> int:
+    """Shared memory of the pipelined A and B tiles (the dominant term)."""
+    kw = cfg.kwargs
+    return cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+
+
+_KNOWN_ARCHS = (80, 86, 87, 89, 90, 100, 120)
+
+
+def _prune(configs, arch: int, element_size: int, live_tiles: int) -> List[triton.Config]:
+    fp32 = element_size == 4
+    fp32_keys = set(_FP32_TABLE)
+    pool = [c for c in configs if (_config_key(c) in fp32_keys) == fp32] or list(configs)
+    budget = TILE_REGISTER_BUDGET["tf32x3" if fp32 else "16bit"]
+    limit = arch_facts(arch).shared_memory if arch in _KNOWN_ARCHS else 101376
+    cap = SM8X_ACCUMULATOR_CAP if arch < 90 else budget
+    kept = [c for c in pool if _tile_registers(c) * live_tiles <= budget
+            and _tile_registers(c) <= cap and _operand_smem(c, element_size) <= limit]
+    return kept or [min(pool, key=lambda c: (_tile_registers(c), _operand_smem(c, element_size)))]
+
+
+def prune_gemm_configs(configs, arch: int, element_size: int, EPILOGUE=0, **_) -> List[triton.Config]:
+    """Configs the autotuner may time for one grouped-GEMM variant on `arch`: the table for
+    the input width, no register spills (epilogue tiles within TILE_REGISTER_BUDGET), operand
+    tiles within the arch's shared memory. Never empty."""
+    return _prune(configs, arch, element_size, _live_tiles(int(EPILOGUE)))
+
+
+def prune_wgrad_configs(configs, arch: int, element_size: int, **_) -> List[triton.Config]:
+    return _prune(configs, arch, element_size, 1)
+
+
+def _autotune_prune(prune, tensor_arg: str):
+    """Adapter to triton.autotune's early_config_prune(configs, named_args, **kwargs)."""
+    def early_config_prune(configs, named_args, **kwargs):
+        t = named_args[tensor_arg]
+        facts = device_facts(t.device)
+        return prune(configs, facts.arch if facts else 90, t.element_size(), **kwargs)
+    return early_config_prune
 
 
 # Small fixed blocks under the interpreter (16 is tl.dot's minimum) keep tests fast and
 # exercise multi-tile groups and ragged edges at tiny shapes.
 _INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+
 
 def _quick_bench(fn, quantiles=None):
     # Short tuning runs (the default 25 + 100 ms per config adds minutes over a benchmark's
@@ -403,10 +507,14 @@ if INTERPRET:
     _gemm = _grouped_gemm_kernel
     _wgrad = _grouped_wgrad_kernel
 else:
-    _gemm = triton.autotune(_gemm_configs(), key=["N", "K", "T_BUCKET", "EPILOGUE", "RECOMPUTE"],
+    _gemm = triton.autotune(_gemm_configs() + _fp32_configs(), key=["N", "K", "T_BUCKET", "EPILOGUE", "RECOMPUTE"],
+                            prune_configs_by={"early_config_prune": _autotune_prune(
+                                prune_gemm_configs, "a_ptr")},
                             do_bench=_quick_bench, cache_results=True)(_grouped_gemm_kernel)
-    _wgrad = triton.autotune(_wgrad_configs(), key=["KD", "ND", "T_BUCKET"], do_bench=_quick_bench,
-                             cache_results=True)(_grouped_wgrad_kernel)
+    _wgrad = triton.autotune(_wgrad_configs() + _fp32_configs(), key=["KD", "ND", "T_BUCKET"],
+                             prune_configs_by={"early_config_prune": _autotune_prune(
+                                 prune_wgrad_configs, "x_ptr")},
+                             do_bench=_quick_bench, cache_results=True)(_grouped_wgrad_kernel)
 
 
 def _launch_meta(kernel_blocks: dict) -> dict:
@@ -419,9 +527,11 @@ def _t_bucket(t: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul setting (full fp32 unless TF32 is allowed).
+    # fp32 inputs follow torch's matmul setting: TF32 when allowed, else the 3-pass TF32 split
+    # (tensor cores at ~fp32 accuracy, as the contrastive kernels do) instead of "ieee" FMA
+    # loops, which are slower and spill.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
@@ -430,18 +540,33 @@ def _row_block(d: int) -> Tuple[int, int]:
     return max(1, min(64, 4096 // block_d)), block_d
 
 
+def _row_warps(block_d: int) -> int:
+    return 8 if block_d >= 2048 else 4
+
+
 # --------------------------------------------------------------------------------------
-# Host-side wrappers (shape bookkeeping only; no device->host reads).
+# Host-side launchers (shape bookkeeping only; no device->host reads). Each launch goes
+# through common.launch, which enters the tensors' CUDA device.
 # --------------------------------------------------------------------------------------
+# Tokens per routing program: large enough that the counts stay a small buffer (T / 1024
+# blocks x E_PAD), small enough to spread T = 16k over 16 SMs instead of one.
+ROUTE_BLOCK = 1024
+ROUTE_SCAN = 128     # block counts read per step when a program sums the counts before it
+
+
 def route(ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
     """Stable counting sort of flat ids [T] -> (perm [T] int32, offsets [E+1] int32)."""
     t = ids.numel()
     perm = torch.empty(t, dtype=torch.int32, device=ids.device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
-    block = 128 if INTERPRET else 1024
-    _route_kernel[(1,)](ids, perm, offsets, t, NUM_EXPERTS=num_experts,
-                        E_PAD=max(2, triton.next_power_of_2(num_experts)), BLOCK=block,
-                        num_warps=4)
+    block = 128 if INTERPRET else ROUTE_BLOCK
+    e_pad = max(2, triton.next_power_of_2(num_experts))
+    blocks = max(1, triton.cdiv(t, block))
+    counts = torch.empty((blocks, e_pad), dtype=torch.int32, device=ids.device)
+    launch(_route_count_kernel, (blocks,), ids, counts, t, E_PAD=e_pad, BLOCK=block, num_warps=4)
+    launch(_route_scatter_kernel, (blocks,), ids, counts, perm, offsets, t, blocks,
+           NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK=block,
+           SCAN=16 if INTERPRET else ROUTE_SCAN, num_warps=4)
     return perm, offsets
 
 
@@ -452,10 +577,9 @@ def gather_layernorm(x: Tensor, perm: Tensor, offsets: Tensor, weight: Tensor, b
     mean = torch.empty(t, dtype=torch.float32, device=x.device)
     rstd = torch.empty(t, dtype=torch.float32, device=x.device)
     rows, block_d = _row_block(d)
-    _gather_ln_kernel[(triton.cdiv(t, rows),)](
-        x, perm, offsets, weight, bias, z, mean, rstd, t, d, x.stride(0), z.stride(0), eps,
-        NUM_EXPERTS=weight.shape[0], ROWS=rows, BLOCK_D=block_d,
-        num_warps=8 if block_d >= 2048 else 4)
+    launch(_gather_ln_kernel, (triton.cdiv(t, rows),),
+           x, perm, offsets, weight, bias, z, mean, rstd, t, d, x.stride(0), z.stride(0), eps,
+           NUM_EXPERTS=weight.shape[0], ROWS=rows, BLOCK_D=block_d, num_warps=_row_warps(block_d))
     return z, mean, rstd
 
 
@@ -472,7 +596,9 @@ def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, epilogue: int, *,
     EPI_RESIDUAL writes into `out` ([T, N], token order) at rows perm[p]."""
     t, k = a.shape
     num_experts, kb, n = b.shape
-    assert kb == k, (a.shape, b.shape)
+    if kb != k:
+        raise ValueError(f"grouped_gemm: a is {tuple(a.shape)} but b is {tuple(b.shape)} "
+                         f"(expected b [E, {k}, N])")
     if out is None:
         out = torch.empty((t, n), dtype=out_dtype or a.dtype, device=a.device)
     dummy = out
@@ -482,21 +608,21 @@ def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, epilogue: int, *,
 
     def grid(meta):
         # ceil(T/BM) + E - 1 bounds sum_e ceil(count_e/BM) for any split of T rows.
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(t, meta["BLOCK_M"]) + num_experts - 1)
+        return ((triton.cdiv(t, meta["BLOCK_M"]) + num_experts - 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _gemm[grid](
-        a, b, out, offsets,
-        bias if bias is not None else dummy, aux if aux is not None else dummy,
-        perm if perm is not None else offsets, x, gamma if gamma is not None else dummy,
-        dps if dps is not None else dummy, a2, b2,
-        t, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
-        aux.stride(0) if aux is not None else 0, x.stride(0), a2.stride(0), b2.stride(0),
-        b2.stride(1), _t_bucket(t),
-        NUM_EXPERTS=num_experts, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
-        STORE_AUX=store_aux, RECOMPUTE=recompute_from is not None,
-        HAS_GAMMA=gamma is not None, HAS_DPS=dps is not None,
-        DOT_PRECISION=_dot_precision(a.dtype), UPCAST=INTERPRET, **_launch_meta(_INTERP_BLOCKS))
+    launch(_gemm, grid,
+           a, b, out, offsets,
+           bias if bias is not None else dummy, aux if aux is not None else dummy,
+           perm if perm is not None else offsets, x, gamma if gamma is not None else dummy,
+           dps if dps is not None else dummy, a2, b2,
+           t, n, k,
+           a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
+           aux.stride(0) if aux is not None else 0, x.stride(0), a2.stride(0), b2.stride(0),
+           b2.stride(1), _t_bucket(t),
+           NUM_EXPERTS=num_experts, EPILOGUE=int(epilogue), HAS_BIAS=bias is not None,
+           STORE_AUX=store_aux, RECOMPUTE=recompute_from is not None,
+           HAS_GAMMA=gamma is not None, HAS_DPS=dps is not None,
+           DOT_PRECISION=_dot_precision(a.dtype), UPCAST=INTERPRET, **_launch_meta(_INTERP_BLOCKS))
     return out
 
 
@@ -511,22 +637,22 @@ def grouped_wgrad(x: Tensor, g: Tensor, offsets: Tensor, num_experts: int, with_
     def grid(meta):
         return (triton.cdiv(kd, meta["BLOCK_M"]) * triton.cdiv(nd, meta["BLOCK_N"]), num_experts)
 
-    _wgrad[grid](x, g, dw, db, offsets, kd, nd, x.stride(0), g.stride(0), _t_bucket(t),
-                 HAS_BIAS=with_bias, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=INTERPRET,
-                 **_launch_meta(_INTERP_BLOCKS))
+    launch(_wgrad, grid, x, g, dw, db, offsets, kd, nd, x.stride(0), g.stride(0), _t_bucket(t),
+           HAS_BIAS=with_bias, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=INTERPRET,
+           **_launch_meta(_INTERP_BLOCKS))
     return dw, (db if with_bias else None)
-
-
-def _reduction_grid(t: int, rows: int) -> Tuple[int, int]:
-    """(programs, row blocks per program) for the kernels that emit per-program partial sums."""
-    blocks = triton.cdiv(t, rows)
-    chunks = triton.cdiv(blocks, MAX_REDUCTION_PROGRAMS)
-    return triton.cdiv(blocks, chunks), chunks
 
 
 # Cap on programs of the reducing kernels: enough to fill an H100 several times over while
 # keeping the fp32 partial buffers (programs x E x d) a few MB.
 MAX_REDUCTION_PROGRAMS = 1024
+
+
+def _reduction_grid(t: int, rows: int) -> Tuple[int, int]:
+    """(programs, row blocks per program) for the kernels that emit per-program partial sums."""
+    blocks = max(1, triton.cdiv(t, rows))
+    chunks = triton.cdiv(blocks, MAX_REDUCTION_PROGRAMS)
+    return triton.cdiv(blocks, chunks), chunks
 
 
 def gather_grad(dout: Tensor, perm: Tensor, gamma: Optional[Tensor], dps: Optional[Tensor],
@@ -537,12 +663,12 @@ def gather_grad(dout: Tensor, perm: Tensor, gamma: Optional[Tensor], dps: Option
     rows, block_d = _row_block(d)
     programs, chunks = _reduction_grid(t, rows)
     part = torch.empty((programs, d), dtype=torch.float32, device=dout.device) if y is not None else dy
-    _gather_grad_kernel[(programs,)](
-        dout, perm, gamma if gamma is not None else dout, dps if dps is not None else dout,
-        y if y is not None else dout, dy, part, t, d, dout.stride(0),
-        y.stride(0) if y is not None else 0, dy.stride(0), chunks,
-        HAS_GAMMA=gamma is not None, HAS_DPS=dps is not None, NEED_DGAMMA=y is not None,
-        ROWS=rows, BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
+    launch(_gather_grad_kernel, (programs,),
+           dout, perm, gamma if gamma is not None else dout, dps if dps is not None else dout,
+           y if y is not None else dout, dy, part, t, d, dout.stride(0),
+           y.stride(0) if y is not None else 0, dy.stride(0), chunks,
+           HAS_GAMMA=gamma is not None, HAS_DPS=dps is not None, NEED_DGAMMA=y is not None,
+           ROWS=rows, BLOCK_D=block_d, num_warps=_row_warps(block_d))
     return dy, (part.sum(0) if y is not None else None)
 
 
@@ -557,19 +683,53 @@ def layernorm_backward_scatter(dz: Tensor, x: Tensor, dout: Tensor, perm: Tensor
     programs, chunks = _reduction_grid(t, rows)
     dw_part = torch.empty((programs, num_experts, d), dtype=torch.float32, device=x.device)
     db_part = torch.empty_like(dw_part)
-    _ln_bwd_scatter_kernel[(programs,)](
-        dz, x, dout, perm, offsets, weight, mean, rstd, dx, dw_part, db_part,
-        t, d, dz.stride(0), x.stride(0), dout.stride(0), dx.stride(0), chunks,
-        NUM_EXPERTS=num_experts, E_PAD=max(2, triton.next_power_of_2(num_experts)), ROWS=rows,
-        BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
+    launch(_ln_bwd_scatter_kernel, (programs,),
+           dz, x, dout, perm, offsets, weight, mean, rstd, dx, dw_part, db_part,
+           t, d, dz.stride(0), x.stride(0), dout.stride(0), dx.stride(0), chunks,
+           NUM_EXPERTS=num_experts, E_PAD=max(2, triton.next_power_of_2(num_experts)), ROWS=rows,
+           BLOCK_D=block_d, num_warps=_row_warps(block_d))
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
-def mome_ffn_forward(x: Tensor, ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+# --------------------------------------------------------------------------------------
+# Forward and backward passes, as torch.library custom ops: opaque to torch.compile (which
+# sees their fake implementations, so `torch.compile(fullgraph=True)` traces through the
+# MoME FFN without a graph break) and callable eagerly like any torch op.
+# --------------------------------------------------------------------------------------
+class MoMESaved(NamedTuple):
+    """What the forward keeps for the backward (preact/branch are empty when not kept)."""
+    perm: Tensor        # [T] int32: token at each sorted position
+    offsets: Tensor     # [E + 1] int32: expert e's sorted rows are offsets[e]:offsets[e+1]
+    z: Tensor           # [T, d] LN_e(x) in sorted order
+    mean: Tensor        # [T] fp32
+    rstd: Tensor        # [T] fp32
+    preact: Tensor      # [T, h] fc1 pre-activation, or [0] when recomputed in backward
+    act: Tensor         # [T, h] GELU(preact)
+    branch: Tensor      # [T, d] un-scaled FFN output, or [0] when gamma needs no gradient
+
+
+class MoMEGrads(NamedTuple):
+    """Gradients of the backward op (empty [0] tensors where not requested)."""
+    x: Tensor
+    norm_weight: Tensor
+    norm_bias: Tensor
+    fc1_weight: Tensor
+    fc1_bias: Tensor
+    fc2_weight: Tensor
+    fc2_bias: Tensor
+    gamma: Tensor
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _mome_ffn_fwd_impl(x: Tensor, ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                      fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                      gamma: Optional[Tensor], dps: Optional[Tensor], eps: float,
-                     keep_preact: bool, keep_branch: bool):
-    """Forward on flat contiguous x [T, d] and ids [T]. Returns out and what backward needs."""
+                     keep_preact: bool, keep_branch: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                    Tensor, Tensor, Tensor, Tensor,
+                                                                    Tensor]:
     num_experts = norm_weight.shape[0]
     perm, offsets = route(ids, num_experts)
     z, mean, rstd = gather_layernorm(x, perm, offsets, norm_weight, norm_bias, eps)
@@ -581,71 +741,197 @@ def mome_ffn_forward(x: Tensor, ids: Tensor, norm_weight: Tensor, norm_bias: Ten
     branch = torch.empty_like(x) if keep_branch else None
     grouped_gemm(act, fc2_weight, offsets, EPI_RESIDUAL, out=out, bias=fc2_bias, aux=branch,
                  store_aux=keep_branch, perm=perm, x=x, gamma=gamma, dps=dps)
-    return out, (perm, offsets, z, mean, rstd, preact, act, branch)
+    return (out, perm, offsets, z, mean, rstd, preact if keep_preact else _empty(x), act,
+            branch if keep_branch else _empty(x))
+
+
+_mome_ffn_fwd_op = torch.library.custom_op("vlmo_fast::mome_ffn_fwd", _mome_ffn_fwd_impl,
+                                           mutates_args=())
+
+
+@_mome_ffn_fwd_op.register_fake
+def _(x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, dps,
+      eps, keep_preact, keep_branch):
+    t, d = x.shape
+    h = fc1_weight.shape[2]
+    i32 = dict(dtype=torch.int32, device=x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (torch.empty_like(x), x.new_empty(t, **i32), x.new_empty(norm_weight.shape[0] + 1, **i32),
+            torch.empty_like(x), x.new_empty(t, **f32), x.new_empty(t, **f32),
+            x.new_empty(t, h) if keep_preact else _empty(x), x.new_empty(t, h),
+            torch.empty_like(x) if keep_branch else _empty(x))
+
+
+def _mome_ffn_bwd_impl(dout: Tensor, x: Tensor, perm: Tensor, offsets: Tensor, z: Tensor,
+                     mean: Tensor, rstd: Tensor, preact: Tensor, act: Tensor, branch: Tensor,
+                     norm_weight: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
+                     fc2_weight: Tensor, gamma: Optional[Tensor], dps: Optional[Tensor],
+                     recompute_preact: bool, need_input: bool, need_fc1: bool, need_fc2: bool,
+                     need_gamma: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                Tensor, Tensor]:
+    """need_input: x or the LN parameters need a gradient (they come from one kernel)."""
+    num_experts = norm_weight.shape[0]
+    dy, dgamma = gather_grad(dout, perm, gamma, dps, branch if need_gamma else None)
+    dw2 = db2 = dw1 = db1 = dx = dnw = dnb = None
+    if need_fc2:
+        dw2, db2 = grouped_wgrad(act, dy, offsets, num_experts, True, fc2_weight.dtype)
+    if need_input or need_fc1:
+        recompute = (z, fc1_weight) if recompute_preact else None
+        dh = grouped_gemm(dy, fc2_weight.transpose(1, 2), offsets, EPI_DGELU,
+                          aux=None if recompute_preact else preact,
+                          bias=fc1_bias if recompute_preact else None, recompute_from=recompute)
+        if need_fc1:
+            dw1, db1 = grouped_wgrad(z, dh, offsets, num_experts, True, fc1_weight.dtype)
+        if need_input:
+            dz = grouped_gemm(dh, fc1_weight.transpose(1, 2), offsets, EPI_PLAIN,
+                              out_dtype=torch.float32)
+            dx, dnw, dnb = layernorm_backward_scatter(dz, x, dout, perm, offsets, norm_weight,
+                                                      mean, rstd)
+            dnw, dnb = dnw.to(norm_weight.dtype), dnb.to(norm_weight.dtype)
+    dgamma = dgamma.to(gamma.dtype) if (need_gamma and gamma is not None) else None
+    # Custom-op outputs may not alias each other: a fresh empty tensor per absent gradient.
+    return tuple(_empty(x) if g is None else g for g in (dx, dnw, dnb, dw1, db1, dw2, db2, dgamma))
+
+
+_mome_ffn_bwd_op = torch.library.custom_op("vlmo_fast::mome_ffn_bwd", _mome_ffn_bwd_impl,
+                                           mutates_args=())
+
+
+@_mome_ffn_bwd_op.register_fake
+def _(dout, x, perm, offsets, z, mean, rstd, preact, act, branch, norm_weight, fc1_weight,
+      fc1_bias, fc2_weight, gamma, dps, recompute_preact, need_input, need_fc1, need_fc2,
+      need_gamma):
+    pick = lambda need, like: torch.empty_like(like) if need else _empty(x)  # noqa: E731
+    return (pick(need_input, x), pick(need_input, norm_weight), pick(need_input, norm_weight),
+            pick(need_fc1, fc1_weight), pick(need_fc1, fc1_bias), pick(need_fc2, fc2_weight),
+            pick(need_fc2, fc2_weight[:, 0]), pick(need_gamma and gamma is not None, gamma))
+
+
+class MoMEFFNFunction(torch.autograd.Function):
+    """Autograd of the grouped Triton MoME FFN (forward/backward are the custom ops above;
+    torch.compile traces this Function and sees the ops through their fake implementations).
+
+    apply(x [T, d], ids [T], norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+          fc2_bias, gamma [d] or None, dps [T] fp32 or None, eps, recompute_preact, keep_branch)
+    """
+
+    @staticmethod
+    def forward(ctx, x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                fc2_bias, gamma, dps, eps, recompute_preact, keep_branch):
+        out, *saved = torch.ops.vlmo_fast.mome_ffn_fwd(
+            x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+            dps, eps, not recompute_preact, keep_branch)
+        ctx.save_for_backward(x, *saved, norm_weight, fc1_weight, fc1_bias, fc2_weight, gamma, dps)
+        ctx.recompute_preact = recompute_preact
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, *rest = ctx.saved_tensors
+        saved = MoMESaved(*rest[:8])
+        norm_weight, fc1_weight, fc1_bias, fc2_weight, gamma, dps = rest[8:]
+        need = ctx.needs_input_grad
+        need_input = need[0] or need[2] or need[3]
+        need_fc1, need_fc2 = need[4] or need[5], need[6] or need[7]
+        need_gamma = gamma is not None and need[8]
+        grads = MoMEGrads(*torch.ops.vlmo_fast.mome_ffn_bwd(
+            dout.contiguous(), x, *saved, norm_weight, fc1_weight, fc1_bias, fc2_weight, gamma,
+            dps, ctx.recompute_preact, need_input, need_fc1, need_fc2, need_gamma))
+        when = lambda flag, grad: grad if flag else None  # noqa: E731
+        return (when(need[0], grads.x), None, when(need[2], grads.norm_weight),
+                when(need[3], grads.norm_bias), when(need[4], grads.fc1_weight),
+                when(need[5], grads.fc1_bias), when(need[6], grads.fc2_weight),
+                when(need[7], grads.fc2_bias), when(need_gamma, grads.gamma),
+                None, None, None, None)
+
+
+def mome_ffn_triton(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                    fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                    gamma: Optional[Tensor] = None, drop_path_scale: Optional[Tensor] = None,
+                    eps: float = 1e-6, recompute_preact: Optional[bool] = None) -> Tensor:
+    """The grouped Triton path: 4 launches forward (route, gather+LN, fc1, fc2), no host sync.
+
+    recompute_preact: False keeps the fc1 pre-activation [T, h] for dGELU (default, set
+    process-wide with VLMO_FAST_MOME_RECOMPUTE=1); True recomputes it inside the backward
+    dGELU GEMM (+2*T*d*h FLOPs, -T*h*2 elements of memory traffic and storage).
+    drop_path_scale receives no gradient (it is a sampled constant)."""
+    if recompute_preact is None:
+        recompute_preact = env_flag("VLMO_FAST_MOME_RECOMPUTE")
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if flat.shape[0] == 0:
+        return x.clone()
+    flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+    ids = modality_ids.reshape(-1)
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+    if gamma is not None:
+        gamma = gamma.expand(d)
+        gamma = gamma if gamma.is_contiguous() else gamma.contiguous()
+    dps = None
+    if drop_path_scale is not None:
+        dps = drop_path_scale.detach().reshape(-1).to(torch.float32).contiguous()
+    weights = [t.contiguous() for t in (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                                        fc2_bias)]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in [flat, gamma, *weights]):
+        keep_branch = gamma is not None and gamma.requires_grad
+        out = MoMEFFNFunction.apply(flat, ids, *weights, gamma, dps, eps, bool(recompute_preact),
+                                    keep_branch)
+    else:  # inference: no autograd node, and neither H nor the branch is stored
+        out = torch.ops.vlmo_fast.mome_ffn_fwd(flat, ids, *weights, gamma, dps, eps, False, False)[0]
+    return out.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------
-# Ahead-of-time compile check (no GPU needed): CI compiles every kernel variant for sm90 with
-# Triton's bundled ptxas, so a GPU-only compile error (the interpreter does not type-check
-# like the compiler) never lands. Run in a process without TRITON_INTERPRET=1.
+# Offline compile (no GPU needed): record what the launchers launch for an arch, at the
+# dtypes that run, and compile it with Triton's bundled ptxas. Run in a process without
+# TRITON_INTERPRET (the interpreter replaces the jit functions at import).
 # --------------------------------------------------------------------------------------
-def compile_check(arch: int = 90, dtype: str = "bf16") -> list:
-    """Compile all kernels for CUDA `arch` with the specialisation the JIT gives aligned
-    contiguous inputs (unit inner strides, 16-divisible pointers/sizes); return the names of
-    the variants compiled. Raises on any compile error."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    if INTERPRET:
-        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (kernels are interpreted)")
-    target = GPUTarget("cuda", arch, 32)
-    done = []
+VARIANT_KEYS = ("EPILOGUE", "HAS_BIAS", "STORE_AUX", "RECOMPUTE", "HAS_GAMMA", "HAS_DPS",
+                "DOT_PRECISION", "NEED_DGAMMA")
 
-    def compile_one(fn, types: dict, consts: dict, **options):
-        names = list(fn.arg_names)
-        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
-                 if ty.startswith("*") or n.startswith("stride") or n in ("N", "K", "D", "KD", "ND")}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=target, options=options)
-        done.append(f"{fn.__name__}{sorted(consts.items())}")
 
-    p = "*" + dtype
-    compile_one(_route_kernel, {"ids_ptr": "*i64", "perm_ptr": "*i32", "offsets_ptr": "*i32"},
-                {"NUM_EXPERTS": 3, "E_PAD": 4, "BLOCK": 1024})
-    compile_one(_gather_ln_kernel, {"x_ptr": p, "perm_ptr": "*i32", "offsets_ptr": "*i32",
-                                    "w_ptr": p, "b_ptr": p, "z_ptr": p, "mean_ptr": "*fp32",
-                                    "rstd_ptr": "*fp32", "eps": "fp32"},
-                {"NUM_EXPERTS": 3, "ROWS": 4, "BLOCK_D": 1024})
-    gemm_types = {n: p for n in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "aux_ptr", "x_ptr",
-                                 "gamma_ptr", "a2_ptr", "b2_ptr")}
-    gemm_types.update(offsets_ptr="*i32", perm_ptr="*i32", dps_ptr="*fp32")
-    precision = "ieee" if dtype == "fp32" else "tf32"
-    for epi, bias, aux, rec, gam, dps in [(EPI_GELU, True, True, False, False, False),
-                                          (EPI_RESIDUAL, True, True, False, True, True),
-                                          (EPI_DGELU, False, False, False, False, False),
-                                          (EPI_DGELU, True, False, True, False, False),
-                                          (EPI_PLAIN, False, False, False, False, False)]:
-        types = dict(gemm_types, c_ptr="*fp32" if epi == EPI_PLAIN else p)
-        # Backward GEMMs read W^T views: the unit stride is then along K.
-        unit = ("stride_ak", "stride_bk") if epi in (EPI_DGELU, EPI_PLAIN) else ("stride_ak", "stride_bn")
-        for cfg in _gemm_configs()[:2]:
-            compile_one(_grouped_gemm_kernel, types, dict(
-                NUM_EXPERTS=3, EPILOGUE=epi, HAS_BIAS=bias, STORE_AUX=aux, RECOMPUTE=rec,
-                HAS_GAMMA=gam, HAS_DPS=dps, DOT_PRECISION=precision, UPCAST=False,
-                **{u: 1 for u in unit}, **cfg.kwargs),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = _wgrad_configs()[0]
-    compile_one(_grouped_wgrad_kernel, {"x_ptr": p, "g_ptr": p, "dw_ptr": p, "db_ptr": p,
-                                        "offsets_ptr": "*i32"},
-                dict(HAS_BIAS=True, DOT_PRECISION=precision, UPCAST=False, **cfg.kwargs),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    compile_one(_gather_grad_kernel, {"dout_ptr": p, "perm_ptr": "*i32", "gamma_ptr": p,
-                                      "dps_ptr": "*fp32", "y_ptr": p, "dy_ptr": p,
-                                      "dgamma_part_ptr": "*fp32"},
-                dict(HAS_GAMMA=True, HAS_DPS=True, NEED_DGAMMA=True, ROWS=4, BLOCK_D=1024))
-    compile_one(_ln_bwd_scatter_kernel, {"dz_ptr": "*fp32", "x_ptr": p, "dout_ptr": p,
-                                         "perm_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": p,
-                                         "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": p,
-                                         "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"},
-                dict(NUM_EXPERTS=3, E_PAD=4, ROWS=4, BLOCK_D=1024))
-    return done
+def record_forward_backward(arch: int, dtype: torch.dtype, t: int = 4096, d: int = 768,
+                            h: int = 3072, num_experts: int = 3, recompute_preact: bool = False):
+    """The launches of one forward + backward (every gradient, gamma and drop path on), as
+    they would run on `arch`, recorded on meta tensors."""
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(t, d, **meta)
+    ids = torch.empty(t, device="meta", dtype=torch.int64)
+    nw, nb = torch.empty(num_experts, d, **meta), torch.empty(num_experts, d, **meta)
+    w1, b1 = torch.empty(num_experts, d, h, **meta), torch.empty(num_experts, h, **meta)
+    w2, b2 = torch.empty(num_experts, h, d, **meta), torch.empty(num_experts, d, **meta)
+    gamma = torch.empty(d, **meta)
+    dps = torch.empty(t, device="meta", dtype=torch.float32)
+    with record_launches(arch_facts(arch)) as launches:
+        out, *saved = _mome_ffn_fwd_impl(x, ids, nw, nb, w1, b1, w2, b2, gamma, dps, 1e-6,
+                                         not recompute_preact, True)
+        _mome_ffn_bwd_impl(torch.empty_like(x), x, *saved, nw, w1, b1, w2, gamma, dps,
+                           recompute_preact, True, True, True, True)
+    return launches
+
+
+def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16, *,
+                recompute_preact: bool = False, all_configs: bool = True, **sizes) -> list:
+    """Compile every launch of a forward + backward for CUDA `arch` exactly as launched (JIT
+    argument specialisation; each autotune config the arch keeps, or only the first with
+    all_configs=False). Returns `common.CompileResult`s; raises on a compile error."""
+    prunes = {_gemm: prune_gemm_configs, _wgrad: prune_wgrad_configs}
+    results, seen = [], set()
+    for rec in record_forward_backward(arch, dtype, recompute_preact=recompute_preact, **sizes):
+        key = (id(rec.kernel), tuple(sorted((k, str(v)) for k, v in rec.kwargs.items())),
+               tuple(str(a.dtype) for a in rec.args if isinstance(a, Tensor)))
+        if key in seen:
+            continue
+        seen.add(key)
+        prune = prunes.get(rec.kernel)
+        if prune is not None and not all_configs:
+            prune = (lambda p: lambda cfgs, *a, **k: p(cfgs, *a, **k)[:1])(prune)
+        results += compile_launch(rec, arch, VARIANT_KEYS,
+                                  None if prune is None else _element_size_prune(prune, rec))
+    return results
+
+
+def _element_size_prune(prune, rec):
+    element_size = next(a for a in rec.args if isinstance(a, Tensor)).element_size()
+    return lambda configs, arch, **kwargs: prune(configs, arch, element_size, **kwargs)

@@ -177,90 +177,16 @@ def _triton_accepts(facts: dict) -> Optional[str]:
     return None
 
 
-class _MoMEFFNTriton(torch.autograd.Function):
-    """The grouped Triton MoME FFN: forward and backward kernels in kernels/mome_ffn.py."""
-
-    @staticmethod
-    def forward(ctx, x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-                fc2_bias, gamma, dps, eps, recompute_preact):
-        from .kernels import mome_ffn as K  # noqa: N812  (lazy: triton only when used)
-        keep_branch = gamma is not None and ctx.needs_input_grad[8]
-        out, saved = K.mome_ffn_forward(x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                                        fc2_weight, fc2_bias, gamma, dps, eps,
-                                        keep_preact=not recompute_preact, keep_branch=keep_branch)
-        perm, offsets, z, mean, rstd, preact, act, branch = saved
-        ctx.save_for_backward(x, perm, offsets, z, mean, rstd, preact, act, branch, norm_weight,
-                              fc1_weight, fc1_bias, fc2_weight, gamma, dps)
-        ctx.recompute_preact = recompute_preact
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        from .kernels import mome_ffn as K  # noqa: N812
-        (x, perm, offsets, z, mean, rstd, preact, act, branch, norm_weight, fc1_weight,
-         fc1_bias, fc2_weight, gamma, dps) = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        num_experts = norm_weight.shape[0]
-        dout = dout.contiguous()
-        dy, dgamma = K.gather_grad(dout, perm, gamma, dps, branch if need[8] else None)
-        dw2 = db2 = dw1 = db1 = dx = dnw = dnb = None
-        if need[6] or need[7]:
-            dw2, db2 = K.grouped_wgrad(act, dy, offsets, num_experts, True, fc2_weight.dtype)
-        need_lower = any(need[i] for i in (0, 2, 3, 4, 5))
-        if need_lower:
-            recompute = (z, fc1_weight) if ctx.recompute_preact else None
-            dh = K.grouped_gemm(dy, fc2_weight.transpose(1, 2), offsets, K.EPI_DGELU,
-                                aux=preact, bias=fc1_bias if recompute else None,
-                                recompute_from=recompute)
-            if need[4] or need[5]:
-                dw1, db1 = K.grouped_wgrad(z, dh, offsets, num_experts, True, fc1_weight.dtype)
-            if need[0] or need[2] or need[3]:
-                dz = K.grouped_gemm(dh, fc1_weight.transpose(1, 2), offsets, K.EPI_PLAIN,
-                                    out_dtype=torch.float32)
-                dx, dnw, dnb = K.layernorm_backward_scatter(dz, x, dout, perm, offsets,
-                                                            norm_weight, mean, rstd)
-                dnw, dnb = dnw.to(norm_weight.dtype), dnb.to(norm_weight.dtype)
-        if dgamma is not None:
-            dgamma = dgamma.to(gamma.dtype)
-        return dx, None, dnw, dnb, dw1, db1, dw2, db2, dgamma, None, None, None
-
-
 def mome_ffn_triton(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                     fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                     gamma: Optional[Tensor] = None, drop_path_scale: Optional[Tensor] = None,
                     eps: float = 1e-6, recompute_preact: Optional[bool] = None) -> Tensor:
-    """The grouped Triton path: 4 launches forward (route, gather+LN, fc1, fc2), no host sync.
-
-    recompute_preact: False keeps the fc1 pre-activation [T, h] for dGELU (default, set
-    process-wide with VLMO_FAST_MOME_RECOMPUTE=1); True recomputes it inside the backward
-    dGELU GEMM (+2*T*d*h FLOPs, -T*h*2 elements of memory traffic and storage).
-    drop_path_scale receives no gradient (it is a sampled constant)."""
-    if recompute_preact is None:
-        recompute_preact = os.environ.get("VLMO_FAST_MOME_RECOMPUTE", "0") == "1"
-    d = x.shape[-1]
-    flat = x.reshape(-1, d)
-    if flat.shape[0] == 0:
-        return x.clone()
-    flat = flat if flat.stride(-1) == 1 else flat.contiguous()
-    ids = modality_ids.reshape(-1)
-    ids = ids if ids.is_contiguous() else ids.contiguous()
-    if gamma is not None:
-        gamma = gamma.expand(d)
-        gamma = gamma if gamma.is_contiguous() else gamma.contiguous()
-    dps = None
-    if drop_path_scale is not None:
-        dps = drop_path_scale.detach().reshape(-1).to(torch.float32).contiguous()
-    weights = [t.contiguous() for t in (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-                                        fc2_bias)]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in [flat, gamma, *weights]):
-        out = _MoMEFFNTriton.apply(flat, ids, *weights, gamma, dps, eps, bool(recompute_preact))
-    else:  # inference: skip the autograd node and do not store H or the branch
-        from .kernels import mome_ffn as K  # noqa: N812
-        out, _ = K.mome_ffn_forward(flat, ids, *weights, gamma, dps, eps, keep_preact=False,
-                                    keep_branch=False)
-    return out.reshape(x.shape)
+    """The grouped Triton path (kernels, launchers and autograd in kernels/mome_ffn.py; see
+    `vlmo_fast.kernels.mome_ffn.mome_ffn_triton`). Imported lazily: triton only when used."""
+    from .kernels import mome_ffn as kernel  # noqa: PLC0415
+    return kernel.mome_ffn_triton(x, modality_ids, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                                  fc2_weight, fc2_bias, gamma, drop_path_scale, eps,
+                                  recompute_preact)
 
 
 backends.register("ffn", "reference", preference={

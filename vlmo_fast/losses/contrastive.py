@@ -203,74 +203,12 @@ def _contrastive_reference(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: 
 
 # ----------------------------------------------------------------------------- fused (triton)
 
-class _FusedContrastive(torch.autograd.Function):
-    """This rank's share of the loss through the Triton kernels (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: Optional[_Dist],
-                want_stats: bool):
-        from ..kernels import contrastive as kern
-
-        n = img.shape[0]
-        world, rank = (dctx.world, dctx.rank) if dctx else (1, 0)
-        total, offset = n * world, rank * n
-        txt_all = _all_gather_rows(txt, dctx) if dctx else txt
-        fwd = kern.contrastive_forward(img, txt_all, logit_scale, target_offset=offset,
-                                       track_max=want_stats)
-        col_lse = fwd["col_lse"]
-        if dctx is not None:
-            col_lse = _all_reduce_logsumexp(col_lse, dctx)
-        local_col_lse = col_lse[offset:offset + n].clone()
-        share = (fwd["row_lse"].sum() + local_col_lse.sum() - 2 * fwd["diag"].sum()) / (2 * total)
-
-        if want_stats:
-            col_max = fwd["col_max"]
-            if dctx is not None:
-                dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=dctx.group)
-            # diag comes from the very tile the maxima saw, so a correct row compares equal.
-            hits = torch.stack([(fwd["diag"] >= fwd["row_max"]).sum(),
-                                (fwd["diag"] >= col_max[offset:offset + n]).sum()]).float()
-            if dctx is not None:
-                dist.all_reduce(hits, group=dctx.group)
-            i2t_acc, t2i_acc = hits[0] / total, hits[1] / total
-        else:
-            i2t_acc, t2i_acc = share.new_zeros(()), share.new_zeros(())
-        ctx.save_for_backward(img, txt_all, logit_scale, fwd["row_lse"], col_lse)
-        ctx.dctx, ctx.total, ctx.offset = dctx, total, offset
-        ctx.mark_non_differentiable(fwd["row_lse"], local_col_lse, i2t_acc, t2i_acc)
-        return share, fwd["row_lse"], local_col_lse, i2t_acc, t2i_acc
-
-    @staticmethod
-    def backward(ctx, grad_share: Tensor, *_unused):
-        from ..kernels import contrastive as kern
-
-        img, txt_all, logit_scale, row_lse, col_lse = ctx.saved_tensors
-        dctx, total, offset = ctx.dctx, ctx.total, ctx.offset
-        n = img.shape[0]
-        g = grad_share.reshape(1).float()
-        # dL/dS_ij = w_row_i (p_row - [target]) + w_col_j (p_col - [target]), where each weight
-        # is the upstream gradient of the rank OWNING that row / column over 2N.
-        row_weight = (g / (2 * total)).expand(n)
-        if dctx is None:
-            col_weight = (g / (2 * total)).expand(total)
-        else:
-            g_all = _all_gather_rows(g, dctx)
-            col_weight = (g_all / (2 * total)).repeat_interleave(n)
-        need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
-        d_img = d_txt = d_scale = None
-        if need_img or need_scale:
-            d_img, d_scale = kern.contrastive_backward_operand(
-                img, txt_all, logit_scale, row_lse, col_lse, row_weight, col_weight,
-                target_offset=offset, compute_dscale=need_scale)
-            d_scale = None if d_scale is None else d_scale.reshape(logit_scale.shape).to(logit_scale.dtype)
-        if need_txt:
-            # Partial gradients of ALL N texts from this rank's rows: accumulate and sum over
-            # ranks in fp32 so bf16 rounding happens once, on the owner.
-            d_txt_all, _ = kern.contrastive_backward_operand(
-                txt_all, img, logit_scale, col_lse, row_lse, col_weight, row_weight,
-                target_offset=-offset, out_dtype=torch.float32 if dctx else None)
-            d_txt = (_reduce_scatter_rows(d_txt_all, dctx).to(img.dtype) if dctx else d_txt_all)
-        return (d_img if need_img else None), d_txt, d_scale, None, None
+def _fused_contrastive(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: Optional[_Dist],
+                       want_stats: bool):
+    """This rank's share of the loss through the Triton kernels (`ContrastiveFunction` in
+    kernels/contrastive.py; imported lazily so that triton loads only when used)."""
+    from ..kernels.contrastive import fused_contrastive
+    return fused_contrastive(img, txt, logit_scale, dctx, want_stats)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -335,7 +273,7 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
         _check_equal_local_batch(image_features.shape[0], image_features.device, dctx)
     name = backends.resolve(OP, backend, image_features.device)
     if name == "triton":
-        share, row_lse, col_lse, i2t, t2i = _FusedContrastive.apply(
+        share, row_lse, col_lse, i2t, t2i = _fused_contrastive(
             image_features.contiguous(), text_features.contiguous(), logit_scale, dctx, return_stats)
         stats = (row_lse, col_lse, i2t, t2i) if return_stats else None
     else:

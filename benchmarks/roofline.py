@@ -1,0 +1,394 @@
+"""Roofline model of the Triton and CUDA kernels: what a GPU run must be compared against.
+
+For each kernel at each benchmark size: tensor-core FLOPs, other arithmetic (fp32 ALU ops and
+special-function exponentials), DRAM bytes and the tile grid. Two times per kernel:
+
+  floor     max(tensor FLOPs / tensor peak, bytes / DRAM bandwidth): no real kernel is faster.
+  modelled  what these kernels, as written (tile sizes, grids, epilogues), should take on the
+            part: tensor work at TC_EFFICIENCY of peak and quantised to whole waves of tiles,
+            ALU/SFU work of the epilogues and softmax statistics partly hidden under the
+            tensor work (OVERLAP), memory at BW_EFFICIENCY, plus a launch overhead. The
+            parameters are stated below; a GPU run checks them (`gpu_check.py` prints
+            measured / modelled per case and kernel).
+
+    python benchmarks/roofline.py [--device h100|a100] [--out DIR]
+
+writes benchmarks/results/roofline.md: per-case floors and modelled times, and the issue-16
+targets (MoME fwd+bwd at base T=16k within 1.5x of its FLOP floor; contrastive fwd+bwd at
+N=32k D=256 within 1.5x of 8 N^2 D at the tensor peak).
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    sms: int
+    clock_ghz: float            # sustained boost clock under load
+    tc_tflops: Dict[str, float]  # dense tensor-core peak per input dtype
+    fp32_tflops: float          # FMA = 2 FLOPs, non-tensor
+    sfu_per_sm_clk: int         # exp2/log2 per SM per clock (MUFU)
+    dram_tbps: float
+    smem_kb: int                # opt-in shared memory per block
+
+
+A100 = Part("A100-SXM4-80GB", 108, 1.41, {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0,
+                                          "tf32x3": 52.0}, 19.5, 16, 2.039, 163)
+H100 = Part("H100-SXM5-80GB", 132, 1.83, {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7,
+                                          "tf32x3": 164.9}, 66.9, 16, 3.35, 227)
+PARTS = {"a100": A100, "h100": H100}
+
+# Model parameters (stated, to be checked by a GPU run).
+TC_EFFICIENCY = {"A100": 0.80, "H100": 0.70}   # Triton GEMM tiles vs peak (no TMA/warp-spec.)
+BW_EFFICIENCY = 0.85
+OVERLAP = 0.5          # fraction of the smaller of (tensor, ALU+SFU) time hidden under the larger
+LAUNCH_US = 3.0        # per launch (device side gap between dependent kernels)
+SERIAL_BLOCK_US = 1.0  # one dependent load-and-reduce step inside a program (routing)
+
+
+@dataclass
+class Kernel:
+    name: str
+    tc_flops: float = 0.0
+    precision: str = "bf16"
+    bytes: float = 0.0
+    alu_ops: float = 0.0         # fp32 ops outside the tensor cores (FMA counted as 2)
+    sfu_ops: float = 0.0         # exponentials / logarithms
+    tiles: Optional[List[float]] = None  # relative work of each tile (wave quantisation)
+    serial_steps: int = 0        # dependent loop iterations of a one-program kernel
+
+    def floor_ms(self, part: Part) -> float:
+        tc = self.tc_flops / (part.tc_tflops[self.precision] * 1e12) if self.tc_flops else 0.0
+        return 1e3 * max(tc, self.bytes / (part.dram_tbps * 1e12))
+
+    def modelled_ms(self, part: Part) -> float:
+        eff = TC_EFFICIENCY[part.name[:4]]
+        t_tc = self.tc_flops / (part.tc_tflops[self.precision] * 1e12 * eff) if self.tc_flops else 0.0
+        t_alu = (self.alu_ops / (part.fp32_tflops * 1e12)
+                 + self.sfu_ops / (part.sms * part.sfu_per_sm_clk * part.clock_ghz * 1e9))
+        t_mem = self.bytes / (part.dram_tbps * 1e12 * BW_EFFICIENCY)
+        t_compute = max(t_tc, t_alu) + (1 - OVERLAP) * min(t_tc, t_alu)
+        if self.tiles:
+            t_compute *= _wave_factor(self.tiles, part.sms)
+        t = max(t_compute, t_mem) + self.serial_steps * SERIAL_BLOCK_US * 1e-6
+        return 1e3 * t + LAUNCH_US * 1e-3
+
+
+def _wave_factor(tiles: List[float], slots: int) -> float:
+    """Time of a greedy (longest first) schedule of the tiles on `slots` SMs over the ideal
+    (total work / slots): > 1 when the last wave is partly empty or tiles are uneven."""
+    loads = [0.0] * slots
+    for w in sorted(tiles, reverse=True):
+        heapq.heapreplace(loads, loads[0] + w)
+    ideal = sum(tiles) / slots
+    return max(loads) / ideal if ideal > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------- MoME FFN
+
+TEXT_LEN, IMAGE_LEN = 40, 197
+
+
+def mome_counts(mix: str, tokens: int) -> List[int]:
+    """Tokens per expert (vision, language, VL) of bench_mome.py's mixes: pairs and packed
+    batches are 197 image to 40 text tokens per pair (packed adds as many image-only and
+    text-only samples, the same split), image and text batches one modality."""
+    vision = {"pairs": round(tokens * IMAGE_LEN / (IMAGE_LEN + TEXT_LEN)), "image": tokens,
+              "text": 0}[mix if mix != "packed" else "pairs"]
+    return [vision, tokens - vision, 0]
+
+
+def mix_tokens(mix: str, target_tokens: int) -> int:
+    """The token count bench_mome.py's Case gives for a target (whole samples)."""
+    unit = {"pairs": TEXT_LEN + IMAGE_LEN, "image": IMAGE_LEN, "text": TEXT_LEN,
+            "packed": 2 * (TEXT_LEN + IMAGE_LEN)}[mix]
+    return max(1, round(target_tokens / unit)) * unit
+
+
+def _gemm_tiles(counts, n_cols, bm=128, bn=128, k=1) -> List[float]:
+    """Row tiles x column tiles of a grouped GEMM (work of a tile ~ its rows)."""
+    tiles = []
+    for c in counts:
+        for r0 in range(0, c, bm):
+            tiles += [min(bm, c - r0) * k] * math.ceil(n_cols / bn)
+    return tiles
+
+
+def _wgrad_tiles(counts, kd, nd, bm=128, bn=128, split_rows: int = 0) -> List[float]:
+    """dW tiles: each reduces over its expert's rows; split_rows > 0 splits them in chunks."""
+    tiles = []
+    for c in counts:
+        if c == 0:
+            continue
+        chunks = [split_rows] * (c // split_rows) + ([c % split_rows] if c % split_rows else []) \
+            if split_rows else [c]
+        tiles += chunks * (math.ceil(kd / bm) * math.ceil(nd / bn))
+    return tiles
+
+
+def mome_kernels(counts: List[int], d: int, h: int, dtype: str = "bf16", recompute: bool = False,
+                 with_gamma: bool = True, wgrad_split_rows: int = 0) -> Tuple[List[Kernel], List[Kernel]]:
+    """(forward kernels, backward kernels) of kernels/mome_ffn.py for tokens per expert."""
+    t = sum(counts)
+    e = 3
+    el = 4 if dtype == "fp32" else 2
+    prec = {"fp32": "tf32x3", "bf16": "bf16", "fp16": "fp16"}[dtype]
+    gemm = 2.0 * t * d * h
+    gelu_ops = 20.0  # erf + mul/add per element (ALU)
+    fwd = [
+        Kernel("route_count", bytes=t * 8.0, serial_steps=1),
+        Kernel("route_scatter", bytes=t * (8.0 + 4), serial_steps=1 + math.ceil(t / 1024 / 128)),
+        Kernel("gather_ln", bytes=t * d * el * 2 + e * d * el * 2, alu_ops=t * d * 10.0),
+        Kernel("fc1_gelu", gemm, prec, bytes=t * d * el + e * d * h * el + t * h * el * (1 if recompute else 2),
+               alu_ops=t * h * gelu_ops, tiles=_gemm_tiles(counts, h)),
+        Kernel("fc2_residual", gemm, prec, bytes=t * h * el + e * h * d * el + t * d * el * (3 if with_gamma else 2),
+               alu_ops=t * d * 6.0, tiles=_gemm_tiles(counts, d)),
+    ]
+    bwd = [
+        Kernel("gather_grad", bytes=t * d * el * 3, alu_ops=t * d * 4.0),
+        Kernel("wgrad_fc2", gemm, prec, bytes=t * (h + d) * el + e * h * d * el,
+               tiles=_wgrad_tiles(counts, h, d, split_rows=wgrad_split_rows)),
+        Kernel("dgelu", gemm * (2 if recompute else 1), prec,
+               bytes=t * d * el + e * d * h * el + t * h * el * (1 if recompute else 2)
+               + (t * d * el + e * d * h * el if recompute else 0),
+               alu_ops=t * h * gelu_ops, tiles=_gemm_tiles(counts, h, k=2 if recompute else 1)),
+        Kernel("wgrad_fc1", gemm, prec, bytes=t * (d + h) * el + e * d * h * el,
+               tiles=_wgrad_tiles(counts, d, h, split_rows=wgrad_split_rows)),
+        Kernel("dz", gemm, prec, bytes=t * h * el + e * d * h * el + t * d * 4,
+               tiles=_gemm_tiles(counts, d)),
+        Kernel("ln_bwd", bytes=t * d * (4 + el * 3), alu_ops=t * d * 14.0),
+    ]
+    return fwd, bwd
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+# fp32 ops per S element outside the GEMMs (max/sub/compare/select, sums, scale): forward
+# (row and column statistics from one exponential) and backward per operand (G from the two
+# LSEs, target subtraction, masking, rounding, dscale).
+CONTRASTIVE_FWD_OPS, CONTRASTIVE_BWD_OPS = 14.0, 12.0
+
+
+def contrastive_kernels(n: int, D: int, dtype: str = "bf16", world: int = 1,
+                        fused_backward: bool = False) -> Tuple[List[Kernel], List[Kernel]]:
+    """(forward, backward) of kernels/contrastive.py for one rank's n rows against N = world*n
+    columns. fused_backward models one recomputed S tile feeding dI and dT (3 GEMMs)."""
+    big_n = n * world
+    el = 4 if dtype == "fp32" else 2
+    prec = {"fp32": "tf32x3", "bf16": "bf16", "fp16": "fp16"}[dtype]
+    s = float(n) * big_n
+    fwd = [Kernel("contrastive_fwd", 2 * s * D, prec, bytes=(n + big_n) * D * el + big_n * 4 * 8,
+                  alu_ops=s * CONTRASTIVE_FWD_OPS, sfu_ops=s)]
+    if fused_backward:
+        bwd = [Kernel("contrastive_bwd_fused", 6 * s * D, prec, bytes=(n + big_n) * D * (el + 4),
+                      alu_ops=s * CONTRASTIVE_BWD_OPS, sfu_ops=s)]
+    else:
+        bwd = [Kernel("contrastive_bwd_img", 4 * s * D, prec, bytes=(n + big_n) * D * el * 2,
+                      alu_ops=s * CONTRASTIVE_BWD_OPS, sfu_ops=s),
+               Kernel("contrastive_bwd_txt", 4 * s * D, prec, bytes=(n + big_n) * D * el * 2,
+                      alu_ops=s * CONTRASTIVE_BWD_OPS, sfu_ops=s)]
+    return fwd, bwd
+
+
+# ----------------------------------------------------------------------------- hard negatives
+
+SAMPLER_INSTRUCTIONS_PER_ELEMENT = 75.0   # SASS per logit of the row kernel (hash + Gumbel)
+
+
+def sampler_kernels(b: int, n: int, dtype: str = "fp32") -> List[Kernel]:
+    """csrc/hard_negatives_cuda.cu's row kernel: one read of each logit, instruction-bound."""
+    el = 4 if dtype == "fp32" else 2
+    # Counted as ALU "ops" at 2 per instruction so that fp32_tflops (FMA = 2) gives 1 instr/lane/clk.
+    return [Kernel("gumbel_argmax_rows", bytes=float(b) * n * el,
+                   alu_ops=2 * SAMPLER_INSTRUCTIONS_PER_ELEMENT * b * n)]
+
+
+# ----------------------------------------------------------------------------- cases
+
+MOME_PRESETS = {"base": (768, 3072), "large": (1024, 4096)}
+MOME_TOKENS = (2048, 4096, 16384, 65536)
+MOME_MIXES = ("pairs", "image", "text", "packed")
+CONTRASTIVE_SIZES = tuple(4096 * 2 ** k for k in range(9))
+CONTRASTIVE_DIMS = (256, 768)
+SAMPLER_CASES = tuple((b, n) for b in (256, 1024, 4096) for n in (8192, 32768, 65536))
+
+
+@dataclass
+class Case:
+    benchmark: str
+    case: str                  # same key=value tokens as the benchmark's rows
+    passes: Dict[str, List[Kernel]] = field(default_factory=dict)
+    flop_floor: Dict[str, float] = field(default_factory=dict)   # pass -> FLOPs of the target
+
+    def floor_ms(self, part: Part, pass_: str) -> float:
+        return sum(k.floor_ms(part) for k in self.passes[pass_])
+
+    def modelled_ms(self, part: Part, pass_: str) -> float:
+        return sum(k.modelled_ms(part) for k in self.passes[pass_])
+
+    def target_floor_ms(self, part: Part, pass_: str, precision: str = "bf16") -> float:
+        return 1e3 * self.flop_floor[pass_] / (part.tc_tflops[precision] * 1e12)
+
+
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16",
+                 "fp16": "fp16", "fp32": "fp32"}
+
+
+def mome_case(preset_or_dims, mix: str, tokens: int, dtype: str = "bf16", exact_tokens: bool = False,
+              **kw) -> Case:
+    d, h = MOME_PRESETS[preset_or_dims] if isinstance(preset_or_dims, str) else preset_or_dims
+    t = tokens if exact_tokens else mix_tokens(mix, tokens)
+    counts = mome_counts(mix, t)
+    fwd, bwd = mome_kernels(counts, d, h, dtype, **kw)
+    c = Case("mome", f"{mix} T={t} d={d} h={h} {dtype}", {"fwd": fwd, "fwd+bwd": fwd + bwd})
+    c.flop_floor = {"fwd": 4.0 * t * d * h, "fwd+bwd": 12.0 * t * d * h}
+    return c
+
+
+def contrastive_case(n: int, D: int, dtype: str = "bf16", **kw) -> Case:
+    fwd, bwd = contrastive_kernels(n, D, dtype, **kw)
+    c = Case("contrastive", f"N={n} D={D} {dtype}", {"fwd": fwd, "fwd+bwd": fwd + bwd})
+    c.flop_floor = {"fwd": 2.0 * n * n * D, "fwd+bwd": 8.0 * n * n * D}
+    return c
+
+
+def sampler_case(b: int, n: int, dtype: str = "fp32") -> Case:
+    return Case("hardneg", f"B={b} N={n} {dtype}", {"sample": sampler_kernels(b, n, dtype)})
+
+
+def all_cases() -> List[Case]:
+    cases = [mome_case(p, m, t) for p in MOME_PRESETS for m in MOME_MIXES for t in MOME_TOKENS]
+    cases += [contrastive_case(n, d) for d in CONTRASTIVE_DIMS for n in CONTRASTIVE_SIZES]
+    cases += [sampler_case(b, n) for b, n in SAMPLER_CASES]
+    return cases
+
+
+def case_for_row(benchmark: str, case: str) -> Optional[Case]:
+    """The modelled case of a benchmark results row (its `case` string's key=value tokens),
+    or None when the model does not cover it."""
+    tokens = case.split()
+    kv = dict(t.split("=", 1) for t in tokens if "=" in t)
+    dtype = next((DTYPE_ALIASES[t] for t in tokens if t in DTYPE_ALIASES), "bf16")
+    try:
+        if benchmark == "mome" and tokens and tokens[0] in MOME_MIXES:
+            return mome_case((int(kv["d"]), int(kv["h"])), tokens[0], int(kv["T"]), dtype,
+                             exact_tokens=True)
+        if benchmark == "contrastive":
+            return contrastive_case(int(kv["N"]), int(kv["D"]), dtype)
+        if benchmark == "hardneg":
+            return sampler_case(int(kv["B"]), int(kv["N"]), dtype)
+    except (KeyError, ValueError):
+        return None
+    return None
+
+
+def part_for(device_name: str) -> Part:
+    return A100 if "A100" in device_name else H100
+
+
+def targets(part: Part) -> List[Tuple[str, float, float, float, float]]:
+    """(what, modelled ms, floor ms, modelled / floor, target ratio) for issue 16's targets,
+    as the kernels are today and with the changes the model says would reach them."""
+    rows = []
+    for label, kw in (("MoME fwd+bwd base pairs T=16k (as written)", {}),
+                      ("  same, wgrad rows split in 2048-row chunks", {"wgrad_split_rows": 2048})):
+        c = mome_case("base", "pairs", 16384, **kw)
+        m, f = c.modelled_ms(part, "fwd+bwd"), c.target_floor_ms(part, "fwd+bwd")
+        rows.append((label, m, f, m / f, 1.5))
+    for label, kw in (("contrastive fwd+bwd N=32k D=256 (as written)", {}),
+                      ("  same, one S tile for dI and dT (3 GEMMs)", {"fused_backward": True})):
+        c = contrastive_case(32768, 256, **kw)
+        m, f = c.modelled_ms(part, "fwd+bwd"), c.target_floor_ms(part, "fwd+bwd")
+        rows.append((label, m, f, m / f, 1.5))
+    return rows
+
+
+def required_tc_efficiency(case: Case, part: Part, pass_: str = "fwd+bwd", ratio: float = 1.5,
+                           ) -> Optional[float]:
+    """The tensor-core efficiency at which the modelled time meets ratio x the target floor
+    (everything else as modelled); None if even 100 % does not."""
+    global TC_EFFICIENCY
+    saved = dict(TC_EFFICIENCY)
+    key = part.name[:4]
+    try:
+        for pct in range(30, 101):
+            TC_EFFICIENCY = dict(saved, **{key: pct / 100})
+            if case.modelled_ms(part, pass_) <= ratio * case.target_floor_ms(part, pass_):
+                return pct / 100
+        return None
+    finally:
+        TC_EFFICIENCY = saved
+
+
+def markdown(parts=(H100, A100)) -> str:
+    lines = ["# Roofline model (benchmarks/roofline.py)", "",
+             "Modelled, not measured: no GPU was available. Parameters: tensor-core efficiency "
+             + ", ".join(f"{k} {v:.0%}" for k, v in TC_EFFICIENCY.items())
+             + f", DRAM efficiency {BW_EFFICIENCY:.0%}, ALU/tensor overlap {OVERLAP:.0%}, "
+             f"launch {LAUNCH_US} us, routing iteration {SERIAL_BLOCK_US} us. "
+             "`floor` = max(tensor FLOPs / peak, bytes / bandwidth) per kernel, summed; "
+             "`target floor` = the issue's FLOP floor (12 T d h for MoME fwd+bwd, 8 N^2 D for "
+             "contrastive) at the bf16 peak.", ""]
+    for part in parts:
+        lines += [f"## Targets on {part.name}", "",
+                  "| case | modelled ms | target floor ms | modelled / floor | target |",
+                  "|---|---|---|---|---|"]
+        for what, m, f, r, tgt in targets(part):
+            lines.append(f"| {what} | {m:.3f} | {f:.3f} | {r:.2f} | <= {tgt} |")
+        lines.append("")
+        for label, case in (("MoME base pairs T=16k", mome_case("base", "pairs", 16384)),
+                            ("contrastive N=32k D=256", contrastive_case(32768, 256))):
+            need = required_tc_efficiency(case, part)
+            lines.append(f"- {label}: the 1.5x target needs the GEMM tiles at "
+                         + (f"{need:.0%}" if need else "> 100%") + " of the tensor peak "
+                         f"(modelled today: {TC_EFFICIENCY[part.name[:4]]:.0%}).")
+        lines.append("")
+    part = H100
+    lines += [f"## Per case on {part.name} (fwd+bwd; hardneg: one sample call)", "",
+              "| benchmark | case | floor ms | modelled ms | target floor ms | modelled / target floor |",
+              "|---|---|---|---|---|---|"]
+    for c in all_cases():
+        p = "fwd+bwd" if "fwd+bwd" in c.passes else "sample"
+        tf = c.target_floor_ms(part, p) if c.flop_floor else float("nan")
+        m = c.modelled_ms(part, p)
+        lines.append(f"| {c.benchmark} | {c.case} | {c.floor_ms(part, p):.4g} | {m:.4g} | "
+                     f"{tf:.4g} | {m / tf:.2f} |" if c.flop_floor else
+                     f"| {c.benchmark} | {c.case} | {c.floor_ms(part, p):.4g} | {m:.4g} | - | - |")
+    lines += ["", "## Per kernel, MoME base pairs T=16k bf16 and contrastive N=32k D=256, "
+              f"{part.name}", "", "| kernel | TFLOP | MB | floor ms | modelled ms |", "|---|---|---|---|---|"]
+    for c in (mome_case("base", "pairs", 16384), contrastive_case(32768, 256)):
+        for k in c.passes["fwd+bwd"]:
+            lines.append(f"| {c.benchmark}:{k.name} | {k.tc_flops / 1e12:.3f} | {k.bytes / 1e6:.1f} | "
+                         f"{k.floor_ms(part):.4f} | {k.modelled_ms(part):.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from vlmo_fast.io import atomic_write_text
+    text = markdown()
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "roofline.md", text)
+    for part in (H100, A100):
+        print(f"{part.name}:")
+        for what, m, f, r, tgt in targets(part):
+            print(f"  {what:52s} modelled {m:7.3f} ms  floor {f:7.3f} ms  ratio {r:5.2f} (target <= {tgt})")
+    print(f"wrote {args.out / 'roofline.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Compile matrix: every Triton kernel x every config its launcher can choose x sm_80/86/90,
+at the dtypes that run, compiled offline exactly as launched (see common.compile_launch), plus
+the CUDA sampler with `nvcc -Xptxas -v`. No GPU needed; run without TRITON_INTERPRET.
+
+    python -m vlmo_fast.kernels.compile_matrix [--full] [--out FILE.md] [--json FILE]
+
+Default (CI) subset: each variant's first config on the shapes and arches that stress the
+limits (MoME bf16 on sm_80/sm_90; contrastive bf16 D=256 on sm_86/sm_90, fp16 D=128 and fp32
+D=128 on sm_80); --full compiles every autotune config and every dtype/arch (about 20 minutes
+cold on 2 cores; Triton's and our ptxas caches make reruns fast) and is what
+benchmarks/results/compile-matrix.md holds.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import List, NamedTuple, Optional
+
+import torch
+
+from . import contrastive, mome_ffn
+from .common import ARCH_SHARED_MEMORY, CompileResult
+
+ARCHS = (80, 86, 90)
+# Spill budget (bytes of spill stores + loads per thread, as ptxas reports them) that any
+# config the launchers can choose may have: two registers' worth (an 8-byte spill on a 255-
+# register kernel costs nothing measurable; the issue's spilling configs moved kilobytes).
+SPILL_BUDGET_BYTES = 16
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class Row(NamedTuple):
+    op: str
+    dtype: str
+    shape: str
+    result: CompileResult
+    estimate: int = -1      # contrastive: the launcher's shared-memory estimate for the config
+
+
+def mome_rows(archs, dtypes, all_configs: bool) -> List[Row]:
+    rows = []
+    for arch in archs:
+        for dtype in dtypes:
+            seen = set()
+            for recompute in (False, True):
+                for r in mome_ffn.compile_for(arch, dtype, recompute_preact=recompute,
+                                              all_configs=all_configs):
+                    if r not in seen:
+                        seen.add(r)
+                        rows.append(Row("mome_ffn", DTYPE_NAMES[dtype], "T=4096 d=768 h=3072", r))
+    return rows
+
+
+def contrastive_rows(plan) -> List[Row]:
+    from .common import arch_facts, offline_target
+    rows = []
+    for arch, dtype, d in plan:
+        fp32, size = dtype == torch.float32, torch.empty((), dtype=dtype).element_size()
+        with offline_target(arch_facts(arch)):
+            estimates = {
+                "_contrastive_fwd_kernel": contrastive.estimate_shared_memory(
+                    contrastive.forward_config(d, dtype, torch.device("meta")), size, False, arch, fp32),
+                "_contrastive_bwd_kernel": contrastive.estimate_shared_memory(
+                    contrastive.backward_config(d, dtype, torch.device("meta")), size, True, arch, fp32)}
+        for r in contrastive.compile_for(arch, dtype, D=d):
+            rows.append(Row("contrastive", DTYPE_NAMES[dtype], f"N=4096 D={d}", r,
+                            estimates[r.kernel]))
+    return rows
+
+
+def cuda_rows(archs=(80, 90)) -> List[Row]:
+    """csrc/hard_negatives_cuda.cu through nvcc with -Xptxas -v (c10/cuda headers only)."""
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    src = os.path.join(root, "csrc", "hard_negatives_cuda.cu")
+    if not os.path.exists(src) or not os.path.exists(nvcc):
+        return []
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    includes = [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include")]
+    with open(src, "rb") as f:
+        text = f.read()
+    with open(os.path.join(root, "csrc", "hard_negatives.h"), "rb") as f:
+        text += f.read()
+    key = hashlib.sha256(text + str(archs).encode() + torch.__version__.encode()).hexdigest()[:32]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                         "vlmo_fast", "nvcc", key + ".log")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            log = f.read()
+    else:
+        gencode = [a for arch in archs for a in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), "-std=c++20", "-O3",
+                   "--use_fast_math", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C",
+                   *(f"-I{p}" for p in includes), *gencode]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError("nvcc failed:\n" + proc.stderr[-4000:])
+        log = proc.stderr
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(cache + ".tmp", "w") as f:
+            f.write(log)
+        os.replace(cache + ".tmp", cache)
+    return parse_ptxas_log(log)
+
+
+def parse_ptxas_log(log: str) -> List[Row]:
+    rows, current = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", line)
+        if m:
+            current = {"name": _demangle(m.group(1)), "arch": int(m.group(2)), "spill": 0,
+                       "stack": 0, "regs": 0, "smem": 0}
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"] = int(m.group(1))
+            current["spill"] = int(m.group(2)) + int(m.group(3))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["smem"] = int(s.group(1)) if s else 0
+            c = current
+            rows.append(Row("hard_negatives (CUDA)", "-", "-", CompileResult(
+                c["name"], "", "256 threads", c["arch"], c["regs"], c["spill"], c["stack"],
+                c["smem"], c["smem"] <= ARCH_SHARED_MEMORY[c["arch"]])))
+            current = None
+    return rows
+
+
+def _demangle(name: str) -> str:
+    """gumbel_argmax_rows<c10::BFloat16> from the mangled entry name (c++filt)."""
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return name
+    out = out.replace("(anonymous namespace)::", "").replace("vlmo_fast::hardneg::", "")
+    out = out.split("(", 1)[0]
+    return out[5:] if out.startswith("void ") else (out or name)
+
+
+def run(full: bool) -> List[Row]:
+    if full:
+        rows = mome_rows(ARCHS, (torch.bfloat16, torch.float16, torch.float32), all_configs=True)
+        plan = [(a, dt, d) for a in ARCHS for dt in (torch.bfloat16, torch.float16, torch.float32)
+                for d in (128, 256, 768)]
+    else:
+        rows = mome_rows((80, 90), (torch.bfloat16,), all_configs=False)
+        plan = [(86, torch.bfloat16, 256), (90, torch.bfloat16, 256), (80, torch.float16, 128),
+                (80, torch.float32, 128)]
+    return rows + contrastive_rows(plan) + cuda_rows()
+
+
+def problems(rows: List[Row]) -> List[str]:
+    out = []
+    for row in rows:
+        r = row.result
+        where = f"{row.op} {r.kernel} [{r.variant}] {r.config} {row.dtype} {row.shape} sm_{r.arch}"
+        if not r.fits:
+            out.append(f"{where}: {r.shared} B shared memory > {ARCH_SHARED_MEMORY[r.arch]} B")
+        if r.spill_bytes > SPILL_BUDGET_BYTES:
+            out.append(f"{where}: {r.spill_bytes} B of spills > budget {SPILL_BUDGET_BYTES} B")
+        if row.estimate >= 0 and row.estimate < r.shared:
+            out.append(f"{where}: shared-memory estimate {row.estimate} B < compiled {r.shared} B")
+    return out
+
+
+def markdown(rows: List[Row], full: bool) -> str:
+    import triton
+    lines = ["# Compile matrix (offline, no GPU)", "",
+             f"Written by `python -m vlmo_fast.kernels.compile_matrix{' --full' if full else ''}` "
+             f"(tests/test_compile_matrix.py): triton {triton.__version__} with its bundled ptxas, "
+             f"torch {torch.__version__}. Every kernel as its launcher launches it (JIT argument "
+             "specialisation, each autotune config the arch keeps after pruning, the contrastive "
+             "config chosen from the arch's shared memory); the CUDA sampler with nvcc "
+             "-Xptxas -v. `spill` = spill stores + loads (bytes), `smem` = shared memory (bytes) "
+             f"against the arch's opt-in limit. Spill budget: {SPILL_BUDGET_BYTES} B.", ""]
+    summary = {}
+    for row in rows:
+        r = row.result
+        k = (row.op, r.kernel, row.dtype, r.arch)
+        s = summary.setdefault(k, [0, 0, 0, 0, 10 ** 9])
+        s[0] += 1
+        s[1] = max(s[1], r.registers)
+        s[2] = max(s[2], r.spill_bytes)
+        s[3] = max(s[3], r.shared)
+    lines += ["## Summary per kernel, dtype and arch (max over configs/variants)", "",
+              "| op | kernel | dtype | arch | compiled | max registers | max spill B | max smem B | limit B |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for (op, kernel, dtype, arch), s in sorted(summary.items()):
+        lines.append(f"| {op} | {kernel} | {dtype} | sm_{arch} | {s[0]} | {s[1]} | {s[2]} | {s[3]} | "
+                     f"{ARCH_SHARED_MEMORY[arch]} |")
+    lines += ["", "## Every compiled variant", "",
+              "| op | kernel | variant | config | dtype | shape | arch | regs | spill B | stack B | smem B | fits |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = row.result
+        lines.append(f"| {row.op} | {r.kernel} | {r.variant} | {r.config} | {row.dtype} | {row.shape} | "
+                     f"sm_{r.arch} | {r.registers} | {r.spill_bytes} | {r.stack_bytes} | {r.shared} | "
+                     f"{'yes' if r.fits else 'NO'} |")
+    bad = problems(rows)
+    lines += ["", "Problems: " + ("none" if not bad else ""), *(f"- {b}" for b in bad)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    rows = run(args.full)
+    if args.out:
+        from vlmo_fast.io import atomic_write_text
+        atomic_write_text(args.out, markdown(rows, args.full))
+    if args.json:
+        from vlmo_fast.io import atomic_write_json
+        atomic_write_json(args.json, [dict(op=r.op, dtype=r.dtype, shape=r.shape,
+                                           smem_estimate=r.estimate, **r.result._asdict())
+                                      for r in rows])
+    bad = problems(rows)
+    print(f"{len(rows)} kernels compiled, {len(bad)} problems")
+    for b in bad:
+        print("  " + b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
