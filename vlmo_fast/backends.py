@@ -194,6 +194,9 @@ def resolve(op: str, requested: Optional[str], device: torch.device | str, **fac
 
 
 def _record(op: str, name: str, device: torch.device) -> str:
+    if torch.compiler.is_compiling():
+        # while dynamo traces: no logging (a graph break) and no run-time record to keep
+        return name
     key = f"{op}@{device.type}"
     if _LAST_USED.get(key) != name:
         logger.info("vlmo_fast: %s runs on backend %r (%s)", op, name, device.type)

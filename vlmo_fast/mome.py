@@ -31,13 +31,11 @@ is in `vlmo_fast.backends.last_used()` and the module's repr.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import backends
 from .env import (INTEGER_DTYPES, KERNEL_FLOAT_DTYPES, autocast_dtype, compile_time_constant,
