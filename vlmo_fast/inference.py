@@ -220,14 +220,17 @@ class Encoder:
 
     # -- embeddings ------------------------------------------------------------------------
     @torch.no_grad()
-    def embed_images(self, images: ImageInput) -> Tensor:
-        """[N, D] float32 L2-normalised ITC image embeddings (on the CPU)."""
-        out = []
+    def iter_image_embeddings(self, images: ImageInput):
+        """Yield [b, D] float32 CPU embeddings batch by batch (files are read lazily), for
+        corpora that should stream to disk instead of being held in memory."""
         with self._bar(self._num_images(images), "embed images") as bar:
             for batch in self._image_batches(images):
-                out.append(self.model.encode_image(batch).features.float().cpu())
+                yield self.model.encode_image(batch).features.float().cpu()
                 bar.update(batch.shape[0])
-        return torch.cat(out)
+
+    def embed_images(self, images: ImageInput) -> Tensor:
+        """[N, D] float32 L2-normalised ITC image embeddings (on the CPU)."""
+        return torch.cat(list(self.iter_image_embeddings(images)))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> Tensor:
