@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmo_fast.eval.retrieval import evaluate_retrieval, recall_at_k, rerank_scores
+from vlmo_fast.eval.retrieval import chance_recall, evaluate_retrieval, recall_at_k, rerank_scores
 from vlmo_fast.model import VLMo
 
 # 2 images, 4 captions: captions 0, 1 describe image 0; captions 2, 3 image 1
@@ -149,3 +149,17 @@ def test_evaluate_retrieval_tiny_vlmo_batch_invariant():
         evaluate_retrieval(model, images, text_ids, text_mask[:, :3], t2i)
     with pytest.raises(ValueError, match="at least one"):
         evaluate_retrieval(model, images[:0], text_ids[:0], None, t2i[:0])
+
+
+def test_chance_recall_hand_checked():
+    # 2 images x 2 captions: i2t@1 = 2/4, i2t@2 = 1 - (2/4)(1/3) = 5/6; t2i@1 = 1/2
+    c = chance_recall(TEXT_TO_IMAGE, 2, ks=(1, 2, 5))
+    assert c["i2t_r1"] == pytest.approx(0.5) and c["i2t_r2"] == pytest.approx(5 / 6)
+    assert c["i2t_r5"] == 1.0 and c["t2i_r1"] == 0.5 and c["t2i_r2"] == 1.0
+    # matches the mean recall of many random score matrices
+    g = torch.Generator().manual_seed(0)
+    t2i = torch.tensor([0, 0, 0, 1, 2, 2])
+    runs = [recall_at_k(s, s.T, t2i, ks=(1, 2)) for s in torch.rand(2000, 3, 6, generator=g)]
+    exact = chance_recall(t2i, 3, ks=(1, 2))
+    for key in ("i2t_r1", "i2t_r2", "t2i_r1"):
+        assert sum(r[key] for r in runs) / len(runs) == pytest.approx(exact[key], abs=0.03)

@@ -102,6 +102,26 @@ def recall_at_k(scores_i2t: Tensor, scores_t2i: Tensor, text_to_image: Tensor,
     return out
 
 
+def chance_recall(text_to_image: Tensor, num_images: int,
+                  ks: Sequence[int] = DEFAULT_KS) -> Dict[str, float]:
+    """Expected R@K of a uniformly random ranking, the baseline to print beside results.
+    i2t: an image with c of the Nt captions is a hit unless all K draws (without replacement)
+    miss them: 1 - C(Nt - c, K) / C(Nt, K); t2i: K / Ni."""
+    text_to_image = _check_text_to_image(text_to_image, num_images, len(text_to_image))
+    nt = int(text_to_image.numel())
+    counts = torch.bincount(text_to_image, minlength=num_images).double()
+    out = {}
+    for k in ks:
+        miss = torch.ones_like(counts)
+        for j in range(min(k, nt)):
+            miss = miss * ((nt - counts - j).clamp(min=0) / (nt - j))
+        out[f"i2t_r{k}"] = float((1 - miss).mean())
+    for k in ks:
+        out[f"t2i_r{k}"] = min(1.0, k / num_images)
+    out["mean"] = sum(out.values()) / len(out)
+    return out
+
+
 def rerank_scores(itc_scores: Tensor, candidates: Tensor, itm_scores: Tensor) -> Tensor:
     """Full score matrix after re-ranking: ITM + ITC on each row's candidates; every other
     entry keeps its ITC order but sits below all of that row's re-ranked candidates.
