@@ -100,7 +100,7 @@ class Encoder:
         directory = Path(directory)
         model = VLMo.from_pretrained(directory)
         tokenizer = None
-        if (directory / "vocab.txt").is_file() or (directory / "tokenizer.json").is_file():
+        if (directory / "vocab.txt").is_file():
             from .data import WordPieceTokenizer
             tokenizer = WordPieceTokenizer.load(directory)
         encoder = cls(model, tokenizer, device=device, **kwargs)
@@ -198,7 +198,7 @@ class Encoder:
         """(text_ids, text_mask) [N, max_text_len]; over-long texts handled per `on_long_text`."""
         if self.tokenizer is None:
             raise RuntimeError("this Encoder has no tokenizer: build it with Encoder(model, tokenizer) "
-                               "or load a folder that has one (tokenizer.json / vocab.txt)")
+                               "or load a folder that has one (vocab.txt, written by tokenizer.save)")
         texts = self._check_texts(texts)
         max_len = self.config.max_text_len
         # one extra slot shows which texts need more than max_len tokens

@@ -8,6 +8,7 @@ NLVR2 pairs each statement with several image pairs).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -74,13 +75,43 @@ class NLVR2Head(nn.Module):
         return self.fc2(self.act(self.norm(self.fc1(torch.cat([pooled_left, pooled_right], -1)))))
 
 
+HEAD_FILE = "nlvr2_head.safetensors"
+
+
 class NLVR2Model(nn.Module):
-    """A VLMo backbone + `NLVR2Head`: logits [B, 2] for (statement, left, right)."""
+    """A VLMo backbone + `NLVR2Head`: logits [B, 2] for (statement, left, right).
+    Saved as the backbone's save_pretrained folder plus nlvr2_head.safetensors."""
 
     def __init__(self, backbone: nn.Module, head: Optional[NLVR2Head] = None):
         super().__init__()
         self.backbone = backbone
         self.head = head if head is not None else NLVR2Head(backbone.config.dim)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def save_pretrained(self, directory) -> Path:
+        from safetensors.torch import save_file
+        from ..io import atomic_write
+        directory = Path(directory)
+        self.backbone.save_pretrained(directory)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        atomic_write(directory / HEAD_FILE, lambda p: save_file(tensors, p))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu") -> "NLVR2Model":
+        from safetensors.torch import load_file
+        from ..model import VLMo
+        directory = Path(directory)
+        if not (directory / HEAD_FILE).is_file():
+            raise FileNotFoundError(f"{directory} has no {HEAD_FILE}: not an NLVR2 fine-tuned checkpoint "
+                                    "(fine-tune one with train/finetune.py --task nlvr2)")
+        backbone = VLMo.from_pretrained(directory, map_location=map_location)
+        model = cls(backbone)
+        model.head.load_state_dict(load_file(str(directory / HEAD_FILE), device=str(map_location)))
+        return model
 
     def forward(self, text_ids: Tensor, images_left: Tensor, images_right: Tensor,
                 text_mask: Optional[Tensor] = None) -> Tensor:
