@@ -273,9 +273,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "k", 1) < 1:
         parser.error(f"-k must be >= 1, got {args.k}")
+    from .checkpoint import CheckpointMismatchError
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, CheckpointMismatchError) as exc:
         print(f"vlmo-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
