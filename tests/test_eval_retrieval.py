@@ -143,6 +143,10 @@ def test_evaluate_retrieval_tiny_vlmo_batch_invariant():
     assert all(0.0 <= v <= 1.0 for v in a.rerank.values())
     assert a.itc["i2t_r10"] == 1.0  # only 10 captions
     assert "ITC+ITM" in a.summary()
+    # a model cast to bf16 gets its inputs in bf16 too
+    half = evaluate_retrieval(VLMo.from_preset("tiny").to(torch.bfloat16), images, text_ids, text_mask,
+                              t2i, batch_size=4, rerank_k=2)
+    assert all(0.0 <= v <= 1.0 for v in half.rerank.values())
     with pytest.raises(ValueError, match="itm_score"):
         evaluate_retrieval(model, images, text_ids, text_mask, t2i, itm_score="prob")
     with pytest.raises(ValueError, match="text_mask"):

@@ -131,7 +131,7 @@ def evaluate_nlvr2(model: NLVR2Model, text_ids: Tensor, text_mask: Optional[Tens
                    images_left: Tensor, images_right: Tensor, labels, *,
                    statement_ids: Optional[Sequence] = None, batch_size: int = 64,
                    device=None, progress: bool = False) -> Dict[str, float]:
-    from .retrieval import _model_device, _progress
+    from .retrieval import _model_device, _model_dtype, _progress
     labels = _labels(labels)
     n = text_ids.shape[0]
     if not (images_left.shape[0] == images_right.shape[0] == labels.shape[0] == n):
@@ -145,8 +145,9 @@ def evaluate_nlvr2(model: NLVR2Model, text_ids: Tensor, text_mask: Optional[Tens
         for s in _progress(starts, progress, "NLVR2", len(starts)):
             sl = slice(s, s + batch_size)
             mask = None if text_mask is None else text_mask[sl].to(device)
-            logits.append(model(text_ids[sl].to(device), images_left[sl].to(device),
-                                images_right[sl].to(device), mask).float().cpu())
+            dtype = _model_dtype(model)
+            logits.append(model(text_ids[sl].to(device), images_left[sl].to(device, dtype),
+                                images_right[sl].to(device, dtype), mask).float().cpu())
     finally:
         model.train(was_training)
     logits = torch.cat(logits) if logits else torch.empty(0, 2)

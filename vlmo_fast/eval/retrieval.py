@@ -179,6 +179,14 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def _model_dtype(model) -> torch.dtype:
+    """Images are cast to the weights' floating dtype (a model cast to bf16 runs in bf16)."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
 def _progress(iterable, enabled: bool, desc: str, total: int):
     if not enabled:
         return iterable
@@ -198,9 +206,10 @@ def encode_features(model, images: Optional[Tensor] = None, text_ids: Optional[T
     starts = range(0, n, batch_size)
     out = []
     what = "image" if images is not None else "text"
+    dtype = _model_dtype(model)
     for s in _progress(starts, progress, f"encode {what}s", len(starts)):
         if images is not None:
-            enc = model.encode_image(images[s:s + batch_size].to(device, non_blocking=True))
+            enc = model.encode_image(images[s:s + batch_size].to(device, dtype, non_blocking=True))
         else:
             mask = None if text_mask is None else text_mask[s:s + batch_size].to(device)
             enc = model.encode_text(text_ids[s:s + batch_size].to(device), mask)
@@ -218,10 +227,11 @@ def _itm_on_candidates(model, images: Tensor, text_ids: Tensor, text_mask: Optio
     n = image_index.numel()
     image_index, text_index = image_index.flatten().cpu(), text_index.flatten().cpu()
     out = []
+    dtype = _model_dtype(model)
     starts = range(0, n, batch_size)
     for s in _progress(starts, progress, desc, len(starts)):
         ii, ti = image_index[s:s + batch_size], text_index[s:s + batch_size]
-        imgs = images.index_select(0, ii.to(images.device)).to(device, non_blocking=True)
+        imgs = images.index_select(0, ii.to(images.device)).to(device, dtype, non_blocking=True)
         ids = text_ids.index_select(0, ti.to(text_ids.device)).to(device)
         mask = None if text_mask is None else text_mask.index_select(0, ti.to(text_mask.device)).to(device)
         logits = model.itm_logits(model.encode_pair(ids, imgs, mask)).float()

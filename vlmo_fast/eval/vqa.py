@@ -110,7 +110,7 @@ def evaluate_vqa(model, images: Tensor, text_ids: Tensor, text_mask: Optional[Te
                  targets: Tensor, *, batch_size: int = 64, device=None,
                  progress: bool = False) -> Dict[str, float]:
     """Soft accuracy of a fine-tuned VQA model (fusion encoder -> `model.classify`)."""
-    from .retrieval import _model_device, _progress
+    from .retrieval import _model_device, _model_dtype, _progress
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
     if num_classes is not None and num_classes != targets.shape[1]:
         raise ValueError(f"the model classifies over {num_classes} answers but targets have "
@@ -127,7 +127,7 @@ def evaluate_vqa(model, images: Tensor, text_ids: Tensor, text_mask: Optional[Te
         for s in _progress(starts, progress, "VQA", len(starts)):
             mask = None if text_mask is None else text_mask[s:s + batch_size].to(device)
             pair = model.encode_pair(text_ids[s:s + batch_size].to(device),
-                                     images[s:s + batch_size].to(device), mask)
+                                     images[s:s + batch_size].to(device, _model_dtype(model)), mask)
             logits.append(model.classify(pair).float().cpu())
     finally:
         model.train(was_training)
