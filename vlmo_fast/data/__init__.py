@@ -19,14 +19,30 @@ Additions to the contract:
 - `build_pretrain_loader(..., shuffle, drop_last, world_seed, world_config, pin_memory,
   persistent_workers, max_bad_fraction, min_mask_block, **reader options)`.
 - `RetrievalEvalSet.image_ids` and `.image_to_texts`.
+- `build_zero_shot_eval_set("embedded" | class-folder path, split, attribute=...)`: images,
+  labels, class_names, prompts for zero-shot classification.
+
+Fine-tuning tasks (issue 14's data part, `tasks.py`): `build_task_loader("vqa" | "nlvr2",
+"embedded" | path, tok, split, batch_size, ...)` -> the same resumable, sharded Loader;
+batches: vqa -> images, text_ids, text_mask, vqa_targets [B, A] soft scores, answer_ids,
+question_ids (loader.answer_vocab lists the A answers); nlvr2 -> images_left, images_right,
+text_ids, text_mask, labels.
 """
-from .builders import RetrievalEvalSet, build_pretrain_loader, build_retrieval_eval_set
+from .builders import (RetrievalEvalSet, ZeroShotEvalSet, build_pretrain_loader, build_retrieval_eval_set,
+                       build_zero_shot_eval_set)
 from .collate import PretrainCollator
 from .datasets import EmbeddedPretrainDataset
+from .formats import (DataError, ImageRef, PairRecord, Records, build_answer_vocab, normalize_answer, read_image_folder,
+                      read_karpathy, read_manifest, read_nlvr2, read_tar_shards, read_texts, read_vqav2, vqa_score,
+                      vqa_targets)
 from .loader import Loader, ShardedBatchSampler
 from .masking import blockwise_patch_mask, whole_word_mask
 from .render import render_scene, render_scenes
+from .sources import FilePairsDataset, TextDataset, detect_format, open_pretrain_dataset, open_records
+from .tasks import (EmbeddedNLVR2Dataset, EmbeddedVQADataset, NLVR2FileDataset, TaskCollator, VQAv2Dataset,
+                    build_task_dataset, build_task_loader)
 from .tokenizer import WordPieceTokenizer, build_tokenizer
+from .transforms import ImageTransform, decode_image, swap_left_right
 from .world import (COLOURS, SHAPES, SIZES, SPLITS, Caption, EmbeddedWorld, Scene, SceneObject, WorldConfig,
                     check_claims)
 
@@ -35,4 +51,10 @@ __all__ = [
     "RetrievalEvalSet", "EmbeddedWorld", "WorldConfig", "Scene", "SceneObject", "Caption", "check_claims",
     "SPLITS", "SHAPES", "COLOURS", "SIZES", "render_scene", "render_scenes", "Loader", "ShardedBatchSampler",
     "PretrainCollator", "EmbeddedPretrainDataset", "whole_word_mask", "blockwise_patch_mask",
+    "DataError", "ImageRef", "PairRecord", "Records", "read_manifest", "read_karpathy", "read_image_folder",
+    "read_texts", "read_tar_shards", "read_vqav2", "read_nlvr2", "build_answer_vocab", "normalize_answer",
+    "vqa_score", "vqa_targets", "FilePairsDataset", "TextDataset", "detect_format", "open_pretrain_dataset",
+    "open_records", "ImageTransform", "decode_image", "swap_left_right",
+    "ZeroShotEvalSet", "build_zero_shot_eval_set", "build_task_dataset", "build_task_loader", "TaskCollator", "EmbeddedVQADataset", "EmbeddedNLVR2Dataset",
+    "VQAv2Dataset", "NLVR2FileDataset",
 ]

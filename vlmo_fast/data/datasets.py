@@ -57,9 +57,8 @@ class EmbeddedPretrainDataset(Dataset):
         if self.stage == "text":
             item["text"] = self.world.document(scene)
         elif self.stage == "vl":
-            caps = self.world.caption_texts(scene)
-            j = int(item_rng(self.world.seed, key, 1).integers(len(caps)))
-            item["text"] = caps[j]
+            j = int(item_rng(self.world.seed, key, 1).integers(self.captions_per_image))
+            item["text"] = self.world.caption(scene, j).text
             item["image_id"] = index
             item["caption_id"] = index * self.captions_per_image + j
         return item

@@ -33,6 +33,15 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _noise(rng: np.random.Generator, shape, std: float) -> np.ndarray:
+    """Zero-mean uniform float32 noise with standard deviation `std` (several times cheaper
+    than Gaussian noise, which dominated rendering time at 224 px)."""
+    noise = rng.random(shape, dtype=np.float32)
+    noise -= 0.5
+    noise *= std * 3.4641016   # sqrt(12)
+    return noise
+
+
 def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     c0 = np.asarray(scene.background_colours[0], dtype=np.float32)
     c1 = np.asarray(scene.background_colours[1], dtype=np.float32)
@@ -41,13 +50,13 @@ def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray
         t = np.linspace(-0.5, 0.5, size, dtype=np.float32)
         proj = np.cos(angle) * t[None, :] + np.sin(angle) * t[:, None] + 0.5   # [H, W] in [0, 1]
         img = c0[:, None, None] * (1 - proj) + c1[:, None, None] * proj
-        img = img + rng.normal(0, 0.02, (1, size, size)).astype(np.float32)
+        img = img + _noise(rng, (1, size, size), 0.02)
     elif scene.background == "speckle":
         img = np.broadcast_to(c0[:, None, None], (3, size, size)).copy()
-        dots = rng.random((size, size)) < 0.06
+        dots = rng.random((size, size), dtype=np.float32) < 0.06
         img[:, dots] = c1[:, None] + 0.1
     else:  # "noise"
-        img = c0[:, None, None] + rng.normal(0, 0.05, (3, size, size)).astype(np.float32)
+        img = c0[:, None, None] + _noise(rng, (3, size, size), 0.05)
     return img.astype(np.float32, copy=False)
 
 

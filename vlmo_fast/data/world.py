@@ -302,21 +302,25 @@ class EmbeddedWorld:
             attrs["position"] = pos
         return text, attrs
 
-    def captions(self, scene: Scene) -> List[Caption]:
-        """`captions_per_image` captions from different templates, true by construction."""
+    def caption_templates(self, scene: Scene) -> List[str]:
+        """The template of each of the scene's captions (the first two always describe every
+        object, or two of them: the most discriminative; the rest in a scene-seeded order)."""
         rng = np.random.default_rng([scene.render_seed, 7])
         n = len(scene.objects)
         templates = ["positions", "list", "relation", "there_is", "count_list", "colour_count"]
         if n == 1:
             templates = ["positions", "list", "there_is", "count_list", "single"]
-        # the first two templates always describe every object (most discriminative)
         order = templates[:2] + [templates[2 + i] for i in rng.permutation(len(templates) - 2)]
-        out = []
-        k = 0
-        while len(out) < self.config.captions_per_image:
-            out.append(self._caption(scene, order[k % len(order)], rng))
-            k += 1
-        return out
+        return [order[k % len(order)] for k in range(self.config.captions_per_image)]
+
+    def caption(self, scene: Scene, j: int) -> Caption:
+        """Caption j of the scene (its own random stream: no need to build the others)."""
+        template = self.caption_templates(scene)[j]
+        return self._caption(scene, template, np.random.default_rng([scene.render_seed, 8, j]))
+
+    def captions(self, scene: Scene) -> List[Caption]:
+        """`captions_per_image` captions from different templates, true by construction."""
+        return [self.caption(scene, j) for j in range(self.config.captions_per_image)]
 
     def _caption(self, scene: Scene, template: str, rng: np.random.Generator) -> Caption:
         objs, n = scene.objects, len(scene.objects)
