@@ -9,7 +9,7 @@ import torch
 
 from vlmo_fast.data import COLOURS, SHAPES, EmbeddedWorld, WordPieceTokenizer
 from vlmo_fast.eval import NLVR2Model
-from vlmo_fast.eval.runner import main, zeroshot_classes
+from vlmo_fast.eval.runner import main
 from vlmo_fast.model import VLMo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +58,11 @@ def test_retrieval_writes_json(tok, tmp_path, capsys):
 def test_zeroshot_vqa_nlvr2(tok, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", tok)
     res = main(["--task", "zeroshot", "--checkpoint", str(ckpt), "--num-items", "40", "--no-progress"])
-    assert res["sizes"]["classes"] == len(zeroshot_classes()) == 48
+    assert res["sizes"] == {"images": 40, "classes": 48}   # colour x shape pairs
     assert res["chance"]["top1"] == pytest.approx(1 / 48) and 0 <= res["metrics"]["top1"] <= 1
-    assert res["sizes"]["images"] >= 1
+    res = main(["--task", "zeroshot", "--checkpoint", str(ckpt), "--num-items", "10", "--attribute",
+                "shape", "--split", "test_comp", "--no-progress"])
+    assert res["sizes"] == {"images": 10, "classes": 6} and res["protocol"]["classes"][0] == SHAPES[0]
 
     with pytest.raises(SystemExit):   # no answer head: a clear error, exit status 2
         main(["--task", "vqa", "--checkpoint", str(ckpt), "--num-items", "4"])
@@ -101,3 +103,30 @@ def test_script_entry_point(tok, tmp_path):
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert "retrieval on embedded:test" in proc.stdout
+
+
+def test_vqa_from_vqav2_files(tok, tmp_path):
+    from PIL import Image
+    root = tmp_path / "coco"
+    root.mkdir()
+    for image_id in (1, 2):
+        arr = (torch.rand(40, 48, 3) * 255).byte().numpy()
+        Image.fromarray(arr).save(root / f"COCO_val2014_{image_id:012d}.jpg")
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": [
+        {"question_id": 10, "image_id": 1, "question": "what shape is it?"},
+        {"question_id": 11, "image_id": 2, "question": "what colour is it?"}]}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": [
+        {"question_id": 10, "answers": [{"answer": "circle"}] * 3 + [{"answer": "ring"}] * 7},
+        {"question_id": 11, "answers": [{"answer": "teal"}] * 10}]}))
+    ckpt = make_checkpoint(tmp_path / "vqa", tok, num_classes=2)
+    (ckpt / "answer_vocab.json").write_text(json.dumps(["circle", "red"]))
+    res = main(["--task", "vqa", "--checkpoint", str(ckpt), "--data", str(tmp_path / "q.json"),
+                "--annotations", str(tmp_path / "a.json"), "--image-root", str(root), "--split", "val",
+                "--no-progress"])
+    # reachable: q10 "circle" (3 annotators) 0.9, q11 "teal" is not in the vocabulary: 0
+    assert res["upper_bound"]["vqa_score"] == pytest.approx(0.45)
+    assert res["metrics"]["vqa_score"] in (pytest.approx(0.0), pytest.approx(0.45))
+    (ckpt / "answer_vocab.json").unlink()
+    with pytest.raises(SystemExit):   # a VQAv2 file needs the fine-tuning answer vocabulary
+        main(["--task", "vqa", "--checkpoint", str(ckpt), "--data", str(tmp_path / "q.json"),
+              "--annotations", str(tmp_path / "a.json"), "--image-root", str(root)])

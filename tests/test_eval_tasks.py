@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vlmo_fast.eval import (NLVR2Model, build_answer_vocab, class_embeddings_from_prompts,
+from vlmo_fast.eval import (NLVR2Model, answer_score, class_embeddings_from_prompts,
                             class_prompts, evaluate_nlvr2, evaluate_vqa, evaluate_zeroshot,
                             nlvr2_accuracy, nlvr2_consistency, normalize_answer, vqa_accuracy,
                             vqa_soft_accuracy, vqa_soft_scores, zeroshot_accuracy)
@@ -13,17 +13,25 @@ HUMANS = [["yes"] * 2 + ["no"] * 8,
           ["Red", "red ", "blue", "blue.", "green"]]
 
 
+def test_answer_score_is_the_leave_one_out_average():
+    # official VQAv2: min(#matching humans / 3, 1) averaged over the 10 subsets of 9 annotators
+    for n, expected in ((0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)):
+        humans = [1] * n + [0] * (10 - n)
+        loo = sum(min(sum(humans[:i] + humans[i + 1:]) / 3, 1.0) for i in range(10)) / 10
+        assert answer_score(n) == pytest.approx(loo) == pytest.approx(expected)
+
+
 def test_vqa_soft_scores_hand_checked():
     t = vqa_soft_scores(HUMANS, VOCAB)
-    # q0: yes x2 -> 2/3, no x8 -> 1; q1: red x2, blue x2 -> 2/3 each, green is not in the vocab
-    torch.testing.assert_close(t, torch.tensor([[2 / 3, 1.0, 0, 0], [0, 0, 2 / 3, 2 / 3]]))
-    assert vqa_soft_accuracy(torch.tensor([0, 3]), t) == pytest.approx(2 / 3)
-    assert vqa_soft_accuracy(torch.tensor([1, 2]), t) == pytest.approx(5 / 6)
+    # q0: yes x2 -> 0.6, no x8 -> 1; q1: red x2, blue x2 -> 0.6 each, green is not in the vocab
+    torch.testing.assert_close(t, torch.tensor([[0.6, 1.0, 0, 0], [0, 0, 0.6, 0.6]]))
+    assert vqa_soft_accuracy(torch.tensor([0, 3]), t) == pytest.approx(0.6)
+    assert vqa_soft_accuracy(torch.tensor([1, 2]), t) == pytest.approx(0.8)
     logits = torch.tensor([[0.0, 5.0, 1.0, 0.0], [0.0, 0.0, 0.0, 9.0]])   # argmax: no, blue
-    assert vqa_soft_accuracy(logits, t) == pytest.approx((1 + 2 / 3) / 2)
-    # string predictions: "green" is outside the vocabulary but still earns its 1/3
-    assert vqa_accuracy(["no", "green"], HUMANS) == pytest.approx((1 + 1 / 3) / 2)
-    assert vqa_accuracy(["YES", "red."], HUMANS) == pytest.approx(2 / 3)
+    assert vqa_soft_accuracy(logits, t) == pytest.approx((1 + 0.6) / 2)
+    # string predictions: "green" is outside the vocabulary but still earns its 0.3
+    assert vqa_accuracy(["no", "green"], HUMANS) == pytest.approx((1 + 0.3) / 2)
+    assert vqa_accuracy(["YES", "red."], HUMANS) == pytest.approx(0.6)
     assert normalize_answer("  Two  Dogs. ") == "two dogs"
 
 
@@ -39,11 +47,6 @@ def test_vqa_bad_input():
         vqa_soft_scores(HUMANS, {})
 
 
-def test_build_answer_vocab():
-    vocab = build_answer_vocab([["b", "a", "b"], ["c", "a", "B"]], min_count=2)
-    assert vocab == {"b": 0, "a": 1}
-
-
 def test_evaluate_vqa_tiny_model():
     model = VLMo.from_preset("tiny", num_classes=4)
     c = model.config
@@ -55,8 +58,8 @@ def test_evaluate_vqa_tiny_model():
     with torch.no_grad():
         pred = model.classify(model.encode_pair(ids, images)).argmax(1)
     assert out["vqa_score"] == pytest.approx(float(targets[torch.arange(3), pred].mean()))
-    # best reachable: q0 "no" 1, q1 "red"/"blue" 2/3, q2 "blue" 1
-    assert out["upper_bound"] == pytest.approx(8 / 9) and out["num_questions"] == 3
+    # best reachable: q0 "no" 1, q1 "red"/"blue" 0.6, q2 "blue" (3 annotators) 0.9
+    assert out["upper_bound"] == pytest.approx(2.5 / 3) and out["num_questions"] == 3
     with pytest.raises(ValueError, match="classifies over 4 answers"):
         evaluate_vqa(model, images, ids, None, targets[:, :3])
 

@@ -8,8 +8,9 @@
 
 Images are file paths, PIL images, or a float tensor [N, 3, H, W] already normalised to
 [-1, 1] (mean = std = 0.5, the reference's normalisation) at the model's resolution. Files
-and PIL images are converted to RGB, resized (shorter side, bicubic) and centre-cropped to
-the model's `img_size`.
+and PIL images go through the data layer's evaluation transform (RGB, shorter side resized
+bicubic, centre crop to the model's `img_size`); a missing or unreadable file raises
+`vlmo_fast.data.formats.DataError` (a ValueError) naming it.
 
 Texts longer than the model accepts (`config.max_text_len` tokens including [CLS]/[SEP])
 are TRUNCATED with a warning that says how many were cut (pass `on_long_text="error"` to
@@ -31,30 +32,19 @@ LONG_TEXT_POLICIES = ("warn", "error", "ignore")
 
 
 def load_image(image, img_size: int) -> Tensor:
-    """A path or PIL image -> float tensor [3, img_size, img_size] in [-1, 1]."""
+    """A path or PIL image -> float tensor [3, img_size, img_size] in [-1, 1], with the data
+    layer's evaluation transform (RGB, shorter side resized bicubic, centre crop)."""
     from PIL import Image
+    from .data.formats import ImageRef
+    from .data.transforms import ImageTransform
+    transform = ImageTransform(img_size, train=False)
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except Exception as exc:  # PIL raises several types for unreadable files
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
+        array, _ = transform.load(ImageRef(str(image)), str(image))
     elif isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        array, _ = transform(image.convert("RGB"))
     else:
         raise TypeError(f"an image must be a path or a PIL image, got {type(image).__name__}")
-    w, h = image.size
-    scale = img_size / min(w, h)
-    new_w, new_h = max(img_size, round(w * scale)), max(img_size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - img_size) // 2, (new_h - img_size) // 2
-    image = image.crop((left, top, left + img_size, top + img_size))
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    x = data.view(img_size, img_size, 3).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
+    return torch.from_numpy(array)
 
 
 def model_fingerprint(model) -> str:

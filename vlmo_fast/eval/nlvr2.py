@@ -9,7 +9,7 @@ NLVR2 pairs each statement with several image pairs).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -127,31 +127,48 @@ class NLVR2Model(nn.Module):
 
 
 @torch.no_grad()
+def evaluate_nlvr2_batches(model: NLVR2Model, batches: Iterable[dict], *, device=None,
+                           statement_ids: Optional[Sequence] = None) -> Dict[str, float]:
+    """Accuracy (and consistency given `statement_ids` in batch order) over batches with
+    `images_left`, `images_right`, `text_ids`, `text_mask`, `labels` (the data layer's task
+    loader)."""
+    from .retrieval import _model_device, _model_dtype
+    device = torch.device(device) if device is not None else _model_device(model)
+    dtype = _model_dtype(model)
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in batches:
+            mask = batch.get("text_mask")
+            logits.append(model(batch["text_ids"].to(device), batch["images_left"].to(device, dtype),
+                                batch["images_right"].to(device, dtype),
+                                None if mask is None else mask.to(device)).float().cpu())
+            labels.append(_labels(batch["labels"]))
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("evaluate_nlvr2 needs at least one example")
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    out = {"accuracy": nlvr2_accuracy(logits, labels), "num_examples": int(labels.numel())}
+    if statement_ids is not None:
+        out["consistency"] = nlvr2_consistency(logits, labels, statement_ids)
+    return out
+
+
 def evaluate_nlvr2(model: NLVR2Model, text_ids: Tensor, text_mask: Optional[Tensor],
                    images_left: Tensor, images_right: Tensor, labels, *,
                    statement_ids: Optional[Sequence] = None, batch_size: int = 64,
                    device=None, progress: bool = False) -> Dict[str, float]:
-    from .retrieval import _model_device, _model_dtype, _progress
+    """`evaluate_nlvr2_batches` on in-memory tensors (one row per example)."""
+    from .retrieval import _progress
     labels = _labels(labels)
     n = text_ids.shape[0]
     if not (images_left.shape[0] == images_right.shape[0] == labels.shape[0] == n):
         raise ValueError("text_ids, images_left, images_right and labels need one row per example")
-    device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = []
-        starts = range(0, n, batch_size)
-        for s in _progress(starts, progress, "NLVR2", len(starts)):
-            sl = slice(s, s + batch_size)
-            mask = None if text_mask is None else text_mask[sl].to(device)
-            dtype = _model_dtype(model)
-            logits.append(model(text_ids[sl].to(device), images_left[sl].to(device, dtype),
-                                images_right[sl].to(device, dtype), mask).float().cpu())
-    finally:
-        model.train(was_training)
-    logits = torch.cat(logits) if logits else torch.empty(0, 2)
-    out = {"accuracy": nlvr2_accuracy(logits, labels), "num_examples": n}
-    if statement_ids is not None:
-        out["consistency"] = nlvr2_consistency(logits, labels, statement_ids)
-    return out
+    starts = range(0, n, batch_size)
+    batches = ({"text_ids": text_ids[s:s + batch_size], "images_left": images_left[s:s + batch_size],
+                "images_right": images_right[s:s + batch_size], "labels": labels[s:s + batch_size],
+                "text_mask": None if text_mask is None else text_mask[s:s + batch_size]}
+               for s in _progress(starts, progress, "NLVR2", len(starts)))
+    return evaluate_nlvr2_batches(model, batches, device=device, statement_ids=statement_ids)

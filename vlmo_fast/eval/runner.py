@@ -9,19 +9,22 @@
     python train/evaluate.py --task nlvr2     --checkpoint nlvr2_ckpt   (fine-tuned, NLVR2 head)
 
 The checkpoint is a `save_pretrained` folder (config.json + model.safetensors) with the
-tokenizer saved beside it (vocab.txt), as `train/pretrain.py` writes to <stage>/final.
-Data: "embedded" (default) uses the held-out splits of the embedded world: "val", "test"
-(i.i.d.) and "test_comp" (compositional: colour+shape pairs never seen in training);
-retrieval also reads a Karpathy JSON or a manifest (through the data layer).
+tokenizer saved beside it (vocab.txt), as `train/pretrain.py` writes to <stage>/final; a VQA
+checkpoint also has answer_vocab.json, an NLVR2 one nlvr2_head.safetensors.
+
+Data (all read through vlmo_fast.data): "embedded" (default) is the embedded world's
+held-out splits: "val", "test" (i.i.d.) and "test_comp" (compositional: colour+shape pairs
+never seen in training); or files: retrieval a Karpathy JSON / manifest, vqa a VQAv2
+questions JSON (+ --annotations), nlvr2 an NLVR2 JSONL, zeroshot a class-per-folder tree.
 
 Tasks on the embedded world:
-- retrieval: scenes and all their captions (R@1/5/10, ITC and ITC+ITM re-rank);
-- zeroshot: the scenes with exactly one object, classified as "<colour> <shape>" among all
-  48 pairs from the prompts `ZEROSHOT_TEMPLATES` (on test_comp every such object is a pair
-  held out of training);
-- vqa: one question per scene, answer vocabulary = the world's (`world.answer_vocab`); the
-  embedded answers are exact, so each question's single answer gets soft score 1;
-- nlvr2: a statement about two scenes, true/false.
+- retrieval: scenes with all their captions (R@1/5/10, ITC and ITC+ITM re-rank);
+- zeroshot: single-object scenes classified as "<colour> <shape>" (48 classes; --attribute
+  shape / colour for 6 / 8) from the data layer's prompts; on test_comp every such object is
+  a pair held out of training;
+- vqa: one question per scene over the world's closed answer set (exact answers: score 1);
+- nlvr2: a true/false statement about two scenes (balanced labels).
+Unreadable samples are errors here (training substitutes them; an evaluation must not).
 The result (metrics, chance, sizes, model fingerprint, wall time) is printed and, with
 --out, written atomically as JSON.
 """
@@ -32,12 +35,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 TASKS = ("retrieval", "vqa", "nlvr2", "zeroshot")
-ZEROSHOT_TEMPLATES = ("a {}", "there is a {}", "one object: {}")
 ANSWER_VOCAB_FILE = "answer_vocab.json"
 
 
@@ -46,9 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--task", required=True, choices=TASKS)
     a("--checkpoint", required=True, help="save_pretrained folder (config.json, model.safetensors, vocab.txt)")
     a("--data", default="embedded",
-      help='"embedded" (held-out splits of the embedded world) or, for retrieval, a Karpathy JSON / manifest')
+      help='"embedded" (held-out splits of the embedded world), or a file: retrieval a Karpathy JSON / '
+           'manifest, vqa a VQAv2 questions JSON (+ --annotations), nlvr2 an NLVR2 JSONL, zeroshot a '
+           'folder with one subfolder per class')
     a("--split", default="test", help='embedded: val | test | test_comp; Karpathy JSON: its split name')
-    a("--image-root", default=None, help="folder the Karpathy JSON's image paths are relative to")
+    a("--image-root", default=None, help="folder the data file's image paths are relative to")
+    a("--annotations", default=None, help="vqa with --data questions.json: the VQAv2 annotations JSON")
+    a("--attribute", default="colour_shape", choices=("colour_shape", "shape", "colour"),
+      help="zeroshot on the embedded world: what the classes are")
     a("--num-items", type=int, default=None,
       help="evaluate the first N images / questions / pairs of the split (default: all)")
     a("--seed", type=int, default=0, help="seed of the embedded world (as in pretraining)")
@@ -80,29 +87,16 @@ def _tokenizer(checkpoint: Path):
     return WordPieceTokenizer.load(checkpoint)
 
 
-def _embedded_world(args):
-    from ..data import EmbeddedWorld, SPLITS
-    if args.split not in SPLITS:
-        raise ValueError(f"--split must be one of {SPLITS} for the embedded world, got {args.split!r}")
-    return EmbeddedWorld(args.seed)
-
-
-def _count(args, world) -> int:
-    n = world.split_size(args.split) if args.num_items is None else args.num_items
-    if n < 1:
-        raise ValueError(f"--num-items must be >= 1, got {n}")
-    return n
-
-
-def _render(scenes, img_size: int) -> torch.Tensor:
-    from ..data import render_scenes
-    return torch.from_numpy(render_scenes(scenes, img_size))
-
-
-def _require_embedded(args) -> None:
-    if args.data != "embedded":
-        raise ValueError(f"--task {args.task} reads only the embedded world so far (--data embedded); "
-                         "VQAv2 / NLVR2 file readers belong to the data layer")
+def _source(args):
+    if args.data == "embedded":
+        from ..data import SPLITS
+        if args.split not in SPLITS:
+            raise ValueError(f"--split must be one of {SPLITS} for the embedded world, got {args.split!r}")
+        return "embedded"
+    path = Path(args.data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} not found")
+    return path
 
 
 # -- tasks -----------------------------------------------------------------------------------
@@ -115,8 +109,7 @@ def run_retrieval(args, device) -> Dict:
     tok = _tokenizer(checkpoint)
     c = model.config
     options = {"image_root": args.image_root} if args.image_root else {}
-    source = args.data if args.data == "embedded" else Path(args.data)
-    ev = build_retrieval_eval_set(source, tok, split=args.split, img_size=c.img_size,
+    ev = build_retrieval_eval_set(_source(args), tok, split=args.split, img_size=c.img_size,
                                   max_text_len=c.max_text_len, num_images=args.num_items,
                                   seed=args.seed, **options)
     res = evaluate_retrieval(model, ev.images, ev.text_ids, ev.text_mask, ev.text_to_image,
@@ -131,84 +124,104 @@ def run_retrieval(args, device) -> Dict:
             "summary": res.summary()}
 
 
-def zeroshot_classes() -> List[str]:
-    from ..data import COLOURS, SHAPES
-    return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
-
-
 def run_zeroshot(args, device) -> Dict:
+    from ..data import build_zero_shot_eval_set
     from ..model import VLMo
     from .zeroshot import evaluate_zeroshot
-    _require_embedded(args)
     checkpoint = Path(args.checkpoint)
     model = VLMo.from_pretrained(checkpoint).to(device)
     tok = _tokenizer(checkpoint)
-    world = _embedded_world(args)
-    classes = zeroshot_classes()
-    scenes = [s for s in (world.scene(args.split, i) for i in range(_count(args, world)))
-              if len(s.objects) == 1]
-    if not scenes:
-        raise ValueError(f"no single-object scenes among the first {_count(args, world)} of {args.split!r}; "
-                         "raise --num-items")
-    labels = torch.tensor([classes.index(f"{s.objects[0].colour} {s.objects[0].shape}") for s in scenes])
-    out = evaluate_zeroshot(model, tok, _render(scenes, model.config.img_size), labels, classes,
-                            ZEROSHOT_TEMPLATES, batch_size=args.batch_size, device=device,
-                            progress=not args.no_progress)
+    zs = build_zero_shot_eval_set(_source(args), args.split, img_size=model.config.img_size,
+                                  num_images=args.num_items or 200, attribute=args.attribute,
+                                  seed=args.seed)
+    out = evaluate_zeroshot(model, tok, zs.images, zs.labels, zs.class_names, zs.prompts,
+                            batch_size=args.batch_size, device=device, progress=not args.no_progress)
     chance = out.pop("chance")
     ks = [k for k in out if k.startswith("top")]
     return {"model": model, "metrics": {k: out[k] for k in ks},
             "chance": {k: min(1.0, int(k[3:]) * chance) for k in ks},
             "sizes": {"images": out["num_images"], "classes": out["num_classes"]},
-            "protocol": {"templates": list(ZEROSHOT_TEMPLATES), "classes": "colour shape pairs"}}
+            "protocol": {"prompts": list(zs.prompts), "attribute": args.attribute,
+                         "classes": list(zs.class_names)}}
+
+
+def _task_loader(args, task: str, tok, config, **options):
+    from ..data.tasks import build_task_loader
+    if args.annotations:
+        options["annotations"] = args.annotations
+    if args.image_root:
+        options["image_root"] = args.image_root
+    # evaluation must not substitute unreadable samples (the data layer's training default)
+    return build_task_loader(task, _source(args), tok, args.split, args.batch_size, seed=args.seed,
+                             img_size=config.img_size, max_text_len=config.max_text_len,
+                             num_samples=args.num_items, shuffle=False, skip_bad=False, **options)
+
+
+def _progress_over(loader, enabled: bool, desc: str):
+    from .retrieval import _progress
+    return _progress(loader, enabled, desc, len(loader))
 
 
 def run_vqa(args, device) -> Dict:
     from ..model import VLMo
-    from .vqa import evaluate_vqa, vqa_soft_scores
-    _require_embedded(args)
+    from .vqa import evaluate_vqa_batches
     checkpoint = Path(args.checkpoint)
     model = VLMo.from_pretrained(checkpoint).to(device)
     if model.classifier is None:
         raise ValueError(f"{checkpoint} has no answer classifier (config.num_classes = 0): fine-tune it "
                          "for VQA first (train/finetune.py --task vqa)")
     tok = _tokenizer(checkpoint)
-    world = _embedded_world(args)
-    vocab = world.answer_vocab
     saved = checkpoint / ANSWER_VOCAB_FILE
-    if saved.is_file() and json.loads(saved.read_text()) != vocab:
-        raise ValueError(f"{saved} differs from the embedded world's answer vocabulary: the model was "
-                         "fine-tuned on other answers")
-    items = [world.vqa_item(args.split, i) for i in range(_count(args, world))]
-    ids, mask = tok.encode_batch([it["question"] for it in items], max_len=model.config.max_text_len)
-    targets = vqa_soft_scores([[it["answer"]] * 3 for it in items], world.answer_to_id)
-    out = evaluate_vqa(model, _render([it["scene"] for it in items], model.config.img_size), ids, mask,
-                       targets, batch_size=args.batch_size, device=device, progress=not args.no_progress)
-    # chance: always answering the split's most common answer
-    counts = torch.bincount(targets.argmax(1), minlength=len(vocab))
+    options = {}
+    if saved.is_file():
+        options["answer_vocab"] = json.loads(saved.read_text())
+    elif args.data != "embedded":
+        raise FileNotFoundError(f"{saved} is missing: a VQAv2 evaluation needs the answer vocabulary the "
+                                "model was fine-tuned with")
+    loader = _task_loader(args, "vqa", tok, model.config, **options)
+    vocab = loader.answer_vocab
+    if len(vocab) != model.config.num_classes:
+        raise ValueError(f"the model classifies over {model.config.num_classes} answers but the answer "
+                         f"vocabulary has {len(vocab)}: fine-tuned on other answers?")
+    if saved.is_file() and args.data == "embedded" and options["answer_vocab"] != list(vocab):
+        raise ValueError(f"{saved} differs from the embedded world's answer vocabulary")
+    counts = torch.zeros(len(vocab))
+    targets_seen = []
+
+    def batches():
+        for batch in _progress_over(loader, not args.no_progress, "VQA"):
+            counts.add_(batch["vqa_targets"].sum(0))
+            targets_seen.append(batch["vqa_targets"].shape[0])
+            yield batch
+
+    out = evaluate_vqa_batches(model, batches(), device=device)
+    # chance: always answering the answer with the largest total score on this split
     return {"model": model, "metrics": {"vqa_score": out["vqa_score"]},
-            "chance": {"vqa_score": float(counts.max()) / len(items)},
-            "sizes": {"questions": len(items), "answers": len(vocab)},
-            "protocol": {"score": "min(#humans/3, 1); embedded answers are exact (score 1)"}}
+            "chance": {"vqa_score": float(counts.max()) / max(1, sum(targets_seen))},
+            "sizes": {"questions": out["num_questions"], "answers": len(vocab)},
+            "upper_bound": {"vqa_score": out["upper_bound"]},
+            "protocol": {"score": "VQAv2 accuracy: min(#humans/3, 1) averaged over annotator "
+                                  "subsets (0.3/0.6/0.9/1); embedded answers are exact (1)"}}
 
 
 def run_nlvr2(args, device) -> Dict:
-    from .nlvr2 import NLVR2Model, evaluate_nlvr2
-    _require_embedded(args)
+    from .nlvr2 import NLVR2Model, evaluate_nlvr2_batches
     checkpoint = Path(args.checkpoint)
     model = NLVR2Model.from_pretrained(checkpoint).to(device)
     tok = _tokenizer(checkpoint)
-    world = _embedded_world(args)
-    items = [world.nlvr2_item(args.split, i) for i in range(_count(args, world))]
-    size = model.config.img_size
-    left = _render([it["scenes"][0] for it in items], size)
-    right = _render([it["scenes"][1] for it in items], size)
-    ids, mask = tok.encode_batch([it["statement"] for it in items], max_len=model.config.max_text_len)
-    labels = torch.tensor([it["label"] for it in items])
-    out = evaluate_nlvr2(model, ids, mask, left, right, labels, batch_size=args.batch_size,
-                         device=device, progress=not args.no_progress)
-    majority = max(float(labels.float().mean()), 1 - float(labels.float().mean()))
-    return {"model": model, "metrics": {"accuracy": out["accuracy"]}, "chance": {"accuracy": majority},
-            "sizes": {"examples": len(items)}, "protocol": {"chance": "majority label"}}
+    loader = _task_loader(args, "nlvr2", tok, model.config)
+    positives = []
+
+    def batches():
+        for batch in _progress_over(loader, not args.no_progress, "NLVR2"):
+            positives.append(batch["labels"])
+            yield batch
+
+    out = evaluate_nlvr2_batches(model, batches(), device=device)
+    rate = float(torch.cat(positives).float().mean())
+    return {"model": model, "metrics": {"accuracy": out["accuracy"]},
+            "chance": {"accuracy": max(rate, 1 - rate)},
+            "sizes": {"examples": out["num_examples"]}, "protocol": {"chance": "majority label"}}
 
 
 RUNNERS = {"retrieval": run_retrieval, "zeroshot": run_zeroshot, "vqa": run_vqa, "nlvr2": run_nlvr2}

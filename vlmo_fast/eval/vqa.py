@@ -1,45 +1,32 @@
-"""VQAv2-style soft accuracy.
+"""VQAv2 soft accuracy.
 
-An answer's score for a question is min(#humans who gave that answer / 3, 1): right when at
-least 3 of the (usually 10) annotators agree, partial credit below. This is the common
-closed form of the official metric (which averages over the 10 leave-one-out subsets of
-annotators; the two agree except for answers given by exactly 3 or 4 people out of 10).
-Answers are compared after a light normalisation (lower case, surrounding whitespace and a
-trailing period stripped, inner whitespace collapsed); the official script's digit and
-article rewriting is not applied.
+The VQAv2 accuracy of an answer is min(#humans who gave it / 3, 1), averaged over the 10
+subsets of 9 of the 10 annotators (the official evaluation): 0.3, 0.6, 0.9 and 1.0 for an
+answer given by 1, 2, 3 and >= 4 annotators. These are also the soft BCE targets of VQA
+fine-tuning (ViLT / VLMo), so `answer_score` is the data layer's `vqa_score` and answers
+are compared after its `normalize_answer` (lower case, trimmed, trailing punctuation
+removed, inner whitespace collapsed; the official script's digit and article rewriting is
+not applied). The embedded world's answers are exact: its one answer scores 1.
 
 A classifier predicts over a fixed answer vocabulary; human answers outside it still count
-in the denominator (they can never be predicted), so the score is not inflated by dropping
-rare answers.
+(they can never be predicted), so the score is not inflated by dropping rare answers.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_answer(answer: str) -> str:
-    if not isinstance(answer, str):
-        raise TypeError(f"answers must be strings, got {type(answer).__name__}: {answer!r}")
-    answer = _SPACES.sub(" ", answer.strip().lower())
-    return answer[:-1].rstrip() if answer.endswith(".") else answer
-
-
-def answer_score(count: int) -> float:
-    """Soft score of an answer given by `count` annotators."""
-    return min(count / 3.0, 1.0)
+from ..data.formats import normalize_answer
+from ..data.formats import vqa_score as answer_score
 
 
 def vqa_soft_scores(human_answers: Sequence[Sequence[str]],
                     answer_to_index: Mapping[str, int]) -> Tensor:
-    """Soft targets [Q, V] (the BCE targets of VQA fine-tuning): entry (q, a) is
-    min(#humans answering a to q / 3, 1) for every answer a in the vocabulary."""
+    """Soft scores [Q, V]: entry (q, a) is `answer_score`(#humans answering a to q) for every
+    answer a of the vocabulary (0 for answers nobody gave)."""
     num_answers = len(answer_to_index)
     if num_answers == 0:
         raise ValueError("answer_to_index is empty: the answer vocabulary needs at least one answer")
@@ -95,43 +82,50 @@ def vqa_soft_accuracy(logits_or_predictions: Tensor, targets: Tensor) -> float:
     return float(targets.gather(1, pred.to(targets.device)[:, None]).double().mean())
 
 
-def build_answer_vocab(human_answers: Sequence[Sequence[str]], min_count: int = 1,
-                       max_answers: Optional[int] = None) -> Dict[str, int]:
-    """Answer -> index, most frequent first (ties alphabetical), from training annotations."""
-    counts = Counter(normalize_answer(a) for answers in human_answers for a in answers)
-    ranked = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
-    if max_answers is not None:
-        ranked = ranked[:max_answers]
-    return {a: i for i, a in enumerate(ranked)}
-
-
 @torch.no_grad()
+def evaluate_vqa_batches(model, batches: Iterable[dict], *, device=None) -> Dict[str, float]:
+    """Soft accuracy of a fine-tuned VQA model (fusion encoder -> `model.classify`) over
+    batches with `images`, `text_ids`, `text_mask` and `vqa_targets` [B, A] (the data
+    layer's task loader), accumulated batch by batch."""
+    from .retrieval import _model_device, _model_dtype
+    device = torch.device(device) if device is not None else _model_device(model)
+    dtype = _model_dtype(model)
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    was_training = model.training
+    model.eval()
+    total, best, count = 0.0, 0.0, 0
+    try:
+        for batch in batches:
+            targets = batch["vqa_targets"].float()
+            if num_classes is not None and num_classes != targets.shape[1]:
+                raise ValueError(f"the model classifies over {num_classes} answers but the targets have "
+                                 f"{targets.shape[1]}: use the answer vocabulary the model was fine-tuned with")
+            mask = batch.get("text_mask")
+            pair = model.encode_pair(batch["text_ids"].to(device), batch["images"].to(device, dtype),
+                                     None if mask is None else mask.to(device))
+            logits = model.classify(pair).float().cpu()
+            n = targets.shape[0]
+            total += vqa_soft_accuracy(logits, targets) * n
+            best += float(targets.amax(1).double().sum()) if n else 0.0
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate_vqa needs at least one question")
+    return {"vqa_score": total / count, "upper_bound": best / count, "num_questions": count}
+
+
 def evaluate_vqa(model, images: Tensor, text_ids: Tensor, text_mask: Optional[Tensor],
                  targets: Tensor, *, batch_size: int = 64, device=None,
                  progress: bool = False) -> Dict[str, float]:
-    """Soft accuracy of a fine-tuned VQA model (fusion encoder -> `model.classify`)."""
-    from .retrieval import _model_device, _model_dtype, _progress
-    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    if num_classes is not None and num_classes != targets.shape[1]:
-        raise ValueError(f"the model classifies over {num_classes} answers but targets have "
-                         f"{targets.shape[1]}: use the answer vocabulary the model was fine-tuned with")
+    """`evaluate_vqa_batches` on in-memory tensors (one row per question)."""
+    from .retrieval import _progress
     if images.shape[0] != text_ids.shape[0] or text_ids.shape[0] != targets.shape[0]:
         raise ValueError(f"images ({images.shape[0]}), questions ({text_ids.shape[0]}) and targets "
                          f"({targets.shape[0]}) must have one row per question")
-    device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = []
-        starts = range(0, text_ids.shape[0], batch_size)
-        for s in _progress(starts, progress, "VQA", len(starts)):
-            mask = None if text_mask is None else text_mask[s:s + batch_size].to(device)
-            pair = model.encode_pair(text_ids[s:s + batch_size].to(device),
-                                     images[s:s + batch_size].to(device, _model_dtype(model)), mask)
-            logits.append(model.classify(pair).float().cpu())
-    finally:
-        model.train(was_training)
-    logits = torch.cat(logits) if logits else torch.empty(0, targets.shape[1])
-    return {"vqa_score": vqa_soft_accuracy(logits, targets.cpu()),
-            "upper_bound": float(targets.amax(1).double().mean()) if targets.shape[0] else 0.0,
-            "num_questions": int(targets.shape[0])}
+    starts = range(0, text_ids.shape[0], batch_size)
+    batches = ({"images": images[s:s + batch_size], "text_ids": text_ids[s:s + batch_size],
+                "text_mask": None if text_mask is None else text_mask[s:s + batch_size],
+                "vqa_targets": targets[s:s + batch_size]}
+               for s in _progress(starts, progress, "VQA", len(starts)))
+    return evaluate_vqa_batches(model, batches, device=device)
