@@ -152,7 +152,8 @@ def staged_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path
 # -- ONNX ------------------------------------------------------------------------------------
 def _fix_onnx_graph(path: Path) -> None:
     import onnx
-    proto = onnx.load(str(path))
+    # graph only: weights of a model over 2 GB stay in the external-data files the exporter wrote
+    proto = onnx.load(str(path), load_external_data=False)
     for node in proto.graph.node:
         if node.op_type != "Transpose":
             continue
@@ -164,8 +165,8 @@ def _fix_onnx_graph(path: Path) -> None:
                 attr.ints.extend(fixed)
     # the tracer's intermediate shape annotations can disagree with the fixed graph
     proto.graph.ClearField("value_info")
-    onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))   # by path: works for models with external data too
 
 
 def _example_inputs(model, batch: int = 2):
