@@ -117,6 +117,8 @@ def test_bad_inputs(encoder):
         encoder.embed_images([3])
     with pytest.warns(UserWarning, match=r"normalised to \[-1, 1\]"):
         encoder.embed_images(torch.full((1, 3, c.img_size, c.img_size), 200.0))
+    with pytest.raises(ValueError, match="do not belong together"):
+        Encoder(encoder.model, WordTokenizer(vocab_size=500), progress=False)
     with pytest.raises(RuntimeError, match="no tokenizer"):
         Encoder(encoder.model, None, progress=False).embed_texts(["a"])
 

@@ -75,6 +75,10 @@ class Encoder:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.dtype = next(model.parameters()).dtype
+        tok_vocab = getattr(tokenizer, "vocab_size", None)
+        if tok_vocab is not None and tok_vocab > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tok_vocab} tokens but the model's vocab_size is "
+                             f"{model.config.vocab_size}: they do not belong together")
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
