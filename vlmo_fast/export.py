@@ -34,7 +34,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
