@@ -91,9 +91,12 @@ def test_convert_roundtrip(ckpt, tmp_path):
 
 def test_export_and_module_entry_point(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlmo_fast", "export", "--checkpoint", str(ckpt),
-                           "--hf", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300,
+                           "--hf", str(tmp_path / "hf"), "--onnx", str(tmp_path / "onnx")],
+                          capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
+    assert "max |onnxruntime - torch|" in proc.stdout
+    assert (tmp_path / "onnx" / "image_encoder.onnx").is_file()
     assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors",
                                                              "vocab.txt", "preprocessor_config.json"}
     from vlmo_fast.inference import Encoder
