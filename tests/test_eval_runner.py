@@ -130,3 +130,16 @@ def test_vqa_from_vqav2_files(tok, tmp_path):
     with pytest.raises(SystemExit):   # a VQAv2 file needs the fine-tuning answer vocabulary
         main(["--task", "vqa", "--checkpoint", str(ckpt), "--data", str(tmp_path / "q.json"),
               "--annotations", str(tmp_path / "a.json"), "--image-root", str(root)])
+
+
+def test_results_table_hand_checked():
+    from vlmo_fast.eval.runner import results_table
+    iid = {"task": "zeroshot", "split": "test", "metrics": {"top1": 0.5}, "chance": {"top1": 1 / 48}}
+    comp = {"task": "zeroshot", "split": "test_comp", "metrics": {"top1": 0.125}, "chance": {"top1": 1 / 48}}
+    ret = {"task": "retrieval", "split": "test", "chance": {"i2t_r1": 0.1},
+           "metrics": {"itc": {"i2t_r1": 0.25, "mean": 0.3}, "itc_itm_rerank": None}}
+    assert results_table([iid, comp, ret]).splitlines() == [
+        "| metric | test | test_comp | chance |",
+        "|---|---|---|---|",
+        "| zeroshot top1 | 50.0 | 12.5 | 2.1 |",
+        "| retrieval ITC i2t R@1 | 25.0 | - | 10.0 |"]

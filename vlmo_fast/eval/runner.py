@@ -257,6 +257,77 @@ def run(args) -> Dict:
     return result
 
 
+_PROTOCOL_NAMES = {"itc": "ITC", "itc_itm_rerank": "ITC+ITM re-rank"}
+
+
+def _metric_rows(result: Dict):
+    """(row label, value, chance) of one result JSON, in table order. Also takes the bare
+    `RetrievalResult.to_dict()` (+ "split", "chance") that train/pretrain.py writes."""
+    if "task" not in result and "itc" in result:
+        result = {**result, "task": "retrieval",
+                  "metrics": {"itc": result["itc"], "itc_itm_rerank": result.get("rerank")}}
+    for key in ("task", "metrics", "split"):
+        if key not in result:
+            raise ValueError(f"not an evaluation result (no {key!r}): keys {sorted(result)[:8]}")
+    task, metrics, chance = result["task"], result["metrics"], result.get("chance", {})
+    if task == "retrieval":
+        for proto, values in metrics.items():
+            if values is None:
+                continue
+            # i2t before t2i, then by K (JSON files may hold the keys sorted as strings)
+            order = sorted((k for k in values if k != "mean"),
+                           key=lambda k: (k.split("_r")[0], int(k.split("_r")[1])))
+            for key in order:
+                yield (f"retrieval {_PROTOCOL_NAMES.get(proto, proto)} {key.replace('_r', ' R@')}",
+                       values[key], chance.get(key))
+    else:
+        for key, value in metrics.items():
+            yield f"{task} {key}", value, chance.get(key)
+
+
+def results_table(results) -> str:
+    """Markdown table of evaluation results (dicts as `run` returns / --out writes): one row
+    per task metric, one column per split, then chance (of the first split that has it)."""
+    splits, rows, chance = [], {}, {}
+    for r in results:
+        rows_of_r = list(_metric_rows(r))   # validates the result first
+        if r["split"] not in splits:
+            splits.append(r["split"])
+        for label, value, ch in rows_of_r:
+            rows.setdefault(label, {})[r["split"]] = value
+            if ch is not None:
+                chance.setdefault(label, ch)
+    head = "| metric | " + " | ".join(splits) + " | chance |"
+    lines = [head, "|" + "---|" * (len(splits) + 2)]
+    for label, by_split in rows.items():
+        cells = [f"{100 * by_split[s]:.1f}" if s in by_split else "-" for s in splits]
+        ch = chance.get(label)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'-' if ch is None else f'{100 * ch:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def table_main(argv=None) -> str:
+    """`python train/results_table.py results/*.json`: print the markdown table."""
+    parser = argparse.ArgumentParser(prog="results_table", description="Markdown table of evaluate.py "
+                                     "--out JSON files (percent; one column per split)")
+    parser.add_argument("files", nargs="+")
+    args = parser.parse_args(argv)
+    results = []
+    for f in args.files:
+        try:
+            results.append(json.loads(Path(f).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"error: {f}: {exc}", file=sys.stderr)
+            raise SystemExit(2)
+    try:
+        table = results_table(results)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    print(table, end="")
+    return table
+
+
 def main(argv=None) -> Dict:
     args = build_parser().parse_args(argv)
     try:
