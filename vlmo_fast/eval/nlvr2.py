@@ -14,6 +14,8 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..env import INTEGER_DTYPES
+
 
 def _as_predictions(logits_or_predictions: Tensor) -> Tensor:
     x = logits_or_predictions
@@ -21,14 +23,14 @@ def _as_predictions(logits_or_predictions: Tensor) -> Tensor:
         if x.shape[1] != 2:
             raise ValueError(f"NLVR2 logits must be [N, 2], got {tuple(x.shape)}")
         return x.argmax(1)
-    if x.dim() == 1 and not x.dtype.is_floating_point:
+    if x.dim() == 1 and (x.dtype in INTEGER_DTYPES or x.dtype == torch.bool):
         return x.long()
     raise ValueError("expected [N, 2] logits or [N] integer/bool predictions")
 
 
 def _labels(labels) -> Tensor:
     labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.dtype.is_floating_point:
+    if labels.dim() != 1 or not (labels.dtype in INTEGER_DTYPES or labels.dtype == torch.bool):
         raise ValueError(f"labels must be a 1-D bool/integer tensor, got {labels.dtype} "
                          f"{tuple(labels.shape)}")
     labels = labels.long()

@@ -27,6 +27,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..env import INTEGER_DTYPES
+
 DEFAULT_KS = (1, 5, 10)
 ITM_SCORES = ("logit", "log_prob")
 
@@ -38,7 +40,7 @@ def _check_text_to_image(text_to_image: Tensor, num_images: int, num_texts: int)
     if text_to_image.dim() != 1 or text_to_image.shape[0] != num_texts:
         raise ValueError(f"text_to_image must be 1-D with one entry per text ({num_texts}), "
                          f"got shape {tuple(text_to_image.shape)}")
-    if text_to_image.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+    if text_to_image.dtype not in INTEGER_DTYPES:
         raise TypeError(f"text_to_image must be an integer tensor, got {text_to_image.dtype}")
     text_to_image = text_to_image.long()
     if num_texts and (int(text_to_image.min()) < 0 or int(text_to_image.max()) >= num_images):

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..data.formats import normalize_answer
 from ..data.formats import vqa_score as answer_score
+from ..env import INTEGER_DTYPES
 
 
 def vqa_soft_scores(human_answers: Sequence[Sequence[str]],
@@ -67,8 +68,8 @@ def vqa_soft_accuracy(logits_or_predictions: Tensor, targets: Tensor) -> float:
             raise ValueError(f"logits shape {tuple(x.shape)} != targets shape {tuple(targets.shape)}")
         pred = x.argmax(dim=1)
     elif x.dim() == 1:
-        if x.dtype.is_floating_point:
-            raise TypeError("1-D predictions must be integer answer indices")
+        if x.dtype not in INTEGER_DTYPES:
+            raise TypeError(f"1-D predictions must be integer answer indices, got {x.dtype}")
         pred = x.long()
         if pred.shape[0] != targets.shape[0]:
             raise ValueError(f"{pred.shape[0]} predictions for {targets.shape[0]} questions")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..env import INTEGER_DTYPES
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -43,8 +45,9 @@ def zeroshot_accuracy(image_features: Tensor, class_embeddings: Tensor, labels,
     """Top-k accuracy of cosine-similarity classification. Ties count against the image
     (a wrong class scoring >= the right one ranks before it)."""
     labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise ValueError("labels must be a 1-D integer tensor of class indices")
+    if labels.dim() != 1 or labels.dtype not in INTEGER_DTYPES:
+        raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
     labels = labels.long().to(image_features.device)
     n, c = image_features.shape[0], class_embeddings.shape[0]
     if labels.shape[0] != n:
