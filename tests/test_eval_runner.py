@@ -143,3 +143,21 @@ def test_results_table_hand_checked():
         "|---|---|---|---|",
         "| zeroshot top1 | 50.0 | 12.5 | 2.1 |",
         "| retrieval ITC i2t R@1 | 25.0 | - | 10.0 |"]
+
+
+def test_retrieval_from_karpathy_json(tok, tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs" / "val2014").mkdir(parents=True)
+    images = []
+    for i, split in enumerate(["test", "test", "train", "test"]):
+        name = f"im{i}.jpg"
+        Image.fromarray((torch.rand(36, 44, 3) * 255).byte().numpy()).save(tmp_path / "imgs" / "val2014" / name)
+        images.append({"filepath": "val2014", "filename": name, "split": split, "cocoid": i,
+                       "sentences": [{"raw": f"a red circle number {i}"}, {"raw": f"shape {i}"}]})
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": images}))
+    ckpt = make_checkpoint(tmp_path / "ckpt", tok)
+    res = main(["--task", "retrieval", "--checkpoint", str(ckpt), "--data", str(tmp_path / "karpathy.json"),
+                "--image-root", str(tmp_path / "imgs"), "--split", "test", "--rerank-k", "2", "--no-progress"])
+    assert res["sizes"] == {"images": 3, "texts": 6}   # the train image is left out
+    assert res["chance"]["t2i_r1"] == pytest.approx(1 / 3)
+    assert all(0 <= v <= 1 for v in res["metrics"]["itc"].values())
