@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmo_fast.eval import NLVR2Model
-from vlmo_fast.finetune import NLVR2Step, VQAStep, finetune_param_groups, layer_id
+from vlmo_fast.finetune import NLVR2Step, RetrievalStep, VQAStep, finetune_param_groups, layer_id
+from vlmo_fast.losses import contrastive_loss_reference
 from vlmo_fast.model import VLMo
 
 
@@ -41,6 +42,17 @@ def test_nlvr2_step_loss_and_accuracy():
     logits = model(ids, left, right, mask)
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, labels))
     assert out["metrics"]["nlvr2_acc"] == (logits.argmax(1) == labels).float().mean()
+
+
+def test_retrieval_step_is_itc_on_the_main_head():
+    model = VLMo.from_preset("tiny", itc_vl_head=False).eval()
+    ids, mask, images = _pairs(model.config, b=4)
+    out = RetrievalStep(model)({"images": images, "text_ids": ids, "text_mask": mask})
+    ref = contrastive_loss_reference(model.encode_image(images).features,
+                                     model.encode_text(ids, mask).features, model.itc.logit_scale)
+    torch.testing.assert_close(out["loss"], ref)
+    out["loss"].backward()
+    assert model.itc.logit_scale.grad is not None and model.itc.text_proj.weight.grad is not None
 
 
 def test_param_groups_head_mult_and_layer_decay():

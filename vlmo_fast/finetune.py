@@ -9,8 +9,11 @@ and AdamW parameter groups with a head learning-rate multiplier and layer-wise d
 - NLVR2 (`NLVR2Step`): `NLVR2Model` (both (statement, image) pairs through the fusion encoder,
   pooled vectors concatenated, classifier) with cross-entropy. Batches: images_left,
   images_right, text_ids, text_mask, labels.
-- retrieval: the pretraining step of the vision-language stage with MLM weighted 0 (ITC over
-  the global batch, optional hard-negative ITM), see train/finetune.py.
+- retrieval (`RetrievalStep`): the model as a dual encoder, the fused contrastive loss over
+  the global batch (`vlmo_fast.losses.contrastive_loss`, gathered across ranks) on the main
+  ITC head only (the reference's fine-tuning drops the VL-expert ITC branch). Batches: the
+  pretraining loader's "vl" stage (images, text_ids, text_mask). Hard-negative ITM on top is
+  the pretraining step of the vl stage with MLM weighted 0 (train/finetune.py --itm).
 
 `finetune_param_groups`: the head (classifier) gets lr * head_lr_mult; with layer_decay < 1
 the encoder's layer i (embeddings 0, blocks 1..depth, final norm / pooler depth + 1) gets
@@ -41,6 +44,31 @@ def _external_parameters(model) -> List[nn.Parameter]:
     """Parameters used outside their owner's forward (ZeRO-3 must gather them explicitly)."""
     owners = [model, model.token_type_embeddings, model.rel_pos_bias]
     return [p for owner in owners if owner is not None for p in owner.parameters(recurse=False)]
+
+
+class RetrievalStep(nn.Module):
+    """ITC-only retrieval fine-tuning step (dual encoder, global-batch contrastive loss)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def external_parameters(self):
+        return _external_parameters(self.model) + list(self.model.itc.parameters(recurse=False))
+
+    def head_parameter_names(self) -> List[str]:
+        return []
+
+    def forward(self, batch: Dict[str, Tensor]) -> Dict[str, object]:
+        from .losses import contrastive_loss
+        m = self.model
+        img = m.encode_image(batch["images"]).features
+        txt = m.encode_text(batch["text_ids"], batch.get("text_mask")).features
+        loss, stats = contrastive_loss(img, txt, m.itc.logit_scale, return_stats=True,
+                                       rank_grad_reduction="mean")
+        return {"loss": loss, "metrics": {"itc": loss.detach(), "itc_i2t_acc": stats.i2t_accuracy,
+                                          "itc_t2i_acc": stats.t2i_accuracy,
+                                          "logit_scale": m.itc.logit_scale.detach().reshape(())}}
 
 
 class VQAStep(nn.Module):
