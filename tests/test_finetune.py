@@ -82,3 +82,42 @@ def test_param_groups_head_mult_and_layer_decay():
     assert all(g["lr"] == pytest.approx(5e-3) for g in head)
     with pytest.raises(ValueError, match="layer_decay"):
         finetune_param_groups(step, lr=1e-3, weight_decay=0.0, layer_decay=1.5)
+
+
+def test_finetune_jobs_end_to_end(tmp_path, capsys):
+    """train/finetune.py for the three tasks from a tiny pretrained folder (a few CPU steps):
+    final weights + tokenizer + task files + DONE, metrics, curves, the evaluation JSON; a
+    rerun finds the finished job; a lost final folder is rebuilt from the last checkpoint."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("vlmo_fast.training.engine")   # the pretraining machinery (branch pretrain)
+    import json
+    from test_eval_runner import make_checkpoint, tiny_tokenizer
+    from vlmo_fast.finetune import main
+    init = make_checkpoint(tmp_path / "pre", tiny_tokenizer())
+    common = ["--init", str(init), "--batch-size", "4", "--log-every", "1", "--eval-items", "6",
+              "--no-progress"]
+    res = main(["--task", "vqa", "--output-dir", str(tmp_path / "vqa"), "--steps", "3", "--save-every", "2",
+                *common])
+    final = tmp_path / "vqa" / "final"
+    assert {p.name for p in final.iterdir()} >= {"DONE", "config.json", "model.safetensors", "vocab.txt",
+                                                  "answer_vocab.json"}
+    rows = [json.loads(line) for line in (tmp_path / "vqa" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("vqa_score" in r for r in rows)
+    assert rows[0]["lr"] > rows[-1]["lr"] > 0          # warmup 1 step, then linear decay
+    assert (tmp_path / "vqa" / "curves.png").is_file()
+    assert res["task"] == "vqa" and res["sizes"]["questions"] == 6
+    assert (tmp_path / "vqa" / "eval_vqa_test.json").is_file()
+    capsys.readouterr()
+    main(["--task", "vqa", "--output-dir", str(tmp_path / "vqa"), "--steps", "3", *common])
+    assert "finished earlier" in capsys.readouterr().out
+    import shutil
+    shutil.rmtree(final)
+    main(["--task", "vqa", "--output-dir", str(tmp_path / "vqa"), "--steps", "3", *common, "--no-eval"])
+    assert "resumed from" in capsys.readouterr().out and (final / "DONE").is_file()
+
+    for task in ("retrieval", "nlvr2"):
+        res = main(["--task", task, "--output-dir", str(tmp_path / task), "--steps", "2", *common])
+        assert (tmp_path / task / "final" / "DONE").is_file() and res["task"] == task
+    assert (tmp_path / "nlvr2" / "final" / "nlvr2_head.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        main(["--task", "nlvr2", "--output-dir", str(tmp_path / "x"), "--steps", "2", "--itm", *common])

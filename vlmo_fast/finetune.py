@@ -174,3 +174,303 @@ def finetune_param_groups(step_module: nn.Module, lr: float, weight_decay: float
     if not groups:
         raise ValueError("no trainable parameters")
     return list(groups.values())
+
+
+# -- the job: `train/finetune.py` ------------------------------------------------------------
+TASKS = ("retrieval", "vqa", "nlvr2")
+DEFAULT_HEAD_LR_MULT = {"retrieval": 1.0, "vqa": 10.0, "nlvr2": 10.0}
+
+
+def build_parser():
+    import argparse
+    p = argparse.ArgumentParser(prog="train/finetune.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--task", required=True, choices=TASKS)
+    a("--init", required=True, help="pretrained save_pretrained folder with its tokenizer (vl/final)")
+    a("--output-dir", required=True, help="checkpoints/, final/, metrics.jsonl, curves.png, eval JSON")
+    a("--data", default="embedded", help="'embedded' or a file: retrieval a manifest / Karpathy JSON, "
+      "vqa a VQAv2 questions JSON (+ --annotations), nlvr2 an NLVR2 JSONL")
+    a("--annotations", default=None, help="VQAv2 annotations JSON of --data")
+    a("--image-root", default=None, help="folder the data file's image paths are relative to")
+    a("--img-size", type=int, default=None, help="fine-tune at another resolution (positions interpolated)")
+    a("--steps", type=int, default=200)
+    a("--batch-size", type=int, default=32, help="micro-batch per process")
+    a("--grad-accum", type=int, default=1)
+    a("--lr", type=float, default=1e-4)
+    a("--head-lr-mult", type=float, default=None, help="lr multiplier of the task head "
+      "(default: 10 for vqa/nlvr2, 1 for retrieval)")
+    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (1 = off; BEiT uses ~0.65-0.85)")
+    a("--weight-decay", type=float, default=0.01)
+    a("--betas", type=float, nargs=2, default=(0.9, 0.98))
+    a("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
+    a("--schedule", default="linear", choices=["cosine", "linear", "constant"])
+    a("--min-lr-ratio", type=float, default=0.0)
+    a("--clip", type=float, default=1.0)
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    a("--itm", action="store_true", help="retrieval: add hard-negative ITM (the pretraining vl step, MLM off)")
+    a("--hard-negatives", default="global", choices=["global", "local", "none"], help="with --itm")
+    a("--num-workers", type=int, default=0)
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=10)
+    a("--save-every", type=int, default=100)
+    a("--keep-last", type=int, default=2)
+    a("--resume", default="auto", choices=["auto", "never"])
+    a("--eval-split", default="test", help="evaluated after training (embedded: val/test/test_comp)")
+    a("--eval-items", type=int, default=None, help="limit the evaluation set")
+    a("--no-eval", action="store_true")
+    a("--no-progress", action="store_true")
+    a("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    try:
+        import deepspeed
+        deepspeed.add_config_arguments(p)
+    except ImportError:
+        a("--deepspeed_config", default=None)
+    return p
+
+
+def validate_args(args) -> None:
+    from pathlib import Path
+    init = Path(args.init)
+    if not (init / "config.json").is_file():
+        raise ValueError(f"--init {init}: not a save_pretrained folder (no config.json)")
+    if not (init / "vocab.txt").is_file():
+        raise ValueError(f"--init {init}: no tokenizer (vocab.txt) beside the weights")
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_last"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0 or (args.head_lr_mult is not None and args.head_lr_mult <= 0):
+        raise ValueError("--lr and --head-lr-mult must be > 0")
+    if not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if args.itm and args.task != "retrieval":
+        raise ValueError("--itm is for --task retrieval")
+    if args.data != "embedded" and not Path(args.data).exists():
+        raise ValueError(f"--data {args.data}: no such file or folder")
+
+
+def _load_model(args, init, loader):
+    """The pretrained VLMo adapted to the task (new heads randomly initialised); checks that
+    only the expected keys are new or dropped."""
+    from .config import VLMoConfig
+    from .model import VLMo
+    from safetensors.torch import load_file
+    config = VLMoConfig.from_json(init / "config.json")
+    if args.task == "retrieval":
+        config = config.replace(itc_vl_head=False)   # fine-tuning drops the VL-expert ITC branch
+    elif args.task == "vqa":
+        config = config.replace(num_classes=len(loader.answer_vocab))
+    model = VLMo(config)
+    state = load_file(str(init / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_ok = ("classifier.",) if args.task == "vqa" else ()
+    bad_missing = [k for k in missing if not k.startswith(new_ok)] if new_ok else list(missing)
+    bad_unexpected = [k for k in unexpected if not k.startswith(("itc_vl.", "classifier."))]
+    if bad_missing or bad_unexpected:
+        raise ValueError(f"{init} does not match the {args.task} model: missing {bad_missing[:6]}, "
+                         f"unexpected {bad_unexpected[:6]}")
+    if args.img_size and args.img_size != config.img_size:
+        model.resize_image(args.img_size)
+    if args.task == "nlvr2":
+        return NLVR2Model(model)
+    return model
+
+
+def _step_module(args, model, generator):
+    if args.task == "vqa":
+        return VQAStep(model)
+    if args.task == "nlvr2":
+        return NLVR2Step(model)
+    if not args.itm:
+        return RetrievalStep(model)
+    from .training.step import PretrainStep
+    step = PretrainStep(model, "vl", hard_negatives=args.hard_negatives,
+                        loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 0.0}, generator=generator)
+    step.head_parameter_names = lambda: []
+    return step
+
+
+def _loader(args, tok, config, rank: int, world: int):
+    common = dict(batch_size=args.batch_size, rank=rank, world=world, seed=args.seed,
+                  img_size=config.img_size, max_text_len=config.max_text_len, num_workers=args.num_workers)
+    options = {k: v for k, v in (("annotations", args.annotations), ("image_root", args.image_root)) if v}
+    source = args.data
+    if args.task == "retrieval":
+        from .data import build_pretrain_loader
+        return build_pretrain_loader(source, tok, "vl", patch_size=config.patch_size, split="train",
+                                     **common, **options)
+    from .data.tasks import build_task_loader
+    return build_task_loader(args.task, source, tok, "train", **common, **options)
+
+
+def run(args) -> dict:
+    """Fine-tune, save <output-dir>/final (weights, tokenizer, task files, DONE), evaluate."""
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from .data import WordPieceTokenizer
+    from .io import atomic_write_json
+    from .training.checkpoint import latest_tag, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from .training.engine import build_ds_config, init_distributed, load_ds_config, zero_stage
+    from .training.logs import MetricsLogger, StepBuffer, nonfinite, plot_curves
+    from .training.optim import lr_lambda
+    from .training.pretrain import _Batches, _seed_all, _to_device
+
+    validate_args(args)
+    out, init = Path(args.output_dir), Path(args.init)
+    final, ckpt_dir = out / "final", out / "checkpoints"
+    rank, world, device = init_distributed()
+    is_main = rank == 0
+    log = (lambda *m: print(*m, flush=True)) if is_main else (lambda *m: None)
+    bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
+    if bf16 and device.type != "cuda":
+        raise ValueError("--precision bf16 needs CUDA; this run is on the CPU (use fp32)")
+    tok = WordPieceTokenizer.load(init)
+    if args.resume == "auto" and (final / "DONE").is_file():
+        log(f"[{args.task}] finished earlier: {final}")
+        return _evaluate(args, final, out, is_main)
+
+    _seed_all(args.seed * 1000 + rank)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 7)
+    from .config import VLMoConfig
+    config = VLMoConfig.from_json(init / "config.json")
+    if args.img_size:
+        config = config.replace(img_size=args.img_size)
+    loader = _loader(args, tok, config, rank, world)
+    model = _load_model(args, init, loader)
+    step_module = _step_module(args, model, gen).to(device)
+    total = args.steps
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total // 10)
+    ds_config = build_ds_config(load_ds_config(args.deepspeed_config), micro_batch=args.batch_size,
+                                grad_accum=args.grad_accum, clip=args.clip, bf16=bf16)
+    head_mult = args.head_lr_mult if args.head_lr_mult is not None else DEFAULT_HEAD_LR_MULT[args.task]
+    engine = _build_engine(step_module, ds_config, args, head_mult, total, min(warmup, total), lr_lambda,
+                           zero_stage)
+    step = 0
+    if args.resume == "auto" and latest_tag(ckpt_dir) is not None:
+        client = load_checkpoint(engine, ckpt_dir, rank)
+        step = client["step"]
+        loader.load_state_dict(client["data"])
+        set_rng_state(client["rng"], {"generator": gen})
+        log(f"[{args.task}] resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}")
+    trainable = sum(p.numel() for p in step_module.parameters() if p.requires_grad)
+    log(f"[{args.task}] fine-tuning {trainable / 1e6:.3f}M parameters from {init}: {total} steps x "
+        f"{args.batch_size} x {args.grad_accum} accum x {world} procs on {device}, "
+        f"{'bf16' if bf16 else 'fp32'}, head lr x{head_mult}, layer decay {args.layer_decay}")
+    logger = MetricsLogger(out, args.task, enabled=is_main, resume_step=step)
+    batches, buffer = _Batches(loader), StepBuffer()
+    bar = None
+    if is_main and not args.no_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc=args.task, dynamic_ncols=True, file=sys.stdout)
+    last_good, t_last, step_last = None, time.perf_counter(), step
+
+    def flush(at_step):
+        nonlocal t_last, step_last
+        rows = buffer.flush()
+        now = time.perf_counter()
+        if rows:
+            done = max(at_step - step_last, 1)
+            rows[-1]["samples_per_s"] = args.batch_size * args.grad_accum * world * done / max(now - t_last, 1e-9)
+        t_last, step_last = now, at_step
+        for r in rows:
+            if nonfinite(r, [k for k in r if k != "grad_norm"]):
+                raise FloatingPointError(f"[{args.task}] non-finite loss at step {r['step']}: "
+                                         f"{ {k: v for k, v in r.items() if k != 'step'} }; last good "
+                                         f"checkpoint: {last_good or 'none yet'}. Lower --lr or check the data")
+        logger.log(rows)
+        if bar is not None and rows:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in rows[-1].items() if k in ("loss", "vqa_score",
+                             "nlvr2_acc", "itc", "itm")}, refresh=False)
+
+    while step < total:
+        outs = []
+        lr_now = engine.lr_scheduler.get_last_lr()[0]
+        for _ in range(args.grad_accum):
+            o = engine(_to_device(batches.next(), device))
+            engine.backward(o["loss"])
+            engine.step()
+            outs.append(o)
+        step += 1
+        metrics = {"loss": torch.stack([o["loss"].detach().float() for o in outs]).mean(),
+                   "lr": torch.tensor(lr_now)}
+        for k in outs[0]["metrics"]:
+            metrics[k] = torch.stack([o["metrics"][k].float().reshape(()) for o in outs]).mean()
+        buffer.add(step, metrics)
+        if bar is not None:
+            bar.update(1)
+        saving = step % args.save_every == 0 or step == total
+        if step % args.log_every == 0 or saving:
+            flush(step)
+        if saving:
+            client = {"step": step, "data": loader.state_dict(), "rng": lambda: rng_state({"generator": gen})}
+            last_good = str(ckpt_dir / save_checkpoint(engine, ckpt_dir, step, client, rank, args.keep_last))
+    flush(step)
+    if bar is not None:
+        bar.close()
+
+    # final weights: gathered (ZeRO-3) on rank 0, then written with the tokenizer and DONE last
+    import deepspeed
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()} \
+            if is_main else None
+    if is_main:
+        model.float().load_state_dict(state, strict=True)
+        model.save_pretrained(final)
+        tok.save(final)
+        if args.task == "vqa":
+            from .eval.runner import ANSWER_VOCAB_FILE
+            atomic_write_json(final / ANSWER_VOCAB_FILE, list(loader.answer_vocab))
+        rows = logger.read()
+        plot_curves(rows, out / "curves.png", f"{args.task} fine-tuning")
+        atomic_write_json(final / "DONE", {"task": args.task, "steps": step, "init": str(init),
+                                           "last_metrics": rows[-1] if rows else {}, "world_size": world})
+        log(f"[{args.task}] weights: {final}; curves: {out / 'curves.png'}")
+    logger.close()
+    dist.barrier()
+    engine.destroy()
+    return _evaluate(args, final, out, is_main)
+
+
+def _build_engine(step_module, ds_config, args, head_mult, total, warmup, lr_lambda, zero_stage):
+    """deepspeed.initialize with the fine-tuning groups (head lr, layer decay); otherwise as
+    vlmo_fast.training.engine.build_engine (ZeRO-3 external parameters, LambdaLR schedule)."""
+    import deepspeed
+    if zero_stage(ds_config) == 3:
+        for p in step_module.external_parameters():
+            deepspeed.zero.register_external_parameter(step_module, p)
+    groups = finetune_param_groups(step_module, args.lr, args.weight_decay, head_lr_mult=head_mult,
+                                   layer_decay=args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total, warmup, args.schedule, args.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def _evaluate(args, final, out, is_main) -> dict:
+    if args.no_eval or not is_main:
+        return {}
+    import argparse
+    from .eval.runner import run as run_eval
+    eval_args = argparse.Namespace(
+        task=args.task, checkpoint=str(final), data=args.data, split=args.eval_split,
+        image_root=args.image_root, annotations=args.annotations, attribute="colour_shape",
+        num_items=args.eval_items, seed=args.seed, batch_size=args.batch_size, rerank_k=16,
+        device=None, out=str(out / f"eval_{args.task}_{args.eval_split}.json"), no_progress=args.no_progress)
+    return run_eval(eval_args)
+
+
+def main(argv=None) -> dict:
+    import sys
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
