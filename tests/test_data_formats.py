@@ -40,27 +40,44 @@ def images(tmp_path):
 def test_jsonl_csv_tsv_manifests_with_configurable_keys(tmp_path, images):
     rows = [{"filepath": f"imgs/img{i}.jpg", "title": f"caption {i}", "extra": "ignored"} for i in range(6)]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    (tmp_path / "m.csv").write_text("filepath,title,extra\n" + "".join(f"{r['filepath']},\"{r['title']}\",x\n" for r in rows))
+    (tmp_path / "m.csv").write_text("filepath,title,extra\n"
+                                    + "".join(f"{r['filepath']},\"{r['title']}\",x\n" for r in rows))
     (tmp_path / "m.tsv").write_text("filepath\ttitle\n" + "".join(f"{r['filepath']}\t{r['title']}\n" for r in rows))
     for name in ("m.jsonl", "m.csv", "m.tsv"):
         recs = read_manifest(tmp_path / name, image_key="filepath", caption_key="title")
         assert [p.caption for p in recs.pairs] == [f"caption {i}" for i in range(6)]
         assert recs.pairs[2].image.path == str(images / "img2.jpg")     # relative to the manifest
-        assert recs.image_ids == list(range(6))
+        assert recs.image_ids.tolist() == list(range(6))
     # defaults image/caption, an id column groups captions of one image; ALBEF JSON lists
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"image": str(images / f"img{i // 2}.jpg"),
                                                             "caption": f"c{i}", "image_id": i // 2}) for i in range(4)))
-    assert read_manifest(tmp_path / "d.jsonl").image_ids == [0, 0, 1, 1]
+    assert read_manifest(tmp_path / "d.jsonl").image_ids.tolist() == [0, 0, 1, 1]
     (tmp_path / "a.json").write_text(json.dumps([{"image": "imgs/img0.jpg", "caption": ["one", "two"]}]))
     recs = read_manifest(tmp_path / "a.json")
-    assert [p.caption for p in recs.pairs] == ["one", "two"] and recs.image_ids == [0, 0]
+    assert [p.caption for p in recs.pairs] == ["one", "two"] and recs.image_ids.tolist() == [0, 0]
+
+
+def test_records_are_stored_in_numpy_buffers(tmp_path):
+    # no per-row Python objects: workers keep sharing the parent's pages (copy-on-write)
+    rows = [{"image": f"dir/ü{i}.jpg", "caption": f"caption {i} ✓", "image_id": i // 3} for i in range(10)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    recs = read_manifest(tmp_path / "m.jsonl")
+    table = recs.pairs
+    assert isinstance(table.caption.blob, np.ndarray) and isinstance(recs.image_ids, np.ndarray)
+    assert [p.caption for p in table] == [r["caption"] for r in rows]
+    assert table[-1].image.path.endswith("dir/ü9.jpg") and table[4].origin.endswith("m.jsonl line 5")
+    assert [p.caption for p in table[2:4]] == ["caption 2 ✓", "caption 3 ✓"]
+    assert recs.num_images == 4 and recs.image_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    with pytest.raises(IndexError):
+        table[10]
 
 
 def test_manifest_errors_name_file_and_row(tmp_path, images):
     (tmp_path / "a.csv").write_text("image,caption\nimgs/img0.jpg,fine\nimgs/img1.jpg\n")
     with pytest.raises(DataError, match=r"a.csv line 3: missing column 'caption'"):
         read_manifest(tmp_path / "a.csv")
-    (tmp_path / "b.jsonl").write_text('{"image": "imgs/img0.jpg", "caption": "x"}\n{"image": "imgs/img1.jpg", "caption": "  "}\n')
+    (tmp_path / "b.jsonl").write_text('{"image": "imgs/img0.jpg", "caption": "x"}\n'
+                                      '{"image": "imgs/img1.jpg", "caption": "  "}\n')
     with pytest.raises(DataError, match=r"b.jsonl line 2: empty caption"):
         read_manifest(tmp_path / "b.jsonl")
     (tmp_path / "c.jsonl").write_text('{"image": "x.jpg", "caption": "x"}\n{not json\n')
@@ -109,7 +126,7 @@ def test_image_folder_and_text_corpus(tmp_path, images):
     for i in range(3, 6):
         (images / f"img{i}.txt").write_text(f"only {i}\n")
     recs = read_image_folder(images)
-    assert len(recs) == 9 and recs.image_ids[:3] == [0, 0, 1] and recs.pairs[1].caption == "second 0"
+    assert len(recs) == 9 and recs.image_ids[:3].tolist() == [0, 0, 1] and recs.pairs[1].caption == "second 0"
     (tmp_path / "lines.txt").write_text("doc one.\ndoc two.\n\n")
     assert read_texts(tmp_path / "lines.txt") == ["doc one.", "doc two."]
     (tmp_path / "paras.txt").write_text("para one\ncontinues.\n\npara two.\n")
@@ -209,17 +226,26 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path, tok, caplo
     caps = [loader.dataset.records.pairs[int(c)].caption for b in batches for c in b["caption_ids"]]
     assert not any(c.startswith("bad") for c in caps)
     assert "b0.jpg is corrupt" in caplog.text and "b1.jpg does not exist" in caplog.text
-    assert "2 corrupt or unreadable samples skipped" in caplog.text
+    assert "2 corrupt or unreadable samples skipped in epoch 0" in caplog.text
+    # the limit is per epoch: the same two files met again in later epochs do not add up to a failure
+    for _ in range(3):
+        list(loader)
+    assert loader.num_skipped == 8 and loader.epoch_skipped == 2
     # same substitutes with workers (deterministic), and past the allowed fraction a clear error
     with_workers = list(build_pretrain_loader(path, tok, "vl", 8, num_workers=2, **kw))
     for x, y in zip(batches, with_workers):
         assert torch.equal(x["images"], y["images"]) and torch.equal(x["caption_ids"], y["caption_ids"])
     strict = build_pretrain_loader(path, tok, "vl", 8, img_size=16, max_text_len=10)   # default 1 %
-    with pytest.raises(RuntimeError, match=r"1 samples were unreadable.*max_bad_fraction=0.01 of 32"):
+    with pytest.raises(RuntimeError, match=r"1 samples were unreadable.*epoch 0.*max_bad_fraction=0.01 of the 32"):
         list(strict)
     no_skip = build_pretrain_loader(path, tok, "vl", 32, img_size=16, max_text_len=10, skip_bad=False)
     with pytest.raises(DataError, match=r"m.jsonl line 3[12]"):
         list(no_skip)
+    # raised inside a worker: the same message reaches the main process (no silent crash)
+    in_worker = build_pretrain_loader(path, tok, "vl", 32, img_size=16, max_text_len=10, skip_bad=False,
+                                      num_workers=1)
+    with pytest.raises(DataError, match=r"b[01].jpg .*m.jsonl line 3[12]"):
+        list(in_worker)
 
 
 def test_pretrain_loader_from_files_all_stages(tmp_path, tok, images):
@@ -230,6 +256,9 @@ def test_pretrain_loader_from_files_all_stages(tmp_path, tok, images):
     assert vis["images"].shape == (6, 3, 32, 32) and vis["patch_mask"].shape == (6, 4)
     txt = list(build_pretrain_loader(tmp_path / "corpus.txt", tok, "text", 2, max_text_len=12))
     assert sum(len(b["text_ids"]) for b in txt) == 3
+    (tmp_path / "m.tsv").write_text("path\ttext\n" + "".join(f"imgs/img{i}.jpg\tcaption {i}\n" for i in range(5)))
+    caps = build_pretrain_loader(tmp_path / "m.tsv", tok, "text", 5, image_key="path", caption_key="text", shuffle=False)
+    assert tok.decode(next(iter(caps))["text_ids"][4]) == "caption 4"
     vl = build_pretrain_loader(tmp_path / "m.jsonl", tok, "vl", 4, img_size=32, rank=1, world=2)
     keys = [k for b in vl for k in b["keys"].tolist()]
     assert len(keys) == 3
@@ -276,3 +305,37 @@ def test_decode_errors_name_the_file(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"x.png is corrupt .*row 9"):
         decode_image(ImageRef(str(tmp_path / "x.png")), "row 9")
+
+
+def test_source_detection_errors(tmp_path, tok):
+    from vlmo_fast.data import detect_format
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"x.parquet: cannot tell the format"):
+        detect_format(tmp_path / "x.parquet")
+    with pytest.raises(FileNotFoundError, match=r"nowhere.jsonl does not exist"):
+        build_pretrain_loader(tmp_path / "nowhere.jsonl", tok, "vl")
+    (tmp_path / "k.json").write_text('{"images": []}')
+    (tmp_path / "l.json").write_text('[{"image": "a.jpg", "caption": "c"}]')
+    assert (detect_format(tmp_path / "k.json"), detect_format(tmp_path / "l.json")) == ("karpathy", "manifest")
+    with pytest.raises(TypeError, match="unexpected options for the embedded world"):
+        build_pretrain_loader("embedded", tok, "vl", image_key="x")
+
+
+def test_export_world_round_trips_through_every_reader(tmp_path, tok):
+    from vlmo_fast.data import EmbeddedWorld
+    from vlmo_fast.data.export import export_world, main
+    world = EmbeddedWorld(0)
+    captions = [world.caption_texts(world.scene("test", i)) for i in range(6)]
+    jsonl = export_world(tmp_path / "j", "test", 6, img_size=32, fmt="jsonl")
+    recs = read_manifest(jsonl)
+    assert [p.caption for p in recs.pairs] == [c for caps in captions for c in caps] and recs.num_images == 6
+    karpathy = export_world(tmp_path / "k", "test", 6, img_size=32, fmt="karpathy")
+    ev = build_retrieval_eval_set(karpathy, tok, "test", img_size=32, max_text_len=16)
+    direct = build_retrieval_eval_set("embedded", tok, "test", img_size=32, max_text_len=16, num_images=6)
+    assert ev.captions == direct.captions and torch.equal(ev.text_to_image, direct.text_to_image)
+    assert (ev.images - direct.images).abs().max() <= 1 / 127.5 + 1e-6     # PNG: 8-bit quantisation only
+    folder = export_world(tmp_path / "f", "test", 6, img_size=32, fmt="folder")
+    assert len(read_image_folder(folder)) == 30
+    shards = main([str(tmp_path / "t"), "--num-images", "6", "--img-size", "32", "--format", "tar",
+                   "--image-format", "jpg"])
+    assert [p.caption for p in read_tar_shards(shards).pairs] == [caps[0] for caps in captions]

@@ -30,7 +30,7 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
                           shuffle: bool = True, drop_last: bool = False, world_seed: Optional[int] = None,
                           world_config: Optional[WorldConfig] = None, pin_memory: Optional[bool] = None,
                           persistent_workers: bool = True, max_bad_fraction: float = 0.01,
-                          min_mask_block: int = 16, **source_options) -> Loader:
+                          min_mask_block: int = 16, flip: bool = False, **source_options) -> Loader:
     """A resumable, rank-sharded loader of pretraining batches for `stage`.
 
     source: "embedded" (the procedural world; `num_samples` scenes of `split` per epoch,
@@ -38,7 +38,8 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
     manifests, Karpathy JSON, image folders, .tar shards, text corpora; `source_options`
     go to the reader, e.g. image_key="filepath", caption_key="title").
     `seed` fixes the sample order and masks; `world_seed` the world's content, so runs with
-    different data orders can share one world.
+    different data orders can share one world. flip: random horizontal flips with "left" and
+    "right" swapped in the caption (off by default, as captions name sides).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -52,12 +53,12 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         w = EmbeddedWorld(seed if world_seed is None else world_seed, world_config)
-        dataset = EmbeddedPretrainDataset(w, stage, split, num_samples, img_size)
+        dataset = EmbeddedPretrainDataset(w, stage, split, num_samples, img_size, flip=flip)
         description = f"embedded world (seed {w.seed}) {split} stage {stage}"
     else:
         from .sources import open_pretrain_dataset
         dataset = open_pretrain_dataset(source, stage, split=split, img_size=img_size, seed=seed,
-                                        num_samples=num_samples, **source_options)
+                                        num_samples=num_samples, flip=flip, **source_options)
         description = f"{source} stage {stage}"
     collate = PretrainCollator(stage, tokenizer, max_text_len=max_text_len, patch_grid=img_size // patch_size,
                                mlm_probability=mlm_probability, mask_ratio=mask_ratio, seed=seed,

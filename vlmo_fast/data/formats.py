@@ -21,12 +21,15 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import pickle
 import re
 import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 PathLike = Union[str, Path]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -69,17 +72,86 @@ class PairRecord:
     origin: str             # "manifest.csv line 7": where this record came from
 
 
-@dataclass
-class Records:
-    """Image-caption pairs with integer image ids (captions of one image share the id)."""
-    pairs: List[PairRecord]
-    source: str
-    image_ids: List[int] = field(default_factory=list)
+class StringTable:
+    """Many strings in one numpy byte buffer + offsets. DataLoader workers share the parent's
+    memory copy-on-write, but touching a Python object writes its reference count, so a list
+    of millions of str / dataclass rows is copied into every worker over an epoch (torch
+    issue 13246); numpy buffers are never written and stay shared."""
 
-    def __post_init__(self):
+    def __init__(self, strings: Iterable[str]):
+        encoded = [str(x).encode("utf-8") for x in strings]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+class PackedList:
+    """A read-only list of picklable records kept as one numpy byte buffer (see StringTable):
+    for the VQA / NLVR2 record lists that task datasets hold in every worker."""
+
+    def __init__(self, items: Iterable):
+        encoded = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in items]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} records")
+        i = int(i) % len(self)
+        return pickle.loads(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class PairTable:
+    """A read-only sequence of PairRecord stored column-wise in numpy (see StringTable)."""
+
+    def __init__(self, pairs: Sequence[PairRecord]):
+        self.image_path = StringTable(p.image.path for p in pairs)
+        self.image_offset = np.asarray([p.image.offset for p in pairs], dtype=np.int64)
+        self.image_size = np.asarray([p.image.size for p in pairs], dtype=np.int64)
+        self.caption = StringTable(p.caption for p in pairs)
+        self.image_key = StringTable(p.image_key for p in pairs)
+        self.origin = StringTable(p.origin for p in pairs)
+
+    def __len__(self) -> int:
+        return len(self.caption)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair index {i} out of range for {len(self)} pairs")
+        i = int(i) % len(self)
+        image = ImageRef(self.image_path[i], int(self.image_offset[i]), int(self.image_size[i]))
+        return PairRecord(image, self.caption[i], self.image_key[i], self.origin[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class Records:
+    """Image-caption pairs with integer image ids (captions of one image share the id), kept
+    column-wise in numpy buffers: `pairs` (a PairTable, indexable like a list of PairRecord),
+    `image_ids` int64 [N], `num_images`, `source`."""
+
+    def __init__(self, pairs: Sequence[PairRecord], source: str):
         index: Dict[str, int] = {}
-        self.image_ids = [index.setdefault(p.image_key, len(index)) for p in self.pairs]
+        self.image_ids = np.asarray([index.setdefault(p.image_key, len(index)) for p in pairs], dtype=np.int64)
         self.num_images = len(index)
+        self.pairs = pairs if isinstance(pairs, PairTable) else PairTable(pairs)
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.pairs)

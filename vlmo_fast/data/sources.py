@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import STAGES, item_rng
-from .formats import (IMAGE_EXTENSIONS, DataError, Records, group_by_image, read_image_folder,
+from .formats import (IMAGE_EXTENSIONS, DataError, Records, StringTable, group_by_image, read_image_folder,
                       read_karpathy, read_manifest, read_tar_shards, read_texts)
 from .transforms import ImageTransform
 
@@ -40,12 +40,9 @@ class FilePairsDataset(Dataset):
         if unique_images is None:
             unique_images = stage == "vision"
         if unique_images:
-            seen, rows = set(), []
-            for i, img_id in enumerate(records.image_ids):
-                if img_id not in seen:
-                    seen.add(img_id)
-                    rows.append(i)
-            self.rows = np.asarray(rows, dtype=np.int64)
+            # the first row of each image, in file order
+            _, first = np.unique(records.image_ids, return_index=True)
+            self.rows = np.sort(first).astype(np.int64)
         else:
             self.rows = np.arange(len(records), dtype=np.int64)
 
@@ -58,7 +55,7 @@ class FilePairsDataset(Dataset):
         array, caption = self.transform.load(rec.image, rec.origin, rng, rec.caption)
         item = {"image": array}
         if self.stage == "vl":
-            item.update(text=caption, image_id=self.records.image_ids[row], caption_id=row)
+            item.update(text=caption, image_id=int(self.records.image_ids[row]), caption_id=row)
         return item
 
     def __getitem__(self, key: int) -> dict:
@@ -76,23 +73,24 @@ class FilePairsDataset(Dataset):
                 if not self.skip_bad:
                     raise
                 skipped += 1
+                last_error = e
                 log.warning("skipping unreadable sample: %s", e)
                 # a deterministic substitute: a pseudo-random other index derived from the key
                 index = int(item_rng(self.seed, key, 100 + attempt).integers(n))
-        raise DataError(f"{self.records.source}: {skipped} unreadable images in a row around item {key % n} "
-                        f"(last: {self.records.pairs[int(self.rows[index])].origin}); the data looks broken")
+        raise DataError(f"{self.records.source}: {skipped} unreadable images in a row for item {key % n} and its "
+                        f"substitutes (last: {last_error}); the data looks broken")
 
 
 class TextDataset(Dataset):
     """Documents of a text corpus (stage "text")."""
 
     def __init__(self, texts: Sequence[str], source: str = ""):
-        self.texts = [t for t in texts]
-        if not self.texts:
+        if not texts:
             raise DataError(f"{source or 'text corpus'}: empty corpus")
-        for i, t in enumerate(self.texts):
+        for i, t in enumerate(texts):
             if not str(t).strip():
                 raise DataError(f"{source or 'text corpus'} document {i}: empty text")
+        self.texts = StringTable(texts)   # one numpy buffer: shared by workers, not copied
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -164,10 +162,9 @@ def open_pretrain_dataset(source: PathLike, stage: str, *, split: str = "train",
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fmt = reader_options.pop("fmt", None) or detect_format(source)
     if stage == "text":
-        if fmt in ("text", "manifest", "karpathy"):
-            caption_key = reader_options.get("caption_key", "caption")
-            texts = read_texts(source, text_mode, caption_key=caption_key) if fmt != "karpathy" else \
-                [p.caption for p in read_karpathy(source, split, image_root=reader_options.get("image_root")).pairs]
+        # a text corpus, or the captions of an image-text source (images are not opened)
+        if fmt == "text":
+            texts = read_texts(source, text_mode)
         else:
             texts = [p.caption for p in open_records(source, split=split, fmt=fmt, **reader_options).pairs]
         if num_samples is not None:

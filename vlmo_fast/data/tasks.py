@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import item_rng
-from .formats import (DataError, NLVR2Record, VQARecord, build_answer_vocab, read_nlvr2, read_vqav2,
+from .formats import (DataError, NLVR2Record, PackedList, VQARecord, build_answer_vocab, read_nlvr2, read_vqav2,
                       vqa_targets)
 from .loader import Loader
 from .tokenizer import WordPieceTokenizer
@@ -119,11 +119,11 @@ class VQAv2Dataset(_FileTaskDataset):
                  img_size: int = 224, train: bool = True, seed: int = 0, skip_bad: bool = True,
                  min_answer_count: int = 9):
         super().__init__(img_size, train, seed, skip_bad)
-        self.records = list(records)
-        if not self.records:
+        if not records:
             raise DataError("VQAv2: no questions")
         self.answer_vocab = list(answer_vocab) if answer_vocab is not None else \
-            build_answer_vocab(self.records, min_answer_count)
+            build_answer_vocab(records, min_answer_count)
+        self.records = PackedList(records)   # one numpy buffer: shared by workers, not copied
         if not self.answer_vocab:
             raise DataError(f"VQAv2: empty answer vocabulary (no answer given >= {min_answer_count} times); "
                             f"pass answer_vocab= or a lower min_answer_count")
@@ -140,9 +140,9 @@ class NLVR2FileDataset(_FileTaskDataset):
     def __init__(self, records: Sequence[NLVR2Record], *, img_size: int = 224, train: bool = True,
                  seed: int = 0, skip_bad: bool = True):
         super().__init__(img_size, train, seed, skip_bad)
-        self.records = list(records)
-        if not self.records:
+        if not records:
             raise DataError("NLVR2: no rows")
+        self.records = PackedList(records)
 
     def _load(self, index: int, key: int) -> dict:
         r = self.records[index]
