@@ -119,5 +119,10 @@ def test_finetune_jobs_end_to_end(tmp_path, capsys):
         res = main(["--task", task, "--output-dir", str(tmp_path / task), "--steps", "2", *common])
         assert (tmp_path / task / "final" / "DONE").is_file() and res["task"] == task
     assert (tmp_path / "nlvr2" / "final" / "nlvr2_head.safetensors").is_file()
+    # hard-negative ITM on top of ITC: the pretraining vl step with MLM off
+    main(["--task", "retrieval", "--itm", "--output-dir", str(tmp_path / "itm"), "--steps", "1",
+          "--rerank-k", "2", *common])
+    row = json.loads((tmp_path / "itm" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "itm" in row and "itc" in row
     with pytest.raises(SystemExit):
         main(["--task", "nlvr2", "--output-dir", str(tmp_path / "x"), "--steps", "2", "--itm", *common])

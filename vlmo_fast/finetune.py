@@ -218,6 +218,7 @@ def build_parser():
     a("--resume", default="auto", choices=["auto", "never"])
     a("--eval-split", default="test", help="evaluated after training (embedded: val/test/test_comp)")
     a("--eval-items", type=int, default=None, help="limit the evaluation set")
+    a("--rerank-k", type=int, default=16, help="retrieval evaluation: ITM re-rank of the top k (0: off)")
     a("--no-eval", action="store_true")
     a("--no-progress", action="store_true")
     a("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -461,7 +462,7 @@ def _evaluate(args, final, out, is_main) -> dict:
     eval_args = argparse.Namespace(
         task=args.task, checkpoint=str(final), data=args.data, split=args.eval_split,
         image_root=args.image_root, annotations=args.annotations, attribute="colour_shape",
-        num_items=args.eval_items, seed=args.seed, batch_size=args.batch_size, rerank_k=16,
+        num_items=args.eval_items, seed=args.seed, batch_size=args.batch_size, rerank_k=args.rerank_k,
         device=None, out=str(out / f"eval_{args.task}_{args.eval_split}.json"), no_progress=args.no_progress)
     return run_eval(eval_args)
 
