@@ -263,6 +263,10 @@ def _load_model(args, init, loader):
         config = config.replace(num_classes=len(loader.answer_vocab))
     model = VLMo(config)
     state = load_file(str(init / "model.safetensors"))
+    own = model.state_dict()
+    # a classifier of another answer vocabulary is not reused (new head, randomly initialised)
+    state = {k: v for k, v in state.items()
+             if not (k.startswith("classifier.") and k in own and own[k].shape != v.shape)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     new_ok = ("classifier.",) if args.task == "vqa" else ()
     bad_missing = [k for k in missing if not k.startswith(new_ok)] if new_ok else list(missing)
