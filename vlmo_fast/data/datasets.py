@@ -1,0 +1,65 @@
+"""Map-style torch Datasets over the embedded world (and, in `sources.py`, over real files).
+
+Keys, not indices: the loaders' samplers pass `key = epoch * len(dataset) + index`, so every
+random choice an item makes (which caption of an image, crop and flip, ...) is a pure function
+of (seed, epoch, index), the same in every worker and on every machine, and still differs
+between epochs. `len(dataset)` is the epoch size; `key % len(dataset)` is the item.
+
+Item format of the pretraining datasets (dicts; the collators in `collate.py` batch them):
+- "image": float32 numpy [3, H, W] in [-1, 1] (vision and vl)
+- "text": str (text and vl)
+- "image_id", "caption_id": int (vl; two captions of one image share image_id)
+- "key": int (the sampler key; seeds the batch's masking)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .world import EmbeddedWorld
+
+STAGES = ("vision", "text", "vl")
+
+
+def item_rng(seed: int, key: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(key), int(stream)])
+
+
+class EmbeddedPretrainDataset(Dataset):
+    """Scenes `0 .. num_samples-1` of one split of the embedded world, as pretraining items.
+
+    stage "vision": the image-only stream; "text": one document per scene (multi-sentence,
+    the text-only corpus); "vl": the image with one of its captions, drawn per epoch.
+    """
+
+    def __init__(self, world: EmbeddedWorld, stage: str, split: str = "train",
+                 num_samples: Optional[int] = None, img_size: int = 224):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.world, self.stage, self.split = world, stage, split
+        self.num_samples = int(num_samples if num_samples is not None else world.split_size(split))
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        self.img_size = int(img_size)
+        self.captions_per_image = world.config.captions_per_image
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(int(key), self.num_samples)
+        scene = self.world.scene(self.split, index)
+        item = {"key": int(key)}
+        if self.stage in ("vision", "vl"):
+            item["image"] = self.world.render(scene, self.img_size)
+        if self.stage == "text":
+            item["text"] = self.world.document(scene)
+        elif self.stage == "vl":
+            caps = self.world.caption_texts(scene)
+            j = int(item_rng(self.world.seed, key, 1).integers(len(caps)))
+            item["text"] = caps[j]
+            item["image_id"] = index
+            item["caption_id"] = index * self.captions_per_image + j
+        return item

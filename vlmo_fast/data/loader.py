@@ -1,0 +1,182 @@
+"""Loaders: rank-sharded, resumable batch sampling over map-style datasets, wrapped in a
+torch DataLoader (workers, pinned memory on CUDA, persistent workers).
+
+Sharding: each epoch draws one permutation of the whole dataset from (seed, epoch), the same
+on every rank; rank r takes positions r, r + world, r + 2 world, ... So ranks never overlap,
+and with drop_last=False their union is the whole epoch, every sample once. (When
+len(dataset) % world != 0 the first ranks get one sample more; pass drop_last=True to give
+every rank the same number of full batches, as a multi-rank trainer needs.)
+
+Resume: the loader counts the batches it has handed out; `state_dict()` stores that position
+(epoch, batch index) with what defines the sample order (seed, dataset size, batch size,
+rank, world), and `load_state_dict` continues from exactly the next batch: keys and masks of
+every later batch are the ones the uninterrupted run would have produced.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+
+class ShardedBatchSampler(Sampler):
+    """Batches of keys (epoch * N + index) of this rank's shard, from `start_batch` on."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world: int = 1,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world) and world >= 1, got rank={rank} world={world}")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.rank, self.world, self.seed = int(rank), int(world), int(seed)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        self.epoch = 0
+        self.start_batch = 0
+        if self.drop_last and len(self) == 0:
+            raise ValueError(f"drop_last=True with {num_samples} samples over world={world} ranks leaves "
+                             f"no full batch of {batch_size}")
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's indices for `epoch`, in order."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, int(epoch), 0x5A4D]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        if self.drop_last:
+            per_rank = (self.num_samples // self.world) // self.batch_size * self.batch_size
+            return order[self.rank::self.world][:per_rank]
+        return order[self.rank::self.world]
+
+    def __len__(self) -> int:
+        per_rank = self.num_samples // self.world
+        if self.drop_last:
+            return per_rank // self.batch_size
+        per_rank += int(self.rank < self.num_samples % self.world)
+        return -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        epoch, start = self.epoch, self.start_batch
+        keys = self.shard(epoch).astype(np.int64) + epoch * self.num_samples
+        for b in range(start, len(self)):
+            yield keys[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
+class Loader:
+    """An iterable of batches with set_epoch / state_dict / load_state_dict / len.
+
+    Iterating yields this rank's remaining batches of the current epoch and then moves to the
+    next epoch; breaking out early keeps the position (the next iteration continues).
+    """
+
+    def __init__(self, dataset: Dataset, collate_fn, batch_size: int, *, rank: int = 0, world: int = 1,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, num_workers: int = 0,
+                 pin_memory: Optional[bool] = None, persistent_workers: bool = True,
+                 prefetch_factor: Optional[int] = None, max_bad_fraction: float = 0.01,
+                 description: str = ""):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank, world=world, seed=seed,
+                                           shuffle=shuffle, drop_last=drop_last)
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.prefetch_factor = prefetch_factor
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.description = description
+        self.num_skipped = 0          # corrupt samples replaced so far (this process, all epochs)
+        self._loader: Optional[DataLoader] = None
+
+    # -- position --------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def batch_index(self) -> int:
+        """Batches of the current epoch already handed out."""
+        return self.sampler.start_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of `epoch` (a no-op when already inside that epoch, so a resumed
+        run that calls set_epoch(resumed epoch) keeps its position)."""
+        if int(epoch) != self.sampler.epoch:
+            self.sampler.epoch, self.sampler.start_batch = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"epoch": s.epoch, "batch_index": s.start_batch, "seed": s.seed,
+                "num_samples": s.num_samples, "batch_size": s.batch_size, "rank": s.rank,
+                "world": s.world, "shuffle": s.shuffle, "drop_last": s.drop_last,
+                "num_skipped": self.num_skipped, "description": self.description}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.sampler
+        for name in ("seed", "num_samples", "batch_size", "world", "rank", "shuffle", "drop_last"):
+            if name in state and state[name] != getattr(s, name):
+                raise ValueError(f"loader state_dict does not match this loader: {name}={state[name]!r} "
+                                 f"in the state, {getattr(s, name)!r} here (resume with the same data "
+                                 f"settings, or start the data position afresh)")
+        epoch, index = int(state["epoch"]), int(state["batch_index"])
+        if not 0 <= index <= len(s):
+            raise ValueError(f"loader state_dict: batch_index {index} outside [0, {len(s)}]")
+        s.epoch, s.start_batch = epoch, index
+        if index == len(s):
+            s.epoch, s.start_batch = epoch + 1, 0
+        self.num_skipped = int(state.get("num_skipped", 0))
+
+    # -- iteration -------------------------------------------------------------------------
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            extra = {}
+            if self.num_workers > 0:
+                extra["persistent_workers"] = self.persistent_workers
+                if self.prefetch_factor is not None:
+                    extra["prefetch_factor"] = self.prefetch_factor
+            self._loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collate_fn,
+                                      num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                      worker_init_fn=_worker_init, **extra)
+        return self._loader
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict]:
+        s = self.sampler
+        if s.start_batch >= len(s):
+            s.epoch, s.start_batch = s.epoch + 1, 0
+        epoch = s.epoch
+        for batch in self._dataloader():
+            s.start_batch += 1
+            skipped = int(batch.get("num_skipped", 0))
+            if skipped:
+                self._count_skipped(skipped)
+            yield batch
+            if s.epoch != epoch:  # set_epoch() / load_state_dict() called mid-iteration
+                return
+        if self.num_skipped:
+            log.warning("%s: %d corrupt or unreadable samples skipped so far (epoch %d)",
+                        self.description or "loader", self.num_skipped, epoch)
+        s.epoch, s.start_batch = epoch + 1, 0
+
+    def _count_skipped(self, n: int) -> None:
+        self.num_skipped += n
+        limit = self.max_bad_fraction * len(self.dataset)
+        if self.num_skipped > limit:
+            raise RuntimeError(
+                f"{self.description or 'loader'}: {self.num_skipped} samples were unreadable and skipped, "
+                f"more than max_bad_fraction={self.max_bad_fraction:g} of {len(self.dataset)} samples; "
+                f"fix the data or raise max_bad_fraction (the first failures were logged as warnings)")
+
+
+def _worker_init(worker_id: int) -> None:
+    # decoding/rendering is numpy/PIL work: one intra-op thread per worker avoids oversubscription
+    torch.set_num_threads(1)

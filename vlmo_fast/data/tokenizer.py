@@ -1,0 +1,212 @@
+"""WordPiece tokenizer with BERT conventions (HF `tokenizers`): lower-case BERT normaliser,
+BERT pre-tokeniser, [CLS] text [SEP], [PAD] = 0, [MASK]; loaded from a BERT `vocab.txt` or
+trained on a corpus (the embedded world's by default), saved next to a run atomically.
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..io import atomic_write_json, atomic_write_text
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CONFIG_NAME = "tokenizer_config.json"
+
+
+def _build_backend(vocab: dict, lowercase: bool):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    # declared special: never split, skipped by decode(skip_special_tokens=True)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+class WordPieceTokenizer:
+    """A BERT-style WordPiece tokenizer around a `tokenizers.Tokenizer`.
+
+    encode_batch(texts, max_len) -> (ids, mask): LongTensor [B, max_len] each, padded with
+    [PAD] (= 0) and truncated so that [SEP] always closes the text.
+    """
+
+    def __init__(self, vocab: dict, lowercase: bool = True, source: str = ""):
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(f"WordPiece vocabulary{' ' + source if source else ''} lacks the special "
+                             f"tokens {missing} (BERT conventions need {list(SPECIAL_TOKENS)})")
+        if vocab["[PAD]"] != 0:
+            raise ValueError(f"WordPiece vocabulary{' ' + source if source else ''}: [PAD] must have id 0 "
+                             f"(BERT convention; padding masks assume it), got {vocab['[PAD]']}")
+        self.lowercase = bool(lowercase)
+        self._vocab = dict(vocab)
+        self._backend = _build_backend(self._vocab, self.lowercase)
+        self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
+        self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
+        self.special_ids = tuple(sorted({self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id}))
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_vocab_file(cls, path: Union[str, Path], lowercase: bool = True) -> "WordPieceTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"vocab file {path} does not exist (expected a BERT vocab.txt, one token a line)")
+        tokens = path.read_text(encoding="utf-8").splitlines()
+        vocab = {}
+        for line_no, token in enumerate(tokens, 1):
+            token = token.rstrip("\r")
+            if not token:
+                raise ValueError(f"{path} line {line_no}: empty token (a vocab.txt has one token per line)")
+            if token in vocab:
+                raise ValueError(f"{path} line {line_no}: duplicate token {token!r}")
+            vocab[token] = len(vocab)
+        return cls(vocab, lowercase=lowercase, source=str(path))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 1000, lowercase: bool = True,
+              min_frequency: int = 1) -> "WordPieceTokenizer":
+        """Build a WordPiece vocabulary from `texts`, deterministically.
+
+        The vocabulary is: the special tokens, every character seen (word-initial and "##"
+        continuation forms), then whole words by frequency (ties broken alphabetically) up to
+        `vocab_size`; words left out are split by WordPiece's longest-match-first into known
+        pieces. (The `tokenizers` WordPieceTrainer is not used because its merges depend on
+        hash-map order: two runs on the same corpus gave different vocabularies, and a
+        tokenizer must be reproducible from its seed.) For large real corpora, load a BERT
+        vocab.txt instead.
+        """
+        from collections import Counter
+
+        from tokenizers import normalizers, pre_tokenizers
+        if vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab_size must be > {len(SPECIAL_TOKENS)}, got {vocab_size}")
+        normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        pre = pre_tokenizers.BertPreTokenizer()
+        words: Counter = Counter()
+        for text in texts:
+            words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(str(text))))
+        if not words:
+            raise ValueError("cannot train a tokenizer on an empty corpus (no words in the texts)")
+        # every character seen, plus a basic alphabet, so unseen words split instead of [UNK]
+        basic = set(string.ascii_lowercase + string.digits + string.punctuation)
+        initial = sorted({w[0] for w in words} | basic)
+        continuation = sorted({"##" + c for w in words for c in w[1:]} | {"##" + c for c in basic})
+        ranked = sorted((w for w, n in words.items() if n >= min_frequency and len(w) > 1),
+                        key=lambda w: (-words[w], w))
+        tokens = list(SPECIAL_TOKENS) + initial + [t for t in continuation if t not in initial]
+        room = max(0, vocab_size - len(tokens))
+        tokens += ranked[:room]
+        return cls({t: i for i, t in enumerate(tokens)}, lowercase=lowercase, source="(trained)")
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "WordPieceTokenizer":
+        """Load what `save` wrote (vocab.txt + tokenizer_config.json); a bare vocab.txt works too."""
+        directory = Path(directory)
+        vocab_file = directory / "vocab.txt" if directory.is_dir() else directory
+        lowercase = True
+        config = vocab_file.parent / CONFIG_NAME
+        if config.is_file():
+            try:
+                lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config}: not valid JSON ({e})") from None
+        return cls.from_vocab_file(vocab_file, lowercase=lowercase)
+
+    def save(self, directory: Union[str, Path]) -> Path:
+        """Write vocab.txt, tokenizer.json and tokenizer_config.json, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tokens = sorted(self._vocab, key=self._vocab.get)
+        atomic_write_text(directory / "vocab.txt", "\n".join(tokens) + "\n")
+        atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
+        atomic_write_json(directory / CONFIG_NAME, {
+            "tokenizer_class": "BertTokenizerFast", "do_lower_case": self.lowercase,
+            "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+            "mask_token": "[MASK]", "vocab_size": self.vocab_size})
+        return directory
+
+    # -- use -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def get_vocab(self) -> dict:
+        return dict(self._vocab)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._vocab.get(token)
+
+    def encode_batch(self, texts: Sequence[str], max_len: int = 40, return_word_ids: bool = False
+                     ) -> Union[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(ids, mask) LongTensor [B, max_len]; with return_word_ids also word_ids [B, max_len]
+        (index of the word each token belongs to, -1 for [CLS]/[SEP]/[PAD]) for whole-word MLM."""
+        if isinstance(texts, str):
+            raise TypeError("encode_batch expects a list of strings, got one str")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 ([CLS] and [SEP]), got {max_len}")
+        encodings = self._backend.encode_batch([str(t) for t in texts])
+        n = len(encodings)
+        ids = torch.zeros(n, max_len, dtype=torch.long)
+        mask = torch.zeros(n, max_len, dtype=torch.long)
+        word_ids = torch.full((n, max_len), -1, dtype=torch.long) if return_word_ids else None
+        for row, enc in enumerate(encodings):
+            toks = enc.ids
+            words = enc.word_ids
+            if len(toks) > max_len:   # keep [CLS] ... [SEP]: truncate the body
+                toks = toks[:max_len - 1] + [self.sep_id]
+                words = words[:max_len - 1] + [None]
+            ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[row, :len(toks)] = 1
+            if word_ids is not None:
+                word_ids[row, :len(words)] = torch.tensor([-1 if w is None else w for w in words],
+                                                          dtype=torch.long)
+        if return_word_ids:
+            return ids, mask, word_ids
+        return ids, mask
+
+    def encode(self, text: str) -> List[int]:
+        return list(self._backend.encode(str(text)).ids)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"WordPieceTokenizer(vocab_size={self.vocab_size}, lowercase={self.lowercase})"
+
+
+def build_tokenizer(source: Union[str, Path] = "embedded", vocab_size: int = 1000,
+                    vocab_file: Optional[Union[str, Path]] = None, *, seed: int = 0,
+                    num_documents: int = 2000, lowercase: bool = True) -> WordPieceTokenizer:
+    """source "embedded": train on the embedded world's captions + documents (seeded);
+    a vocab.txt path, a directory written by `save`, or vocab_file=... loads it instead;
+    any other file path (a .txt corpus, a manifest/Karpathy JSON) is trained on its texts."""
+    if vocab_file is not None:
+        return WordPieceTokenizer.from_vocab_file(vocab_file, lowercase=lowercase)
+    if isinstance(source, str) and source == "embedded":
+        from .world import EmbeddedWorld
+        texts = EmbeddedWorld(seed).corpus("train", num_documents)
+        return WordPieceTokenizer.train(texts, vocab_size=vocab_size, lowercase=lowercase)
+    path = Path(source)
+    if path.is_dir() and (path / "vocab.txt").is_file():
+        return WordPieceTokenizer.load(path)
+    if path.name == "vocab.txt":
+        return WordPieceTokenizer.from_vocab_file(path, lowercase=lowercase)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer source {source!r}: no such file or directory "
+                                f"(expected 'embedded', a vocab.txt, a saved tokenizer folder or a corpus)")
+    from .formats import read_texts
+    return WordPieceTokenizer.train(read_texts(path), vocab_size=vocab_size, lowercase=lowercase)
