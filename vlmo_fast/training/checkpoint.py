@@ -78,7 +78,11 @@ def save_checkpoint(engine, directory, step: int, client_state: Dict, rank: int,
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory)
     _barrier()
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step}, save_latest=False)
+    # whatever DeepSpeed's save draws from the global RNGs must not shift the training stream
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step}, save_latest=False)
+    client_state = dict(client_state, **({"rng": client_state["rng"]()} if callable(client_state.get("rng")) else {}))
     buf = io.BytesIO()
     torch.save(client_state, buf)
     atomic_write(directory / tag / f"client_rank{rank}.pt", lambda p: Path(p).write_bytes(buf.getvalue()))

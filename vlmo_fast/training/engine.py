@@ -7,8 +7,8 @@
   are refused with a message naming the flag to use; unknown top-level keys are refused.
 - `build_engine()`: a NEW engine per stage with only the trainable parameters (DeepSpeed fixes
   the frozen set at initialize; a group of only frozen parameters crashes ZeRO-1/2). Under
-  ZeRO-3 the expert banks are leaf modules (ranks may route differently) and parameters used
-  outside their owner's forward are registered as external parameters of the step module.
+  ZeRO-3 parameters used outside their owner's forward are registered as external parameters
+  of the step module; the expert banks need not be leaf modules (see `build_engine`).
 - `gathered_state_dict()`: the plain VLMo state_dict on rank 0 (ZeRO-3 parameters gathered).
 """
 from __future__ import annotations
@@ -116,12 +116,22 @@ def zero_stage(ds_config: Dict) -> int:
 
 def build_engine(step_module: nn.Module, ds_config: Dict, *, lr: float, weight_decay: float,
                  betas=(0.9, 0.98), eps: float = 1e-8, total_steps: int, warmup_steps: int,
-                 schedule: str = "cosine", min_lr_ratio: float = 0.0):
-    """deepspeed.initialize over the trainable parameters of `step_module` -> engine."""
+                 schedule: str = "cosine", min_lr_ratio: float = 0.0, leaf_experts: bool = False):
+    """deepspeed.initialize over the trainable parameters of `step_module` -> engine.
+
+    leaf_experts: mark the expert banks as ZeRO-3 leaf modules. Off by default: the banks hold
+    their experts STACKED (one tensor per weight kind, passed whole to the FFN op), so every
+    rank uses every expert parameter in every call whatever the routing - the rank
+    disagreement that leaf modules cure cannot happen. And DeepSpeed reduces a leaf module's
+    gradients from a module backward hook that fires once per CALL: a step that runs a block
+    several times (image, text, VL re-run and fusion passes) then reduces the same parameter
+    twice (stage3 `__reduce_and_partition_ipg_grads` assertion). Use it only with a step that
+    calls each bank once."""
     import deepspeed
     if zero_stage(ds_config) == 3:
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(step_module, list(FFN_MODULE_TYPES))
+        if leaf_experts:
+            from deepspeed.utils import set_z3_leaf_modules
+            set_z3_leaf_modules(step_module, list(FFN_MODULE_TYPES))
         for p in step_module.external_parameters():
             deepspeed.zero.register_external_parameter(step_module, p)
     optimizer = build_optimizer(step_module, lr, weight_decay, betas, eps)

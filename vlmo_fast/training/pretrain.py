@@ -28,7 +28,10 @@ import torch
 from ..io import atomic_write_json
 
 STAGE_ORDER = ("vision", "text", "vl")
-FAULT_ENV = "VLMO_FAST_FAULT"  # tests: "kill_after_step:N" or "kill_in_checkpoint:N" (SIGKILL on rank 0)
+# Fault injection for tests: "kill_after_step:N", "kill_in_checkpoint:N" (SIGKILL on rank 0;
+# in_checkpoint = after the checkpoint's files, before the `latest` pointer moves) or
+# "nan_inputs_at_step:N" (step N's float inputs become NaN on every rank, as bad data would).
+FAULT_ENV = "VLMO_FAST_FAULT"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -213,6 +216,20 @@ def _fault(point: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _poison_if_asked(batch: Dict, step: int) -> Dict:
+    kind, _, at = os.environ.get(FAULT_ENV, "").partition(":")
+    if kind == "nan_inputs_at_step" and int(at) == step:
+        return {k: (torch.full_like(v, float("nan")) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    else v) for k, v in batch.items()}
+    return batch
+
+
+def _grad_norm(module) -> Optional[torch.Tensor]:
+    """Global gradient norm before the optimizer step (DeepSpeed reports none without ZeRO)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else None
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -255,6 +272,13 @@ class _Batches:
         self.epoch = None
 
     def next(self):
+        # A DataLoader iterator draws its base seed from the global torch RNG when it starts:
+        # keep the loader out of the training stream, or a resumed run (new iterator
+        # mid-epoch) would draw drop paths differently from the uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            return self._next()
+
+    def _next(self):
         while True:
             if self.it is None:
                 self.it = iter(self.loader)
@@ -417,10 +441,12 @@ class Job:
         samples_per_step = args.batch_size * args.grad_accum * self.world
         t_last, step_last = time.perf_counter(), step
         cached = args.itc_accum == "cached" and stage == "vl"
+        zero = ds_config["zero_optimization"].get("stage", 0)
+        grad_norm_own = None
 
         def save(at_step):
             client = {"step": at_step, "skipped": skipped, "data": loader.state_dict(),
-                      "rng": rng_state({"hard_negatives": gen})}
+                      "rng": lambda: rng_state({"hard_negatives": gen})}  # taken at write time
             tag = save_checkpoint(engine, ckpt_dir, at_step, client, self.rank, args.keep_last,
                                   fault_hook=lambda point, s: _fault("kill_in_checkpoint", s, self.rank))
             return str(ckpt_dir / tag)
@@ -450,8 +476,10 @@ class Job:
                                 | {"samples/s": f"{r.get('samples_per_s', 0):.1f}"}, refresh=False)
 
         while step < total:
-            micro = [_to_device(batches.next(), self.device) for _ in range(args.grad_accum)]
+            micro = [_poison_if_asked(_to_device(batches.next(), self.device), step + 1)
+                     for _ in range(args.grad_accum)]
             outs = []
+            lr_now = engine.lr_scheduler.get_last_lr()[0]  # the lr this step uses
             if cached:
                 outs, _ = cached_itc_accumulation(engine, engine.backward, micro,
                                                   after_backward=lambda k: engine.step())
@@ -466,6 +494,8 @@ class Job:
                             skipped += 1
                             continue
                     engine.backward(out["loss"])
+                    if zero == 0 and engine.is_gradient_accumulation_boundary():
+                        grad_norm_own = _grad_norm(step_module)
                     engine.step()
                     outs.append(out)
             step += 1
@@ -473,8 +503,10 @@ class Job:
                 metrics = {"loss": torch.stack([o["loss"].detach().float() for o in outs]).mean()}
                 for k in outs[0]["metrics"]:
                     metrics[k] = torch.stack([o["metrics"][k].float().reshape(()) for o in outs]).mean()
-                metrics["lr"] = torch.tensor(engine.lr_scheduler.get_last_lr()[0])
+                metrics["lr"] = torch.tensor(lr_now)
                 grad_norm = engine.get_global_grad_norm()
+                if grad_norm is None:
+                    grad_norm = grad_norm_own
                 if grad_norm is not None:
                     metrics["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32).reshape(())
                 buffer.add(step, metrics)
