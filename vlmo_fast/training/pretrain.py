@@ -500,7 +500,8 @@ class Job:
                     outs.append(out)
             step += 1
             if outs:
-                metrics = {"loss": torch.stack([o["loss"].detach().float() for o in outs]).mean()}
+                metrics = {"loss": torch.stack([o.get("loss_value", o["loss"]).detach().float()
+                                                for o in outs]).mean()}
                 for k in outs[0]["metrics"]:
                     metrics[k] = torch.stack([o["metrics"][k].float().reshape(()) for o in outs]).mean()
                 metrics["lr"] = torch.tensor(lr_now)

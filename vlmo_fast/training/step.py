@@ -379,7 +379,12 @@ class PretrainStep(nn.Module):
         metrics["mlm_acc"] = acc
         w = self.loss_weights
         loss = w["itc"] * loss_itc + w["itm"] * loss_itm + w["mlm"] * loss_mlm
-        return {"loss": loss, "metrics": metrics}
+        out = {"loss": loss, "metrics": metrics}
+        if itc_grads is not None:
+            # the surrogate's value means nothing: report the objective with the cached ITC value
+            out["loss_value"] = (w["itc"] * itc_grads["value"] + w["itm"] * loss_itm.detach()
+                                 + w["mlm"] * loss_mlm.detach())
+        return out
 
     def _itc_surrogate(self, grads: Dict[str, Tensor], features: Sequence[Optional[Tensor]]) -> Tensor:
         m = self.model
@@ -470,10 +475,9 @@ def cached_itc_accumulation(forward, backward, micro_batches: Sequence[Dict[str,
     sizes = [f[0].shape[0] for f in feats]
     grads = [leaf.grad.split(sizes) for leaf in leaves]
     outs = []
-    end_state = _rng_state()
     for k, mb in enumerate(micro_batches):
         g = {"img": grads[0][k], "txt": grads[1][k], "logit_scale": scale_leaves[0].grad,
-             "num_micro": num}
+             "num_micro": num, "value": total.detach()}
         if has_vl:
             g.update(img_vl=grads[2][k], txt_vl=grads[3][k], logit_scale_vl=scale_leaves[1].grad)
         _set_rng_state(states[k])
@@ -483,5 +487,4 @@ def cached_itc_accumulation(forward, backward, micro_batches: Sequence[Dict[str,
             after_backward(k)
         out["metrics"].update(metrics)
         outs.append(out)
-    del end_state
     return outs, metrics
