@@ -214,6 +214,11 @@ def test_masked_positions_cpu():
     labels[0, 1], labels[2, 4] = 7, 9
     idx, picked = masked_positions(labels)
     assert idx.tolist() == [[0, 1], [2, 4]] and picked.tolist() == [7, 9]
+    # the accelerator path (fixed-size, no host sync): same targets, filler rows labelled -100
+    idx_s, picked_s = masked_positions(labels, 0.15, static=True)
+    real = picked_s != -100
+    assert idx_s[real].tolist() == [[0, 1], [2, 4]] and picked_s[real].tolist() == [7, 9]
+    assert idx_s.shape[0] >= 2 and (idx_s >= 0).all()
 
 
 # ----------------------------------------------------------------------------- optimizer

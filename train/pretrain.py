@@ -5,6 +5,12 @@
         --stage all --preset base --output-dir runs/base ...
     python train/pretrain.py --stage all --output-dir runs/tiny      # one process (CPU or GPU)
 
+Several nodes: a hostfile with one line per node ("node1 slots=8"), the same command on the
+first node, DeepSpeed's launcher starts the rest over ssh:
+
+    deepspeed --hostfile hosts --master_addr node1 train/pretrain.py \
+        --deepspeed_config train/configs/zero2.json --stage vl --init runs/base/text/final ...
+
 The machinery lives in vlmo_fast.training (reused by fine-tuning); this file is the CLI.
 """
 import os
