@@ -321,3 +321,35 @@ def test_retrieval_chance():
     five_each = retrieval_chance(torch.arange(10).repeat_interleave(5), 10)
     assert five_each["t2i_r1"] == pytest.approx(0.1)
     assert five_each["i2t_r1"] == pytest.approx(0.1)  # 5 of 50 captions are hits
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from vlmo_fast.training.pretrain import _enable_activation_checkpointing
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model(drop_path_rate=0.0)
+        prepare_stage(model, "vl")
+        if checkpointed:
+            _enable_activation_checkpointing(model)
+        step = PretrainStep(model, "vl", generator=torch.Generator().manual_seed(0))
+        step(vl_batch())["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_init_beit_loads_the_vision_side(tmp_path):
+    """`--init-beit FILE` (instead of the vision stage): the text stage starts from a timm BEiT."""
+    from types import SimpleNamespace
+    from timm.models.beit import Beit
+    from vlmo_fast.training.pretrain import Job
+    beit = Beit(img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4,
+                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, num_classes=0)
+    path = tmp_path / "beit.pth"
+    torch.save({"model": beit.state_dict()}, path)
+    job = SimpleNamespace(args=SimpleNamespace(init_beit=str(path)))
+    model = Job.build_model(job, "text", VLMoConfig.preset("tiny", vocab_size=VOCAB), None)
+    assert torch.equal(model.blocks[2].attn.qkv.weight, beit.blocks[2].attn.qkv.weight)
+    assert torch.equal(model.cls_token, beit.cls_token)

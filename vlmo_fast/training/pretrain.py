@@ -163,6 +163,9 @@ def validate_args(args) -> None:
         bad(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.itc_accum == "cached" and args.grad_accum < 2:
         bad("--itc-accum cached needs --grad-accum >= 2 (it spans the accumulated micro-batches)")
+    if args.itc_accum == "cached" and args.skip_nonfinite:
+        bad("--skip-nonfinite does not combine with --itc-accum cached (a cached ITC step spans "
+            "every micro-batch; it cannot drop one)")
     parse_loss_weights(args.loss_weights)
     if args.model_overrides:
         try:
