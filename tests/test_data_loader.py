@@ -68,11 +68,19 @@ def test_loader_epochs_and_len(tok):
     ld = _loader(tok, "vl", num_samples=10, batch_size=4)
     assert len(ld) == 3
     e0 = [b["keys"] for b in ld]
-    assert [len(k) for k in e0] == [4, 4, 2] and ld.epoch == 1
-    e1 = [b["keys"] for b in ld]
+    assert [len(k) for k in e0] == [4, 4, 2] and (ld.epoch, ld.batch_index) == (0, 3)
+    e1 = [b["keys"] for b in ld]          # iterating again starts the next epoch
+    assert ld.epoch == 1
     assert sorted(torch.cat(e1).tolist()) == list(range(10, 20))
+    ld.set_epoch(2)                       # or the trainer moves on explicitly
+    assert sorted(torch.cat([b["keys"] for b in ld]).tolist()) == list(range(20, 30))
     ld.set_epoch(0)
     assert all(torch.equal(x["keys"], y) for x, y in zip(ld, e0))
+    # the torch pattern: set_epoch(e) before each pass
+    fresh = _loader(tok, "vl", num_samples=10, batch_size=4)
+    for e in range(2):
+        fresh.set_epoch(e)
+        assert [b["keys"].min() >= 10 * e for b in fresh] == [True] * 3
 
 
 def _run(loader, n_batches):
@@ -84,6 +92,18 @@ def _run(loader, n_batches):
     return out
 
 
+def _endless(loader, n_batches):
+    """A trainer's endless loop: on StopIteration move to the next epoch with set_epoch."""
+    out, it = [], iter(loader)
+    while len(out) < n_batches:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            loader.set_epoch(loader.state_dict()["epoch"] + 1)
+            it = iter(loader)
+    return out
+
+
 def _same(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -92,18 +112,29 @@ def _same(a, b):
 
 def test_resume_sees_exactly_the_same_batches(tok):
     full = _loader(tok, "vl", num_samples=20)
-    reference = _run(full, 8)            # crosses the epoch boundary (5 batches per epoch)
-    first = _loader(tok, "vl", num_samples=20)
-    _run(first, 3)
-    state = json.loads(json.dumps(first.state_dict()))    # JSON-serialisable
-    resumed = _loader(tok, "vl", num_samples=20)
-    resumed.load_state_dict(state)
-    resumed.set_epoch(state["epoch"])   # a trainer calling set_epoch keeps the position
-    rest = _run(resumed, 5)
-    for a, b in zip(reference[3:], rest):
-        _same(a, b)
+    reference = _endless(full, 12)       # crosses two epoch boundaries (5 batches per epoch)
+    assert sorted(torch.cat([b["keys"] for b in reference[5:10]]).tolist()) == list(range(20, 40))
+    for stop in (3, 5, 7):
+        first = _loader(tok, "vl", num_samples=20)
+        _endless(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))    # JSON-serialisable
+        resumed = _loader(tok, "vl", num_samples=20)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(state["epoch"])   # a trainer calling set_epoch keeps the position
+        rest = _endless(resumed, 12 - stop)
+        assert len(rest) == 12 - stop
+        for a, b in zip(reference[stop:], rest):
+            _same(a, b)
     with pytest.raises(ValueError, match="batch_size"):
         _loader(tok, "vl", num_samples=20, batch_size=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="world"):
+        _loader(tok, "vl", num_samples=20, world=2).load_state_dict(state)
+    # rank 0's state resumes rank 1 at the same position of rank 1's own shard
+    r1, r1_resumed = _loader(tok, "vl", num_samples=20, rank=1, world=2), _loader(tok, "vl", num_samples=20, rank=1, world=2)
+    r0 = _loader(tok, "vl", num_samples=20, rank=0, world=2)
+    _run(r0, 2)
+    r1_resumed.load_state_dict(r0.state_dict())
+    _same(_run(r1, 3)[2], _run(r1_resumed, 1)[0])
 
 
 def test_same_batches_for_any_worker_count(tok):
@@ -159,3 +190,23 @@ def test_bad_arguments_are_named(tok):
         _loader(tok, "vision", rank=2, world=2)
     with pytest.raises(TypeError, match="tokenizer"):
         build_pretrain_loader("embedded", object(), "vl")
+
+
+def test_flip_mirrors_images_and_swaps_sides(tok):
+    plain = next(iter(_loader(tok, "vl", num_samples=16, batch_size=16)))
+    flipped = next(iter(_loader(tok, "vl", num_samples=16, batch_size=16, flip=True)))
+    assert torch.equal(plain["keys"], flipped["keys"])
+    same = [torch.equal(a, b) for a, b in zip(plain["images"], flipped["images"])]
+    mirrored = [torch.equal(a.flip(-1), b) for a, b in zip(plain["images"], flipped["images"])]
+    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 16
+    from vlmo_fast.data.datasets import EmbeddedPretrainDataset
+    from vlmo_fast.data import EmbeddedWorld
+    ds = EmbeddedPretrainDataset(EmbeddedWorld(7), "vl", num_samples=16, img_size=IMG, flip=True)
+    plain_ds = EmbeddedPretrainDataset(EmbeddedWorld(7), "vl", num_samples=16, img_size=IMG)
+    for k, m in enumerate(mirrored):
+        key = int(plain["keys"][k])
+        a, b = plain_ds[key]["text"], ds[key]["text"]
+        if m:
+            assert a.replace("left", "#").replace("right", "left").replace("#", "right") == b
+        else:
+            assert a == b

@@ -52,6 +52,11 @@ def test_save_load_roundtrip_is_atomic(tok, tmp_path):
     for x, y in zip(tok.encode_batch(texts, 16), again.encode_batch(texts, 16)):
         assert torch.equal(x, y)
     assert build_tokenizer(tmp_path / "tok").get_vocab() == tok.get_vocab()
+    assert build_tokenizer(tmp_path / "tok" / "tokenizer.json").get_vocab() == tok.get_vocab()
+    # a save killed mid-write left a temporary: the next save cleans it up
+    (tmp_path / "tok" / ".vlmo-tmp-vocab.txt.123.tmp").write_text("torn")
+    tok.save(tmp_path / "tok")
+    assert sorted(os.listdir(tmp_path / "tok")) == names
 
 
 def test_load_bert_vocab_txt(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
                           shuffle: bool = True, drop_last: bool = False, world_seed: Optional[int] = None,
                           world_config: Optional[WorldConfig] = None, pin_memory: Optional[bool] = None,
                           persistent_workers: bool = True, max_bad_fraction: float = 0.01,
-                          min_mask_block: int = 16, **source_options) -> Loader:
+                          min_mask_block: int = 16, flip: bool = False, **source_options) -> Loader:
     """A resumable, rank-sharded loader of pretraining batches for `stage`.
 
     source: "embedded" (the procedural world; `num_samples` scenes of `split` per epoch,
@@ -38,7 +38,8 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
     manifests, Karpathy JSON, image folders, .tar shards, text corpora; `source_options`
     go to the reader, e.g. image_key="filepath", caption_key="title").
     `seed` fixes the sample order and masks; `world_seed` the world's content, so runs with
-    different data orders can share one world.
+    different data orders can share one world. flip: random horizontal flips with "left" and
+    "right" swapped in the caption (off by default, as captions name sides).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -52,12 +53,12 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         w = EmbeddedWorld(seed if world_seed is None else world_seed, world_config)
-        dataset = EmbeddedPretrainDataset(w, stage, split, num_samples, img_size)
+        dataset = EmbeddedPretrainDataset(w, stage, split, num_samples, img_size, flip=flip)
         description = f"embedded world (seed {w.seed}) {split} stage {stage}"
     else:
         from .sources import open_pretrain_dataset
         dataset = open_pretrain_dataset(source, stage, split=split, img_size=img_size, seed=seed,
-                                        num_samples=num_samples, **source_options)
+                                        num_samples=num_samples, flip=flip, **source_options)
         description = f"{source} stage {stage}"
     collate = PretrainCollator(stage, tokenizer, max_text_len=max_text_len, patch_grid=img_size // patch_size,
                                mlm_probability=mlm_probability, mask_ratio=mask_ratio, seed=seed,
@@ -126,3 +127,77 @@ def build_retrieval_eval_set(source: Source, tokenizer: WordPieceTokenizer, spli
     return RetrievalEvalSet(images=images, text_ids=ids, text_mask=mask,
                             text_to_image=torch.tensor(text_to_image, dtype=torch.long),
                             captions=list(captions), image_ids=image_ids)
+
+
+@dataclass
+class ZeroShotEvalSet:
+    """Images with class labels and class names, for zero-shot classification from text
+    prompts: images float [N,3,H,W], labels long [N] (index into class_names), class_names
+    list[str], prompts list[str] (templates with "{}" for the class name)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: List[str]
+    prompts: List[str]
+
+    def prompt_texts(self) -> List[List[str]]:
+        """For each class, its prompts filled in (average their text embeddings per class)."""
+        return [[p.format(c) for p in self.prompts] for c in self.class_names]
+
+
+ZERO_SHOT_PROMPTS = ("a {}", "a picture of a {}", "there is a {}")
+
+
+def build_zero_shot_eval_set(source: Source = "embedded", split: str = "test", *, img_size: int = 224,
+                             num_images: int = 200, attribute: str = "colour_shape", seed: int = 0,
+                             world_config: Optional[WorldConfig] = None,
+                             prompts: Sequence[str] = ZERO_SHOT_PROMPTS) -> ZeroShotEvalSet:
+    """"embedded": the first `num_images` single-object scenes of `split`, labelled by
+    `attribute` ("shape", "colour" or "colour_shape": e.g. "red circle"; on "test_comp" every
+    image is a colour+shape pair never seen in training). A path: a folder with one subfolder
+    per class (ImageNet layout, class name = folder name with "_" as space), eval transform."""
+    if _is_embedded(source):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if attribute not in ("shape", "colour", "colour_shape"):
+            raise ValueError(f"attribute must be 'shape', 'colour' or 'colour_shape', got {attribute!r}")
+        from .render import render_scenes
+        from .world import COLOURS, SHAPES
+        w = EmbeddedWorld(seed, world_config)
+        scenes, i = [], 0
+        while len(scenes) < num_images:
+            s = w.scene(split, i)
+            if len(s.objects) == 1:
+                scenes.append(s)
+            i += 1
+            if i > 100 * num_images + 1000:
+                raise RuntimeError(f"split {split!r} has too few single-object scenes")
+        if attribute == "shape":
+            names = list(SHAPES)
+        elif attribute == "colour":
+            names = list(COLOURS)
+        else:
+            names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+        def label(o):
+            return {"shape": o.shape, "colour": o.colour}.get(attribute, f"{o.colour} {o.shape}")
+        labels = [names.index(label(s.objects[0])) for s in scenes]
+        images = torch.from_numpy(render_scenes(scenes, img_size))
+        return ZeroShotEvalSet(images, torch.tensor(labels, dtype=torch.long), names, list(prompts))
+    from .formats import list_images
+    from .transforms import ImageTransform
+    root = Path(source)
+    if not root.is_dir():
+        raise FileNotFoundError(f"zero-shot source {root} is not a folder (expected one subfolder per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class subfolders")
+    transform = ImageTransform(img_size, train=False)
+    arrays, labels = [], []
+    from .formats import ImageRef
+    for k, c in enumerate(classes):
+        for path in list_images(root / c)[:num_images]:
+            arrays.append(transform.load(ImageRef(str(path)), str(path))[0])
+            labels.append(k)
+    if not arrays:
+        raise ValueError(f"{root}: no images in the class subfolders")
+    return ZeroShotEvalSet(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.long),
+                           [c.replace("_", " ") for c in classes], list(prompts))

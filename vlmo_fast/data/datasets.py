@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import Dataset
 
+from .transforms import swap_left_right
 from .world import EmbeddedWorld
 
 STAGES = ("vision", "text", "vl")
@@ -32,10 +33,11 @@ class EmbeddedPretrainDataset(Dataset):
 
     stage "vision": the image-only stream; "text": one document per scene (multi-sentence,
     the text-only corpus); "vl": the image with one of its captions, drawn per epoch.
+    flip: mirror half of the images (per key), swapping "left" and "right" in the caption.
     """
 
     def __init__(self, world: EmbeddedWorld, stage: str, split: str = "train",
-                 num_samples: Optional[int] = None, img_size: int = 224):
+                 num_samples: Optional[int] = None, img_size: int = 224, flip: bool = False):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.world, self.stage, self.split = world, stage, split
@@ -43,6 +45,7 @@ class EmbeddedPretrainDataset(Dataset):
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         self.img_size = int(img_size)
+        self.flip = bool(flip)
         self.captions_per_image = world.config.captions_per_image
 
     def __len__(self) -> int:
@@ -52,14 +55,17 @@ class EmbeddedPretrainDataset(Dataset):
         epoch, index = divmod(int(key), self.num_samples)
         scene = self.world.scene(self.split, index)
         item = {"key": int(key)}
+        # optional mirror image (drawn per key): the caption's left and right swap with it
+        mirrored = self.flip and self.stage != "text" and item_rng(self.world.seed, key, 2).random() < 0.5
         if self.stage in ("vision", "vl"):
-            item["image"] = self.world.render(scene, self.img_size)
+            image = self.world.render(scene, self.img_size)
+            item["image"] = np.ascontiguousarray(image[:, :, ::-1]) if mirrored else image
         if self.stage == "text":
             item["text"] = self.world.document(scene)
         elif self.stage == "vl":
-            caps = self.world.caption_texts(scene)
-            j = int(item_rng(self.world.seed, key, 1).integers(len(caps)))
-            item["text"] = caps[j]
+            j = int(item_rng(self.world.seed, key, 1).integers(self.captions_per_image))
+            text = self.world.caption(scene, j).text
+            item["text"] = swap_left_right(text) if mirrored else text
             item["image_id"] = index
             item["caption_id"] = index * self.captions_per_image + j
         return item

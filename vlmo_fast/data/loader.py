@@ -43,6 +43,10 @@ class ShardedBatchSampler(Sampler):
         if self.drop_last and len(self) == 0:
             raise ValueError(f"drop_last=True with {num_samples} samples over world={world} ranks leaves "
                              f"no full batch of {batch_size}")
+        if not self.drop_last and self.world > 1 and self.num_samples % self.world and self.rank == 0:
+            log.warning("%d samples do not split evenly over %d ranks: the first %d ranks read one sample more "
+                        "per epoch, so their last batches differ in size (or number); collective ops over "
+                        "batches need drop_last=True", self.num_samples, self.world, self.num_samples % self.world)
 
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's indices for `epoch`, in order."""
@@ -72,8 +76,11 @@ class ShardedBatchSampler(Sampler):
 class Loader:
     """An iterable of batches with set_epoch / state_dict / load_state_dict / len.
 
-    Iterating yields this rank's remaining batches of the current epoch and then moves to the
-    next epoch; breaking out early keeps the position (the next iteration continues).
+    Iterating yields this rank's remaining batches of the current epoch; breaking out early
+    keeps the position (the next iteration continues there). After the last batch the
+    position reads (epoch, len(loader)); then either set_epoch(epoch + 1) or simply iterating
+    again starts the next epoch. set_epoch(e) is a no-op while already in epoch e, so a
+    resumed run may call it with the resumed epoch without losing its place.
     """
 
     def __init__(self, dataset: Dataset, collate_fn, batch_size: int, *, rank: int = 0, world: int = 1,
@@ -92,7 +99,8 @@ class Loader:
         self.prefetch_factor = prefetch_factor
         self.max_bad_fraction = float(max_bad_fraction)
         self.description = description
-        self.num_skipped = 0          # corrupt samples replaced so far (this process, all epochs)
+        self.num_skipped = 0          # corrupt samples replaced so far (this rank, all epochs)
+        self.epoch_skipped = 0        # ... in the current epoch (what max_bad_fraction limits)
         self._loader: Optional[DataLoader] = None
 
     # -- position --------------------------------------------------------------------------
@@ -116,11 +124,14 @@ class Loader:
         return {"epoch": s.epoch, "batch_index": s.start_batch, "seed": s.seed,
                 "num_samples": s.num_samples, "batch_size": s.batch_size, "rank": s.rank,
                 "world": s.world, "shuffle": s.shuffle, "drop_last": s.drop_last,
-                "num_skipped": self.num_skipped, "description": self.description}
+                "num_skipped": self.num_skipped, "epoch_skipped": self.epoch_skipped,
+                "description": self.description}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.sampler
-        for name in ("seed", "num_samples", "batch_size", "world", "rank", "shuffle", "drop_last"):
+        # rank is not compared: in synchronous training every rank has consumed the same number
+        # of batches, so rank 0's state (the one a checkpoint usually keeps) resumes every rank
+        for name in ("seed", "num_samples", "batch_size", "world", "shuffle", "drop_last"):
             if name in state and state[name] != getattr(s, name):
                 raise ValueError(f"loader state_dict does not match this loader: {name}={state[name]!r} "
                                  f"in the state, {getattr(s, name)!r} here (resume with the same data "
@@ -129,9 +140,8 @@ class Loader:
         if not 0 <= index <= len(s):
             raise ValueError(f"loader state_dict: batch_index {index} outside [0, {len(s)}]")
         s.epoch, s.start_batch = epoch, index
-        if index == len(s):
-            s.epoch, s.start_batch = epoch + 1, 0
         self.num_skipped = int(state.get("num_skipped", 0))
+        self.epoch_skipped = int(state.get("epoch_skipped", 0)) if index > 0 else 0
 
     # -- iteration -------------------------------------------------------------------------
     def _dataloader(self) -> DataLoader:
@@ -153,6 +163,8 @@ class Loader:
         s = self.sampler
         if s.start_batch >= len(s):
             s.epoch, s.start_batch = s.epoch + 1, 0
+        if s.start_batch == 0:
+            self.epoch_skipped = 0
         epoch = s.epoch
         for batch in self._dataloader():
             s.start_batch += 1
@@ -162,19 +174,24 @@ class Loader:
             yield batch
             if s.epoch != epoch:  # set_epoch() / load_state_dict() called mid-iteration
                 return
-        if self.num_skipped:
-            log.warning("%s: %d corrupt or unreadable samples skipped so far (epoch %d)",
-                        self.description or "loader", self.num_skipped, epoch)
-        s.epoch, s.start_batch = epoch + 1, 0
+        if self.epoch_skipped:
+            log.warning("%s: %d corrupt or unreadable samples skipped in epoch %d (%d in all epochs)",
+                        self.description or "loader", self.epoch_skipped, epoch, self.num_skipped)
+        # the position stays "epoch finished" (batch_index == len): a trainer that calls
+        # set_epoch(epoch + 1) next and one that just iterates again both get the next epoch
 
     def _count_skipped(self, n: int) -> None:
         self.num_skipped += n
-        limit = self.max_bad_fraction * len(self.dataset)
-        if self.num_skipped > limit:
+        self.epoch_skipped += n
+        # the same broken file is met again every epoch: the limit is per epoch, over the
+        # samples this rank reads in one
+        per_rank = -(-len(self.dataset) // self.sampler.world)
+        if self.epoch_skipped > self.max_bad_fraction * per_rank:
             raise RuntimeError(
-                f"{self.description or 'loader'}: {self.num_skipped} samples were unreadable and skipped, "
-                f"more than max_bad_fraction={self.max_bad_fraction:g} of {len(self.dataset)} samples; "
-                f"fix the data or raise max_bad_fraction (the first failures were logged as warnings)")
+                f"{self.description or 'loader'}: {self.epoch_skipped} samples were unreadable and skipped in "
+                f"epoch {self.sampler.epoch}, more than max_bad_fraction={self.max_bad_fraction:g} of the "
+                f"{per_rank} samples this rank reads per epoch; fix the data or raise max_bad_fraction "
+                f"(each failure was logged as a warning naming its file)")
 
 
 def _worker_init(worker_id: int) -> None:

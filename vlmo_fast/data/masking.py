@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 
@@ -65,51 +66,57 @@ def whole_word_mask(ids: torch.Tensor, word_ids: torch.Tensor, *, vocab_size: in
 def blockwise_patch_mask(batch_size: int, grid: int, *, mask_ratio: float = 0.4,
                          min_block: int = 16, max_block: Optional[int] = None,
                          min_aspect: float = 0.3, max_aspect: Optional[float] = None,
-                         generator: Optional[torch.Generator] = None, max_rounds: int = 64
-                         ) -> torch.Tensor:
+                         generator: Union[torch.Generator, np.random.Generator, None] = None,
+                         max_rounds: int = 64) -> torch.Tensor:
     """bool [B, grid * grid], True = masked; per image at most round(mask_ratio * P) patches
     (BEiT: blocks are only accepted while they fit the budget, so a few images end a little
     short of it), every masked patch inside a block of >= min_block patches.
 
     On tiny grids (P < min_block / mask_ratio) the minimum block shrinks to what fits, so a
-    2 x 2 grid still gets blocks of 1-2 patches.
+    2 x 2 grid still gets blocks of 1-2 patches. `generator`: a torch.Generator (one number is
+    drawn from it to seed the rest) or a numpy Generator. The rounds run in numpy: dozens of
+    tiny array operations, where torch's per-call overhead would dominate.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
+    if isinstance(generator, np.random.Generator):
+        rng = generator
+    else:
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
     P = grid * grid
     target = int(round(mask_ratio * P))
-    mask = torch.zeros(batch_size, grid, grid, dtype=torch.bool)
+    mask = np.zeros((batch_size, grid, grid), dtype=bool)
     if target == 0 or batch_size == 0:
-        return mask.flatten(1)
+        return torch.from_numpy(mask.reshape(batch_size, P))
     min_block = max(1, min(min_block, target))
     max_block = target if max_block is None else max(min_block, min(max_block, target))
     max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
     log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
-    rows = torch.arange(grid).view(1, grid, 1)
-    cols = torch.arange(grid).view(1, 1, grid)
-    count = torch.zeros(batch_size, dtype=torch.long)
+    rows = np.arange(grid).reshape(1, grid, 1)
+    cols = np.arange(grid).reshape(1, 1, grid)
+    count = np.zeros(batch_size, dtype=np.int64)
     for _ in range(max_rounds):
         missing = target - count
         active = missing > 0
-        if not bool(active.any()):
+        if not active.any():
             break
         # BEiT: area ~ U(min_block, remaining budget), aspect log-uniform
-        hi = torch.minimum(missing, torch.full_like(missing, max_block)).clamp(min=min_block).float()
-        area = min_block + torch.rand(batch_size, generator=generator) * (hi - min_block)
-        aspect = torch.exp(log_lo + torch.rand(batch_size, generator=generator) * (log_hi - log_lo))
-        h = torch.sqrt(area * aspect).round().long().clamp(1, grid)
-        w = torch.sqrt(area / aspect).round().long().clamp(1, grid)
+        hi = np.clip(np.minimum(missing, max_block), min_block, None)
+        area = min_block + rng.random(batch_size) * (hi - min_block)
+        aspect = np.exp(log_lo + rng.random(batch_size) * (log_hi - log_lo))
+        h = np.clip(np.round(np.sqrt(area * aspect)).astype(np.int64), 1, grid)
+        w = np.clip(np.round(np.sqrt(area / aspect)).astype(np.int64), 1, grid)
         # rounding can leave h * w below the minimum block: widen (then heighten) to reach it
-        w = torch.maximum(w, -(-min_block // h)).clamp(max=grid)
-        h = torch.maximum(h, -(-min_block // w)).clamp(max=grid)
-        top = (torch.rand(batch_size, generator=generator) * (grid - h + 1).float()).long()
-        left = (torch.rand(batch_size, generator=generator) * (grid - w + 1).float()).long()
-        block = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
-                 & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))
-        new = (block & ~mask).flatten(1).sum(1)
+        w = np.minimum(np.maximum(w, -(-min_block // h)), grid)
+        h = np.minimum(np.maximum(h, -(-min_block // w)), grid)
+        top = (rng.random(batch_size) * (grid - h + 1)).astype(np.int64)
+        left = (rng.random(batch_size) * (grid - w + 1)).astype(np.int64)
+        t, l = top.reshape(-1, 1, 1), left.reshape(-1, 1, 1)
+        block = (rows >= t) & (rows < t + h.reshape(-1, 1, 1)) & (cols >= l) & (cols < l + w.reshape(-1, 1, 1))
+        new = (block & ~mask).reshape(batch_size, P).sum(1)
         accept = active & (new > 0) & (new <= missing)
-        mask |= block & accept.view(-1, 1, 1)
-        count = mask.flatten(1).sum(1)
-    return mask.flatten(1)
+        mask |= block & accept.reshape(-1, 1, 1)
+        count = count + np.where(accept, new, 0)
+    return torch.from_numpy(mask.reshape(batch_size, P))

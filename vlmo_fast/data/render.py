@@ -33,6 +33,15 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _noise(rng: np.random.Generator, shape, std: float) -> np.ndarray:
+    """Zero-mean uniform float32 noise with standard deviation `std` (several times cheaper
+    than Gaussian noise, which dominated rendering time at 224 px)."""
+    noise = rng.random(shape, dtype=np.float32)
+    noise -= 0.5
+    noise *= std * 3.4641016   # sqrt(12)
+    return noise
+
+
 def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     c0 = np.asarray(scene.background_colours[0], dtype=np.float32)
     c1 = np.asarray(scene.background_colours[1], dtype=np.float32)
@@ -41,13 +50,14 @@ def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray
         t = np.linspace(-0.5, 0.5, size, dtype=np.float32)
         proj = np.cos(angle) * t[None, :] + np.sin(angle) * t[:, None] + 0.5   # [H, W] in [0, 1]
         img = c0[:, None, None] * (1 - proj) + c1[:, None, None] * proj
-        img = img + rng.normal(0, 0.02, (1, size, size)).astype(np.float32)
+        img = img + _noise(rng, (1, size, size), 0.02)
     elif scene.background == "speckle":
-        img = np.broadcast_to(c0[:, None, None], (3, size, size)).copy()
-        dots = rng.random((size, size)) < 0.06
+        img = np.empty((3, size, size), dtype=np.float32)
+        img[:] = c0[:, None, None]
+        dots = rng.random((size, size), dtype=np.float32) < 0.06
         img[:, dots] = c1[:, None] + 0.1
     else:  # "noise"
-        img = c0[:, None, None] + rng.normal(0, 0.05, (3, size, size)).astype(np.float32)
+        img = c0[:, None, None] + _noise(rng, (3, size, size), 0.05)
     return img.astype(np.float32, copy=False)
 
 
@@ -67,15 +77,18 @@ def _draw_object(img: np.ndarray, obj: SceneObject, grid: int, size: int) -> Non
     if obj.texture == "outlined":
         width = max(1.0, 0.22 * r)
         d = np.abs(d + width / 2) - width / 2
-    alpha = np.clip(0.5 - d, 0.0, 1.0)                       # [h, w] coverage (anti-aliased)
-    colour = np.asarray(COLOURS[obj.colour], dtype=np.float32) * obj.shade
-    fill = np.broadcast_to(colour[:, None, None], (3,) + alpha.shape)
+    # [h, w] coverage (anti-aliased); minimum/maximum in place: np.clip's wrapper costs more
+    # than the arithmetic on these small boxes
+    alpha = 0.5 - d
+    np.minimum(alpha, 1.0, out=alpha)
+    np.maximum(alpha, 0.0, out=alpha)
+    fill = (np.asarray(COLOURS[obj.colour], dtype=np.float32) * obj.shade)[:, None, None]
     if obj.texture == "striped":
         period = max(2.0, r / 2.5)
         stripes = (np.floor((u + v + 4 * r) / period) % 2).astype(np.float32)   # diagonal bands
         fill = fill * (0.35 + 0.65 * stripes)[None]
     region = img[:, y0:y1, x0:x1]
-    img[:, y0:y1, x0:x1] = region * (1 - alpha)[None] + fill * alpha[None]
+    region += alpha[None] * (fill - region)          # in place: img is blended where it lies
 
 
 def render_scene(scene: Scene, img_size: int) -> np.ndarray:
@@ -86,8 +99,11 @@ def render_scene(scene: Scene, img_size: int) -> np.ndarray:
     img = _background(scene, int(img_size), rng)
     for obj in scene.objects:
         _draw_object(img, obj, scene.grid, int(img_size))
-    np.clip(img, 0.0, 1.0, out=img)
-    return (img - 0.5) / 0.5
+    np.minimum(img, 1.0, out=img)
+    np.maximum(img, 0.0, out=img)
+    img -= 0.5
+    img *= 2.0
+    return img
 
 
 def render_scenes(scenes, img_size: int) -> np.ndarray:

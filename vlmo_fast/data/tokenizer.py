@@ -11,7 +11,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_NAME = "tokenizer_config.json"
@@ -125,6 +125,7 @@ class WordPieceTokenizer:
         """Write vocab.txt, tokenizer.json and tokenizer_config.json, each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(directory)   # what a writer killed mid-save left behind
         tokens = sorted(self._vocab, key=self._vocab.get)
         atomic_write_text(directory / "vocab.txt", "\n".join(tokens) + "\n")
         atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
@@ -203,7 +204,9 @@ def build_tokenizer(source: Union[str, Path] = "embedded", vocab_size: int = 100
     path = Path(source)
     if path.is_dir() and (path / "vocab.txt").is_file():
         return WordPieceTokenizer.load(path)
-    if path.name == "vocab.txt":
+    if path.name in ("vocab.txt", "tokenizer.json", CONFIG_NAME):
+        if path.name != "vocab.txt":   # a file of a saved tokenizer folder: load the folder
+            return WordPieceTokenizer.load(path.parent)
         return WordPieceTokenizer.from_vocab_file(path, lowercase=lowercase)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer source {source!r}: no such file or directory "

@@ -22,6 +22,7 @@ construction.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -72,6 +73,17 @@ def position_name(row: int, col: int, grid: int) -> str:
         if c == "center":
             return r
     return f"{r} {c}"
+
+
+def position_phrase(pos: str, rng: Optional[np.random.Generator] = None) -> str:
+    """'in the center', 'on the left', 'at the top', 'in the top left' / 'at the top left'."""
+    if pos == "center":
+        return "in the center"
+    if pos in ("left", "right"):
+        return f"on the {pos}"
+    if pos in ("top", "bottom"):
+        return f"at the {pos}"
+    return f"{'in' if rng is None or rng.random() < 0.5 else 'at'} the {pos}"
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,12 @@ class WorldConfig:
         self.held_out_pairs = tuple(tuple(p) for p in self.held_out_pairs)
 
 
+_TEMPLATES = ("positions", "list", "relation", "there_is", "count_list", "colour_count")
+_TEMPLATES_SINGLE = ("positions", "list", "there_is", "count_list", "single")
+_TEMPLATE_PERMUTATIONS = {n: list(itertools.permutations(range(n - 2)))
+                          for n in (len(_TEMPLATES), len(_TEMPLATES_SINGLE))}
+
+
 def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
@@ -225,6 +243,8 @@ class EmbeddedWorld:
         self.held_out = frozenset(self.config.held_out_pairs)
         probs = np.asarray(self.config.count_probs[:self.config.max_objects], dtype=np.float64)
         self._count_probs = probs / probs.sum()
+        # inverse-CDF draw of the object count (Generator.choice with p= is slow per call)
+        self._count_cdf = np.cumsum(self._count_probs)[:-1]
         self.answer_vocab: List[str] = (list(COLOURS) + list(SHAPES) + list(SIZES)
                                         + [str(n) for n in range(self.config.max_objects + 1)]
                                         + ["yes", "no"]
@@ -252,7 +272,7 @@ class EmbeddedWorld:
 
     def _sample_scene(self, rng: np.random.Generator, split: str, index: int) -> Scene:
         cfg = self.config
-        n = 1 + int(rng.choice(len(self._count_probs), p=self._count_probs))
+        n = 1 + int(np.searchsorted(self._count_cdf, rng.random(), side="right"))
         cells = rng.permutation(cfg.grid * cfg.grid)[:n]
         colours, shapes = list(COLOURS), SHAPES
         held = sorted(self.held_out)
@@ -297,26 +317,28 @@ class EmbeddedWorld:
         text = _article(" ".join(words))
         if position:
             pos = position_name(obj.row, obj.col, self.config.grid)
-            prep = "in the" if pos in ("center",) else _pick(rng, ("at the", "in the"))
-            text = f"{text} {prep} {pos}"
+            text = f"{text} {position_phrase(pos, rng)}"
             attrs["position"] = pos
         return text, attrs
 
+    def caption_templates(self, scene: Scene) -> List[str]:
+        """The template of each of the scene's captions (the first two always describe every
+        object, or two of them: the most discriminative; the rest in a scene-seeded order)."""
+        templates = _TEMPLATES_SINGLE if len(scene.objects) == 1 else _TEMPLATES
+        # the order of the other templates: one of their permutations, picked by the scene's
+        # seed (cheaper than a random generator per call; every vl item asks for it)
+        rest = _TEMPLATE_PERMUTATIONS[len(templates)]
+        order = list(templates[:2]) + [templates[2 + i] for i in rest[scene.render_seed % len(rest)]]
+        return [order[k % len(order)] for k in range(self.config.captions_per_image)]
+
+    def caption(self, scene: Scene, j: int) -> Caption:
+        """Caption j of the scene (its own random stream: no need to build the others)."""
+        template = self.caption_templates(scene)[j]
+        return self._caption(scene, template, np.random.default_rng([scene.render_seed, 8, j]))
+
     def captions(self, scene: Scene) -> List[Caption]:
         """`captions_per_image` captions from different templates, true by construction."""
-        rng = np.random.default_rng([scene.render_seed, 7])
-        n = len(scene.objects)
-        templates = ["positions", "list", "relation", "there_is", "count_list", "colour_count"]
-        if n == 1:
-            templates = ["positions", "list", "there_is", "count_list", "single"]
-        # the first two templates always describe every object (most discriminative)
-        order = templates[:2] + [templates[2 + i] for i in rng.permutation(len(templates) - 2)]
-        out = []
-        k = 0
-        while len(out) < self.config.captions_per_image:
-            out.append(self._caption(scene, order[k % len(order)], rng))
-            k += 1
-        return out
+        return [self.caption(scene, j) for j in range(self.config.captions_per_image)]
 
     def _caption(self, scene: Scene, template: str, rng: np.random.Generator) -> Caption:
         objs, n = scene.objects, len(scene.objects)
@@ -383,6 +405,15 @@ class EmbeddedWorld:
     def caption_texts(self, scene: Scene) -> List[str]:
         return [c.text for c in self.captions(scene)]
 
+    def reference(self, scene: Scene, obj: SceneObject) -> str:
+        """The shortest phrase naming `obj` unambiguously in `scene`: 'the red circle', else
+        'the small red circle', else 'the red circle on the left'."""
+        if scene.count(colour=obj.colour, shape=obj.shape) == 1:
+            return f"the {obj.colour} {obj.shape}"
+        if scene.count(colour=obj.colour, shape=obj.shape, size=obj.size) == 1:
+            return f"the {obj.size} {obj.colour} {obj.shape}"
+        return f"the {obj.colour} {obj.shape} {position_phrase(position_name(obj.row, obj.col, scene.grid))}"
+
     def document(self, scene: Scene) -> str:
         """A multi-sentence description of the scene (the text-only stage's corpus)."""
         rng = np.random.default_rng([scene.render_seed, 11])
@@ -394,12 +425,12 @@ class EmbeddedWorld:
             t, _ = self._object_phrase(o, rng, detail=1.0, position=False)
             pos = position_name(o.row, o.col, scene.grid)
             verb = _pick(rng, ("is", "sits", "lies"))
-            sents.append(f"{t} {verb} {'in the' if pos == 'center' else 'at the'} {pos}.")
+            sents.append(f"{t} {verb} {position_phrase(pos, rng)}.")
         rels = scene.relations()
         for r in rng.permutation(len(rels))[:3]:
             i, rel, j = rels[int(r)]
-            sents.append(f"the {objs[i].colour} {objs[i].shape} is "
-                         f"{_pick(rng, RELATION_WORDS[rel])} the {objs[j].colour} {objs[j].shape}.")
+            sents.append(f"{self.reference(scene, objs[i])} is {_pick(rng, RELATION_WORDS[rel])} "
+                         f"{self.reference(scene, objs[j])}.")
         colour_counts = sorted({o.colour for o in objs})
         c = colour_counts[int(rng.integers(len(colour_counts)))]
         k = scene.count(colour=c)
@@ -425,7 +456,7 @@ class EmbeddedWorld:
         out = []
         for o in objs:
             pos = position_name(o.row, o.col, g)
-            where = "in the center" if pos == "center" else f"at the {pos}"
+            where = position_phrase(pos)
             out.append((f"what colour is the shape {where}?", o.colour, "colour"))
             out.append((f"what shape is {where}?", o.shape, "shape"))
             if scene.count(colour=o.colour, shape=o.shape) == 1:

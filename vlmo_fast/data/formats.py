@@ -1,0 +1,572 @@
+"""Readers for the dataset formats users already have. Each returns plain records (no pixels
+decoded); `sources.py` turns them into Datasets. Every error names the file and the line /
+row / entry it is about.
+
+- manifests: JSONL, CSV, TSV (and a JSON list of objects, ALBEF style) with configurable
+  column names (defaults "image" / "caption", optional "image_id"; open_clip's
+  --csv-img-key / --csv-caption-key); relative image paths resolve against the manifest's
+  folder; extra columns are ignored.
+- Karpathy JSON (COCO `dataset_coco.json`, Flickr30k `dataset_flickr30k.json`): images with
+  several sentences and a split ("restval" counts as "train", as in the Karpathy split).
+- image folders with sidecar captions: `x.jpg` + `x.txt` (one caption per non-empty line).
+- plain-text corpora: one document per line, or documents separated by blank lines.
+- WebDataset-layout .tar shards (`key.jpg|png|webp` + `key.txt|json`), indexed once by a
+  plain `tarfile` scan and then read by offset: random access, so the loaders' sharding and
+  exact mid-epoch resume work as for any other source (the `webdataset` package is a
+  streaming reader; it is not needed and not used).
+- VQAv2 questions + annotations JSON and NLVR2 JSONL (fine-tuning tasks).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import pickle
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, Path]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the row/line/entry."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image's bytes are: a file path, or (tar path, data offset, size)."""
+    path: str
+    offset: int = -1
+    size: int = -1
+
+    @property
+    def in_tar(self) -> bool:
+        return self.offset >= 0
+
+    def read_bytes(self) -> bytes:
+        if not self.in_tar:
+            return Path(self.path).read_bytes()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.path}: truncated tar member at offset {self.offset}")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.offset}" if self.in_tar else self.path
+
+
+@dataclass
+class PairRecord:
+    image: ImageRef
+    caption: str
+    image_key: str          # identity of the image (its id column, or its path)
+    origin: str             # "manifest.csv line 7": where this record came from
+
+
+class StringTable:
+    """Many strings in one numpy byte buffer + offsets. DataLoader workers share the parent's
+    memory copy-on-write, but touching a Python object writes its reference count, so a list
+    of millions of str / dataclass rows is copied into every worker over an epoch (torch
+    issue 13246); numpy buffers are never written and stay shared."""
+
+    def __init__(self, strings: Iterable[str]):
+        encoded = [str(x).encode("utf-8") for x in strings]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+class PackedList:
+    """A read-only list of picklable records kept as one numpy byte buffer (see StringTable):
+    for the VQA / NLVR2 record lists that task datasets hold in every worker."""
+
+    def __init__(self, items: Iterable):
+        encoded = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in items]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} records")
+        i = int(i) % len(self)
+        return pickle.loads(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class PairTable:
+    """A read-only sequence of PairRecord stored column-wise in numpy (see StringTable)."""
+
+    def __init__(self, pairs: Sequence[PairRecord]):
+        self.image_path = StringTable(p.image.path for p in pairs)
+        self.image_offset = np.asarray([p.image.offset for p in pairs], dtype=np.int64)
+        self.image_size = np.asarray([p.image.size for p in pairs], dtype=np.int64)
+        self.caption = StringTable(p.caption for p in pairs)
+        self.image_key = StringTable(p.image_key for p in pairs)
+        self.origin = StringTable(p.origin for p in pairs)
+
+    def __len__(self) -> int:
+        return len(self.caption)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair index {i} out of range for {len(self)} pairs")
+        i = int(i) % len(self)
+        image = ImageRef(self.image_path[i], int(self.image_offset[i]), int(self.image_size[i]))
+        return PairRecord(image, self.caption[i], self.image_key[i], self.origin[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class Records:
+    """Image-caption pairs with integer image ids (captions of one image share the id), kept
+    column-wise in numpy buffers: `pairs` (a PairTable, indexable like a list of PairRecord),
+    `image_ids` int64 [N], `num_images`, `source`."""
+
+    def __init__(self, pairs: Sequence[PairRecord], source: str):
+        index: Dict[str, int] = {}
+        self.image_ids = np.asarray([index.setdefault(p.image_key, len(index)) for p in pairs], dtype=np.int64)
+        self.num_images = len(index)
+        self.pairs = pairs if isinstance(pairs, PairTable) else PairTable(pairs)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def _check_file(path: PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
+def _resolve(base: Path, image: str) -> str:
+    p = Path(image).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+# -- manifests ------------------------------------------------------------------------------
+def _manifest_rows(path: Path):
+    """(origin, row dict) for JSONL / CSV / TSV / JSON-list files."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+                yield f"{path} line {n}", row
+    elif suffix in (".csv", ".tsv"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: empty file (expected a header row)")
+            for row in reader:
+                # DictReader gives None for missing trailing fields
+                yield f"{path} line {reader.line_num}", {k: v for k, v in row.items() if v is not None and k is not None}
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects (or a Karpathy JSON with 'images')")
+        for n, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{path} entry {n}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path} entry {n}", row
+    else:
+        raise DataError(f"{path}: unknown manifest type {suffix!r}; expected .jsonl, .csv, .tsv or .json")
+
+
+def read_manifest(path: PathLike, *, image_key: str = "image", caption_key: str = "caption",
+                  id_key: Optional[str] = "image_id", image_root: Optional[PathLike] = None,
+                  require_caption: bool = True, check_files: bool = False) -> Records:
+    """Image-caption pairs from a JSONL / CSV / TSV / JSON-list manifest.
+
+    image_root: folder relative image paths resolve against (default: the manifest's folder).
+    A caption given as a list (ALBEF JSON) becomes one record per caption.
+    check_files: stat every image now (errors name the row) instead of when it is loaded.
+    """
+    path = _check_file(path, "manifest")
+    base = Path(image_root) if image_root is not None else path.parent
+    pairs = []
+    for origin, row in _manifest_rows(path):
+        if image_key not in row:
+            raise DataError(f"{origin}: missing column {image_key!r} (columns: {sorted(row)}); "
+                            f"set image_key= to the column holding the image path")
+        image = str(row[image_key]).strip()
+        if not image:
+            raise DataError(f"{origin}: empty image path in column {image_key!r}")
+        captions = row.get(caption_key)
+        if captions is None:
+            if require_caption:
+                raise DataError(f"{origin}: missing column {caption_key!r} (columns: {sorted(row)}); "
+                                f"set caption_key= to the column holding the caption")
+            captions = ""
+        captions = captions if isinstance(captions, list) else [captions]
+        resolved = _resolve(base, image)
+        if check_files and not Path(resolved).is_file():
+            raise DataError(f"{origin}: image file {resolved} does not exist")
+        key = str(row[id_key]) if id_key and row.get(id_key) not in (None, "") else resolved
+        for caption in captions:
+            caption = str(caption).strip()
+            if require_caption and not caption:
+                raise DataError(f"{origin}: empty caption in column {caption_key!r}")
+            pairs.append(PairRecord(ImageRef(resolved), caption, key, origin))
+    if not pairs:
+        raise DataError(f"{path}: no rows")
+    return Records(pairs, str(path))
+
+
+# -- Karpathy JSON --------------------------------------------------------------------------
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",),
+                   "restval": ("restval",), "all": ("train", "restval", "val", "test")}
+
+
+def read_karpathy(path: PathLike, split: str = "train", *, image_root: Optional[PathLike] = None) -> Records:
+    """COCO / Flickr30k Karpathy-split JSON: one record per sentence of each image of `split`.
+    Images live at image_root / filepath / filename (COCO) or image_root / filename (Flickr);
+    image_root defaults to the JSON's folder."""
+    path = _check_file(path, "Karpathy JSON")
+    if split not in KARPATHY_SPLITS:
+        raise ValueError(f"split must be one of {sorted(KARPATHY_SPLITS)} for a Karpathy JSON, got {split!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: not a Karpathy JSON (expected an object with an 'images' list)")
+    base = Path(image_root) if image_root is not None else path.parent
+    wanted = KARPATHY_SPLITS[split]
+    pairs = []
+    for n, img in enumerate(data["images"]):
+        origin = f"{path} images[{n}]"
+        for key in ("filename", "sentences", "split"):
+            if key not in img:
+                raise DataError(f"{origin}: missing key {key!r}")
+        if img["split"] not in wanted:
+            continue
+        rel = Path(img.get("filepath", "")) / img["filename"]
+        image = str(base / rel)
+        ident = str(img.get("cocoid", img.get("imgid", rel)))
+        for k, sent in enumerate(img["sentences"]):
+            raw = sent.get("raw") if isinstance(sent, dict) else sent
+            if raw is None and isinstance(sent, dict) and "tokens" in sent:
+                raw = " ".join(sent["tokens"])
+            raw = str(raw or "").strip()
+            if not raw:
+                raise DataError(f"{origin} sentences[{k}]: empty caption")
+            pairs.append(PairRecord(ImageRef(image), raw, ident, f"{origin} sentences[{k}]"))
+    if not pairs:
+        raise DataError(f"{path}: no images in split {split!r} (splits present: "
+                        f"{sorted({i.get('split') for i in data['images']})})")
+    return Records(pairs, str(path))
+
+
+# -- image folders ----------------------------------------------------------------------------
+def list_images(directory: PathLike) -> List[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder {directory} does not exist")
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def read_image_folder(directory: PathLike, *, require_caption: bool = True) -> Records:
+    """Images under `directory` (recursive, sorted) with sidecar captions `<stem>.txt`
+    (one caption per non-empty line; several lines = several captions of that image)."""
+    images = list_images(directory)
+    if not images:
+        raise DataError(f"{directory}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    pairs = []
+    for img in images:
+        sidecar = img.with_suffix(".txt")
+        if not sidecar.is_file():
+            if require_caption:
+                raise DataError(f"{img}: no caption file {sidecar.name} beside it")
+            pairs.append(PairRecord(ImageRef(str(img)), "", str(img), str(img)))
+            continue
+        lines = [ln.strip() for ln in sidecar.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines and require_caption:
+            raise DataError(f"{sidecar}: empty caption file")
+        for n, line in enumerate(lines, 1):
+            pairs.append(PairRecord(ImageRef(str(img)), line, str(img), f"{sidecar} line {n}"))
+    return Records(pairs, str(directory))
+
+
+# -- text corpora -----------------------------------------------------------------------------
+def read_texts(path: PathLike, mode: str = "auto", *, caption_key: str = "caption") -> List[str]:
+    """Documents from a plain-text corpus (a .txt file or a folder of them). mode "line": one
+    document per line; "paragraph": documents separated by blank lines; "auto": paragraphs
+    when the file has blank lines between text, else lines. Manifests / Karpathy JSON give
+    their captions."""
+    if mode not in ("auto", "line", "paragraph"):
+        raise ValueError(f"mode must be 'auto', 'line' or 'paragraph', got {mode!r}")
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise DataError(f"{path}: no .txt files")
+        return [d for f in files for d in read_texts(f, mode)]
+    path = _check_file(path, "text corpus")
+    if path.suffix.lower() in (".jsonl", ".csv", ".tsv"):
+        return [p.caption for p in read_manifest(path, caption_key=caption_key).pairs]
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        recs = read_karpathy(path, "all") if isinstance(data, dict) else read_manifest(path, caption_key=caption_key)
+        return [p.caption for p in recs.pairs]
+    text = path.read_text(encoding="utf-8")
+    blocks = re.split(r"\n\s*\n", text.strip())
+    if mode == "paragraph" or (mode == "auto" and len(blocks) > 1):
+        docs = [" ".join(b.split()) for b in blocks]
+    else:
+        docs = [ln.strip() for ln in text.splitlines()]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"{path}: empty corpus (no text)")
+    return docs
+
+
+# -- WebDataset-layout tar shards ---------------------------------------------------------------
+def expand_shards(spec: PathLike) -> List[Path]:
+    """'shards/data-{000..009}.tar', a glob, a folder of .tar files, or one .tar."""
+    spec = str(spec)
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if m:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo)
+        paths = [Path(spec[:m.start()] + str(i).zfill(width) + spec[m.end():]) for i in range(int(lo), int(hi) + 1)]
+    elif any(ch in spec for ch in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(spec))]
+    elif Path(spec).is_dir():
+        paths = sorted(Path(spec).glob("*.tar"))
+    else:
+        paths = [Path(spec)]
+    if not paths:
+        raise FileNotFoundError(f"no .tar shards match {spec}")
+    for p in paths:
+        _check_file(p, "tar shard")
+    return paths
+
+
+def _split_key(name: str) -> Tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def read_tar_shards(spec: PathLike, *, caption_key: str = "caption", require_caption: bool = True) -> Records:
+    """Samples of WebDataset-layout shards: members sharing a key form one sample; the image
+    is its jpg/jpeg/png/webp member, the caption its txt member or the `caption_key` (or
+    "text") field of its json member."""
+    pairs = []
+    for shard in expand_shards(spec):
+        samples: Dict[str, dict] = {}
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_key(member.name)
+                    s = samples.setdefault(key, {})
+                    if "." + ext in IMAGE_EXTENSIONS:
+                        s["image"] = ImageRef(str(shard), member.offset_data, member.size)
+                    elif ext in ("txt", "json", "cls"):
+                        s[ext] = tar.extractfile(member).read().decode("utf-8")
+        except tarfile.TarError as e:
+            raise DataError(f"{shard}: not a readable tar file ({e})") from None
+        for key, s in samples.items():
+            origin = f"{shard} sample {key!r}"
+            if "image" not in s:
+                raise DataError(f"{origin}: no image member (.jpg/.png/.webp)")
+            caption = s.get("txt")
+            if caption is None and "json" in s:
+                try:
+                    meta = json.loads(s["json"])
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{origin}: its .json member is not valid JSON ({e.msg})") from None
+                caption = meta.get(caption_key, meta.get("text")) if isinstance(meta, dict) else None
+            caption = (caption or "").strip()
+            if require_caption and not caption:
+                raise DataError(f"{origin}: no caption (.txt member or {caption_key!r} in .json) or an empty one")
+            pairs.append(PairRecord(s["image"], caption, f"{shard}:{key}", origin))
+    if not pairs:
+        raise DataError(f"{spec}: no samples in the shards")
+    return Records(pairs, str(spec))
+
+
+# -- VQAv2 --------------------------------------------------------------------------------------
+def vqa_score(count: int) -> float:
+    """VQAv2 soft score of an answer given by `count` of the 10 annotators (as ViLT / VLMo)."""
+    return min(1.0, 0.3 * count) if count < 3 else (0.9 if count == 3 else 1.0)
+
+
+_PUNCT = re.compile(r"[?!.,;:\"']+$")
+
+
+def normalize_answer(answer: str) -> str:
+    """Light VQA answer normalisation: lower case, trimmed, trailing punctuation removed,
+    inner whitespace collapsed (the official evaluation's further rules are not applied)."""
+    return " ".join(_PUNCT.sub("", str(answer).strip().lower()).split())
+
+
+@dataclass
+class VQARecord:
+    question_id: int
+    image: ImageRef
+    image_id: int
+    question: str
+    answer_counts: Dict[str, int]   # normalised answer -> annotators (empty for test questions)
+
+
+def read_vqav2(questions: PathLike, annotations: Optional[PathLike] = None, *,
+               image_root: Optional[PathLike] = None, image_pattern: str = "COCO_{subtype}_{image_id:012d}.jpg"
+               ) -> List[VQARecord]:
+    """VQAv2 `v2_OpenEnded_mscoco_<subtype>_questions.json` (+ `v2_mscoco_<subtype>_annotations.json`).
+    Images: image_root / image_pattern (default the COCO file names; subtype from the JSON's
+    data_subtype, e.g. train2014)."""
+    qpath = _check_file(questions, "VQAv2 questions JSON")
+    try:
+        qdata = json.loads(qpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{qpath}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+        raise DataError(f"{qpath}: expected an object with a 'questions' list (VQAv2 questions file)")
+    subtype = qdata.get("data_subtype", "")
+    base = Path(image_root) if image_root is not None else qpath.parent
+    answers: Dict[int, Dict[str, int]] = {}
+    if annotations is not None:
+        apath = _check_file(annotations, "VQAv2 annotations JSON")
+        try:
+            adata = json.loads(apath.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{apath}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+            raise DataError(f"{apath}: expected an object with an 'annotations' list (VQAv2 annotations file)")
+        for n, ann in enumerate(adata["annotations"]):
+            if "question_id" not in ann or not isinstance(ann.get("answers"), list):
+                raise DataError(f"{apath} annotations[{n}]: needs 'question_id' and an 'answers' list")
+            answers[int(ann["question_id"])] = dict(Counter(normalize_answer(a["answer"]) for a in ann["answers"]))
+    out = []
+    for n, q in enumerate(qdata["questions"]):
+        for key in ("question_id", "image_id", "question"):
+            if key not in q:
+                raise DataError(f"{qpath} questions[{n}]: missing key {key!r}")
+        qid = int(q["question_id"])
+        if annotations is not None and qid not in answers:
+            raise DataError(f"{qpath} questions[{n}]: question_id {qid} has no annotation in {annotations}")
+        image = base / image_pattern.format(subtype=subtype, image_id=int(q["image_id"]))
+        out.append(VQARecord(qid, ImageRef(str(image)), int(q["image_id"]), str(q["question"]), answers.get(qid, {})))
+    return out
+
+
+def build_answer_vocab(records: Iterable[VQARecord], min_count: int = 9) -> List[str]:
+    """Answers given (as the most common answer of a question or by annotators) at least
+    `min_count` times over the records, most frequent first (ties alphabetical)."""
+    total: Counter = Counter()
+    for r in records:
+        total.update(r.answer_counts)
+    return sorted((a for a, c in total.items() if c >= min_count), key=lambda a: (-total[a], a))
+
+
+def vqa_targets(answer_counts: Dict[str, int], answer_to_id: Dict[str, int]) -> Tuple[List[int], List[float]]:
+    """Answer ids and soft scores of one question (answers outside the vocabulary dropped)."""
+    ids, scores = [], []
+    for a, c in sorted(answer_counts.items()):
+        if a in answer_to_id:
+            ids.append(answer_to_id[a])
+            scores.append(vqa_score(c))
+    return ids, scores
+
+
+# -- NLVR2 ----------------------------------------------------------------------------------------
+@dataclass
+class NLVR2Record:
+    identifier: str
+    left: ImageRef
+    right: ImageRef
+    sentence: str
+    label: int
+
+
+def read_nlvr2(path: PathLike, *, image_root: Optional[PathLike] = None) -> List[NLVR2Record]:
+    """NLVR2 JSONL (`train.json` / `dev.json` / `test1.json`, one object a line): sentence,
+    label "True"/"False", identifier "split-set-pair-sentence"; images at
+    image_root[/directory]/<identifier without its last part>-img0.png and -img1.png (the
+    train images sit in numbered subfolders given by "directory"). Rows with explicit
+    "left_image" / "right_image" paths use those instead."""
+    path = _check_file(path, "NLVR2 JSONL")
+    base = Path(image_root) if image_root is not None else path.parent
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            origin = f"{path} line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{origin}: not valid JSON ({e.msg})") from None
+            for key in ("identifier", "sentence", "label"):
+                if key not in row:
+                    raise DataError(f"{origin}: missing key {key!r}")
+            label = str(row["label"]).strip().lower()
+            if label not in ("true", "false", "1", "0"):
+                raise DataError(f"{origin}: label must be True/False, got {row['label']!r}")
+            if "left_image" in row and "right_image" in row:
+                left, right = _resolve(base, row["left_image"]), _resolve(base, row["right_image"])
+            else:
+                prefix = str(row["identifier"]).rsplit("-", 1)[0]
+                folder = base / str(row["directory"]) if "directory" in row else base
+                left, right = str(folder / f"{prefix}-img0.png"), str(folder / f"{prefix}-img1.png")
+            out.append(NLVR2Record(str(row["identifier"]), ImageRef(left), ImageRef(right), str(row["sentence"]),
+                                   int(label in ("true", "1"))))
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
+
+
+def group_by_image(records: Records) -> Tuple[List[ImageRef], List[str], List[int], List[str], List[str]]:
+    """(images, captions, text_to_image, image_keys, origins) for retrieval evaluation."""
+    first: Dict[str, int] = {}
+    images, keys, origins, captions, text_to_image = [], [], [], [], []
+    for p in records.pairs:
+        if p.image_key not in first:
+            first[p.image_key] = len(images)
+            images.append(p.image)
+            keys.append(p.image_key)
+            origins.append(p.origin)
+        captions.append(p.caption)
+        text_to_image.append(first[p.image_key])
+    return images, captions, text_to_image, keys, origins
