@@ -143,11 +143,22 @@ def build_engine(step_module: nn.Module, ds_config: Dict, *, lr: float, weight_d
 
 
 def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
-    """The plain VLMo state_dict (CPU fp32 copies) on rank 0, None elsewhere. Collective."""
+    """The plain VLMo state_dict (CPU fp32) on rank 0, None elsewhere. Collective.
+
+    Trained parameters come from the optimizer's fp32 master copy (`safe_get_full_fp32_param`:
+    under bf16 the module holds only a rounded copy), frozen ones and buffers from the module
+    (ZeRO-3 partitions gathered)."""
     import deepspeed
-    module = engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if rank != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in export_state_dict(module.model).items()}
+    from deepspeed.utils import safe_get_full_fp32_param
+    model = engine.module.model
+    values = {}
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        for name, p in model.named_parameters():
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            values[name] = (master if master is not None else p).detach().float().cpu().clone()
+        for name, t in model.state_dict().items():
+            if name not in values:
+                values[name] = t.detach().cpu().clone()
+    if rank != 0:
+        return None
+    return export_state_dict(model, values)

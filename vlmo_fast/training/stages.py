@@ -157,19 +157,22 @@ def _stage_trainable_names(model: nn.Module, stage: str) -> set:
     return names
 
 
-def export_state_dict(model: nn.Module) -> Dict[str, Tensor]:
-    """The plain `VLMo` state_dict of a model in any stage layout (detached, same device)."""
-    out = {}
-    converted = {}
-    for i, blk in enumerate(model.blocks):
-        if not isinstance(blk.mlp, MoMEFeedForward):
-            converted[f"blocks.{i}.mlp."] = blk.mlp.export()
-    for name, t in model.state_dict().items():
-        prefix = next((p for p in converted if name.startswith(p)), None)
-        if prefix is None:
-            out[name] = t.detach()
-    for prefix, tensors in converted.items():
-        for field, t in tensors.items():
+def export_state_dict(model: nn.Module, values: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """The plain `VLMo` state_dict of a model in any stage layout.
+
+    values: tensors by the model's own state_dict names (e.g. fp32 master weights gathered
+    from the optimizer); default: the model's current tensors (detached, same device)."""
+    state = values if values is not None else {k: v.detach() for k, v in model.state_dict().items()}
+    converted = {f"blocks.{i}.mlp.": blk.mlp for i, blk in enumerate(model.blocks)
+                 if not isinstance(blk.mlp, MoMEFeedForward)}
+    out = {name: t for name, t in state.items() if not any(name.startswith(p) for p in converted)}
+    for prefix, module in converted.items():
+        for field in _EXPERT_FIELDS:
+            if isinstance(module, SplitExpertFeedForward):
+                t = torch.stack([state[f"{prefix}experts.{e}.{field}"] for e in range(module.num_experts)])
+            else:  # SharedFeedForward: one FFN -> every expert slot
+                one = state[f"{prefix}ffn.{field}"]
+                t = one.expand(module.num_experts, *one.shape[1:])
             out[prefix + field] = t.contiguous()
     return out
 
