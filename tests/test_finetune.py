@@ -78,7 +78,7 @@ def test_param_groups_head_mult_and_layer_decay():
     nlvr2 = NLVR2Step(NLVR2Model(VLMo.from_preset("tiny")))
     g2 = finetune_param_groups(nlvr2, lr=1e-3, weight_decay=0.0, head_lr_mult=5)
     head = [g for g in g2 if g["name"].startswith("head")]
-    assert {id(p) for g in head for p in g["params"]} == {id(p) for p in nlvr2.model.head.parameters()}
+    assert {id(p) for g in head for p in g["params"]} == {id(p) for p in nlvr2.head.parameters()}
     assert all(g["lr"] == pytest.approx(5e-3) for g in head)
     with pytest.raises(ValueError, match="layer_decay"):
         finetune_param_groups(step, lr=1e-3, weight_decay=0.0, layer_decay=1.5)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .eval.nlvr2 import NLVR2Model
+from .eval.nlvr2 import NLVR2Model, nlvr2_logits
 from .eval.vqa import vqa_soft_accuracy
 
 # never decayed besides every 0-/1-d tensor (the pretraining optimiser's list)
@@ -101,23 +101,24 @@ class VQAStep(nn.Module):
 
 
 class NLVR2Step(nn.Module):
-    """NLVR2 fine-tuning step over an `NLVR2Model`."""
+    """NLVR2 fine-tuning step: `model` is the VLMo backbone (what the training machinery
+    exports), `head` the NLVR2 classifier."""
 
     def __init__(self, model: NLVR2Model):
         super().__init__()
         if not isinstance(model, NLVR2Model):
             raise TypeError(f"NLVR2Step needs an NLVR2Model, got {type(model).__name__}")
-        self.model = model
+        self.model, self.head = model.backbone, model.head
 
     def external_parameters(self):
-        return _external_parameters(self.model.backbone)
+        return _external_parameters(self.model)
 
     def head_parameter_names(self) -> List[str]:
-        return [f"model.{n}" for n, _ in self.model.head.named_parameters(prefix="head")]
+        return [n for n, _ in self.head.named_parameters(prefix="head")]
 
     def forward(self, batch: Dict[str, Tensor]) -> Dict[str, object]:
-        logits = self.model(batch["text_ids"], batch["images_left"], batch["images_right"],
-                            batch.get("text_mask")).float()
+        logits = nlvr2_logits(self.model, self.head, batch["text_ids"], batch["images_left"],
+                              batch["images_right"], batch.get("text_mask")).float()
         labels = batch["labels"].long()
         loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
@@ -141,14 +142,13 @@ def finetune_param_groups(step_module: nn.Module, lr: float, weight_decay: float
                           backbone_prefix: Optional[str] = None) -> List[Dict]:
     """AdamW groups of the trainable parameters, each with its own "lr" (and "lr_scale").
 
-    backbone_prefix: where the VLMo sits inside `step_module` ("model." for VQA /
-    retrieval steps, "model.backbone." for NLVR2; found automatically when None)."""
+    backbone_prefix: where the VLMo sits inside `step_module` (default "model.", as in every
+    step module here and the pretraining step)."""
     if lr <= 0 or head_lr_mult <= 0 or not 0 < layer_decay <= 1:
         raise ValueError(f"need lr > 0, head_lr_mult > 0 and layer_decay in (0, 1], got {lr}, "
                          f"{head_lr_mult}, {layer_decay}")
     if backbone_prefix is None:
-        backbone_prefix = "model.backbone." if isinstance(getattr(step_module, "model", None), NLVR2Model) \
-            else "model."
+        backbone_prefix = "model."
     backbone = step_module.get_submodule(backbone_prefix.rstrip(".")) if backbone_prefix else step_module
     depth = backbone.config.depth
     heads = set(getattr(step_module, "head_parameter_names", lambda: [])())
@@ -417,14 +417,15 @@ def run(args) -> dict:
     if bar is not None:
         bar.close()
 
-    # final weights: gathered (ZeRO-3) on rank 0, then written with the tokenizer and DONE last
-    import deepspeed
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()} \
-            if is_main else None
+    # final weights: the fp32 master copy (gathered under ZeRO-3) on rank 0; DONE written last
+    from .training.engine import gathered_state_dict
+    state = gathered_state_dict(engine, rank)
+    head_state = _gathered_head_state(engine, rank) if args.task == "nlvr2" else None
     if is_main:
-        model.float().load_state_dict(state, strict=True)
+        backbone = model.backbone if args.task == "nlvr2" else model
+        backbone.float().load_state_dict(state, strict=True)
+        if head_state is not None:
+            model.head.float().load_state_dict(head_state, strict=True)
         model.save_pretrained(final)
         tok.save(final)
         if args.task == "vqa":
@@ -439,6 +440,20 @@ def run(args) -> dict:
     dist.barrier()
     engine.destroy()
     return _evaluate(args, final, out, is_main)
+
+
+def _gathered_head_state(engine, rank: int):
+    """The NLVR2 head's fp32 master weights on rank 0 (as gathered_state_dict does for the
+    VLMo: under bf16 the module holds only a rounded copy)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    head = engine.module.head
+    with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+        values = {}
+        for name, p in head.named_parameters():
+            master = safe_get_full_fp32_param(p)
+            values[name] = (master if master is not None else p).detach().float().cpu().clone()
+    return values if rank == 0 else None
 
 
 def _build_engine(step_module, ds_config, args, head_mult, total, warmup, lr_lambda, zero_stage):

@@ -117,15 +117,20 @@ class NLVR2Model(nn.Module):
 
     def forward(self, text_ids: Tensor, images_left: Tensor, images_right: Tensor,
                 text_mask: Optional[Tensor] = None) -> Tensor:
-        if images_left.shape != images_right.shape:
-            raise ValueError(f"images_left {tuple(images_left.shape)} and images_right "
-                             f"{tuple(images_right.shape)} must have the same shape")
-        # both sides in one fusion pass: [left pairs ; right pairs]
-        b = text_ids.shape[0]
-        ids = torch.cat([text_ids, text_ids])
-        mask = None if text_mask is None else torch.cat([text_mask, text_mask])
-        pooled = self.backbone.encode_pair(ids, torch.cat([images_left, images_right]), mask).pooled
-        return self.head(pooled[:b], pooled[b:])
+        return nlvr2_logits(self.backbone, self.head, text_ids, images_left, images_right, text_mask)
+
+
+def nlvr2_logits(backbone: nn.Module, head: NLVR2Head, text_ids: Tensor, images_left: Tensor,
+                 images_right: Tensor, text_mask: Optional[Tensor] = None) -> Tensor:
+    """[B, 2] logits: both (statement, image) pairs in ONE fusion pass, pooled vectors to the head."""
+    if images_left.shape != images_right.shape:
+        raise ValueError(f"images_left {tuple(images_left.shape)} and images_right "
+                         f"{tuple(images_right.shape)} must have the same shape")
+    b = text_ids.shape[0]
+    ids = torch.cat([text_ids, text_ids])
+    mask = None if text_mask is None else torch.cat([text_mask, text_mask])
+    pooled = backbone.encode_pair(ids, torch.cat([images_left, images_right]), mask).pooled
+    return head(pooled[:b], pooled[b:])
 
 
 @torch.no_grad()
