@@ -1,0 +1,106 @@
+"""`python -m vlmo_fast` / vlmo-fast: encode, index, search, convert, export, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmo_fast.checkpoint import export_reference_state_dict
+from vlmo_fast.cli import main
+from vlmo_fast.model import VLMo
+
+from test_eval_runner import make_checkpoint, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", tiny_tokenizer())
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for name in ("x.png", "y.png", "z.png"):
+        Image.fromarray((torch.rand(40, 40, 3, generator=g) * 255).byte().numpy()).save(root / name)
+    return root
+
+
+def test_encode_index_search(ckpt, photos, tmp_path, capsys):
+    common = ["--checkpoint", str(ckpt), "--no-progress", "--batch-size", "2"]
+    assert main(["encode", *common, "--texts", "a red circle", "two squares", "--out",
+                 str(tmp_path / "t.npy")]) == 0
+    emb = np.load(tmp_path / "t.npy")
+    meta = json.loads((tmp_path / "t.json").read_text())
+    assert emb.shape == (2, 64) and meta["kind"] == "text" and meta["ids"] == ["a red circle", "two squares"]
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert main(["encode", *common, "--images", str(photos), "--out", str(tmp_path / "i.npy")]) == 0
+    assert json.loads((tmp_path / "i.json").read_text())["ids"] == ["x.png", "y.png", "z.png"]
+
+    assert main(["index", *common, "--images", str(photos), "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["search", *common, "--index", str(tmp_path / "idx"), "--image",
+                 str(photos / "y.png"), "-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["hits"][0]["id"] == "y.png" and len(hits[0]["hits"]) == 2
+    assert main(["search", *common, "--index", str(tmp_path / "idx"), "--text", "a red circle"]) == 0
+    assert "a red circle:" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_one_line(ckpt, tmp_path, capsys):
+    common = ["--checkpoint", str(ckpt), "--no-progress"]
+    assert main(["encode", *common, "--images", str(tmp_path / "nope.png"), "--out", str(tmp_path / "a.npy")]) == 2
+    assert "image file not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["index", *common, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "i")]) == 2
+    assert "empty corpus" in capsys.readouterr().err
+    assert main(["search", *common, "--index", str(tmp_path / "empty"), "--text", "a"]) == 2
+    assert "not a retrieval index" in capsys.readouterr().err
+    assert main(["encode", "--checkpoint", str(tmp_path), "--texts", "a", "--out", str(tmp_path / "a.npy")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", *common, "--index", "x", "--text", "a", "-k", "0"])
+
+
+def test_convert_roundtrip(ckpt, tmp_path):
+    model = VLMo.from_pretrained(ckpt)
+    assert main(["convert", "--from", str(ckpt), "--to", str(tmp_path / "ref.pth")]) == 0
+    ref = torch.load(tmp_path / "ref.pth", weights_only=True)["state_dict"]
+    assert set(ref) == set(export_reference_state_dict(model))
+    config = tmp_path / "arch.json"
+    model.config.to_json(config)
+    assert main(["convert", "--from", str(tmp_path / "ref.pth"), "--to", str(tmp_path / "ours"),
+                 "--config", str(config), "--vocab", str(ckpt)]) == 0
+    back = VLMo.from_pretrained(tmp_path / "ours")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, msg=k)
+    assert (tmp_path / "ours" / "vocab.txt").is_file()
+    assert main(["convert", "--from", str(tmp_path / "ref.pth"), "--to", str(tmp_path / "x")]) == 2
+    model.config.replace(dim=32).to_json(tmp_path / "other.json")
+    assert main(["convert", "--from", str(tmp_path / "ref.pth"), "--to", str(tmp_path / "y"),
+                 "--config", str(tmp_path / "other.json")]) == 2   # shapes differ: nothing written
+    assert not (tmp_path / "y").exists()
+
+
+def test_export_and_module_entry_point(ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vlmo_fast", "export", "--checkpoint", str(ckpt),
+                           "--hf", str(tmp_path / "hf"), "--onnx", str(tmp_path / "onnx")],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "max |onnxruntime - torch|" in proc.stdout
+    assert (tmp_path / "onnx" / "image_encoder.onnx").is_file()
+    assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors",
+                                                             "vocab.txt", "preprocessor_config.json"}
+    from vlmo_fast.inference import Encoder
+    enc = Encoder.from_pretrained(tmp_path / "hf", progress=False)
+    assert enc.tokenizer is not None and enc.tokenizer.vocab_size == enc.config.vocab_size
+    ref = Encoder.from_pretrained(ckpt, progress=False)
+    torch.testing.assert_close(enc.embed_texts(["a red circle"]), ref.embed_texts(["a red circle"]))

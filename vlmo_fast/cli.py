@@ -1,0 +1,285 @@
+"""`vlmo-fast` / `python -m vlmo_fast`: embeddings, retrieval index, search, evaluation,
+checkpoint conversion and export from the command line.
+
+    vlmo-fast encode   --checkpoint CKPT --images a.png b.png --out img.npy
+    vlmo-fast encode   --checkpoint CKPT --texts "a red circle" "two squares" --out txt.npy
+    vlmo-fast index    --checkpoint CKPT --images photos/ --out photos.index
+    vlmo-fast search   --checkpoint CKPT --index photos.index --text "a red circle" -k 5
+    vlmo-fast evaluate --task retrieval --checkpoint CKPT --split test_comp
+    vlmo-fast convert  --from vlmo_base.pth --to ckpt/ --preset base      (reference -> ours)
+    vlmo-fast convert  --from ckpt/ --to vlmo_ref.pth                       (ours -> reference)
+    vlmo-fast export   --checkpoint CKPT --onnx onnx/ [--hf hf_folder/]
+
+CKPT is a save_pretrained folder (config.json + model.safetensors, tokenizer vocab.txt beside
+them for texts). Errors in the input exit with status 2 and one line saying what is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+# -- encode ----------------------------------------------------------------------------------
+def _image_inputs(spec: List[str]):
+    """--images: one folder, one manifest, or image files -> (paths, ids)."""
+    from .index import resolve_corpus
+    if len(spec) == 1 and (Path(spec[0]).is_dir() or Path(spec[0]).suffix.lower() in
+                           (".txt", ".csv", ".tsv", ".jsonl", ".json")):
+        return resolve_corpus(spec[0])
+    for p in spec:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image file not found: {p}")
+    return list(spec), list(spec)
+
+
+def _read_texts(args) -> List[str]:
+    if args.texts_file:
+        path = Path(args.texts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--texts-file {path} not found")
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    return list(args.texts)
+
+
+def _encoder(args):
+    from .inference import Encoder
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {ckpt}: not a save_pretrained folder (no config.json)")
+    return Encoder.from_pretrained(ckpt, device=args.device, batch_size=args.batch_size,
+                                   progress=not args.no_progress)
+
+
+def cmd_encode(args) -> int:
+    import numpy as np
+    from .io import atomic_write, atomic_write_json
+    encoder = _encoder(args)
+    if args.images:
+        images, ids = _image_inputs(args.images)
+        emb = encoder.embed_images(images)
+        kind = "image"
+    else:
+        ids = _read_texts(args)
+        emb = encoder.embed_texts(ids)
+        kind = "text"
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out must end in .npy, got {out}")
+    data = emb.numpy()
+
+    def write(tmp: str):
+        with open(tmp, "wb") as f:
+            np.save(f, data)
+
+    atomic_write(out, write)
+    atomic_write_json(out.with_suffix(".json"), {"kind": kind, "ids": [str(i) for i in ids],
+                                                 "shape": list(data.shape),
+                                                 "model_hash": encoder.fingerprint})
+    print(f"{len(ids)} {kind} embeddings of size {data.shape[1]} -> {out} (+ {out.with_suffix('.json').name})")
+    return 0
+
+
+# -- index / search --------------------------------------------------------------------------
+def cmd_index(args) -> int:
+    from .index import RetrievalIndex
+    encoder = _encoder(args)
+    images, ids = _image_inputs(args.images)
+    index = RetrievalIndex.build(encoder, images, ids=ids, directory=args.out)
+    print(f"indexed {len(index)} images ({index.dim}-d, model {index.model_hash}) -> {args.out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .index import RetrievalIndex
+    encoder = _encoder(args)
+    index = RetrievalIndex.load(args.index, encoder=encoder)
+    if args.text:
+        queries, hits = args.text, index.search_text(encoder, args.text, k=args.k)
+    else:
+        queries, hits = args.image, index.search_image(encoder, args.image, k=args.k)
+    if args.json:
+        print(json.dumps([{"query": q, "hits": [{"id": i, "score": s} for i, s in h]}
+                          for q, h in zip(queries, hits)], indent=2))
+    else:
+        for q, h in zip(queries, hits):
+            print(f"{q}:")
+            for rank, (i, s) in enumerate(h, 1):
+                print(f"  {rank:3d}. {s:+.4f}  {i}")
+    return 0
+
+
+# -- evaluate --------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from .eval.runner import run
+    run(args)
+    return 0
+
+
+# -- convert ---------------------------------------------------------------------------------
+def _load_torch_checkpoint(path: Path, trust_pickle: bool):
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not trust_pickle:
+            raise ValueError(f"{path} could not be read as plain tensors ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); if you trust the file, pass "
+                             "--trust-pickle to unpickle it fully") from None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def cmd_convert(args) -> int:
+    import torch
+    from .checkpoint import export_reference_state_dict, load_reference_state_dict
+    from .config import VLMoConfig
+    from .io import atomic_write
+    from .model import VLMo
+    src, dst = Path(args.source), Path(args.target)
+    if src.is_dir():   # ours -> reference
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"--from {src}: not a save_pretrained folder (no config.json)")
+        model = VLMo.from_pretrained(src)
+        state = export_reference_state_dict(model)
+        atomic_write(dst, lambda tmp: torch.save({"state_dict": state}, tmp))
+        print(f"reference state_dict ({len(state)} tensors) -> {dst}")
+        return 0
+    if not src.is_file():
+        raise FileNotFoundError(f"--from {src} not found")
+    if (args.preset is None) == (args.config is None):
+        raise ValueError("converting a reference checkpoint needs exactly one of --preset NAME or --config JSON "
+                         "(the architecture is not stored in it)")
+    config = VLMoConfig.preset(args.preset) if args.preset else VLMoConfig.from_json(Path(args.config))
+    overrides = {}
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    if args.num_classes is not None:
+        overrides["num_classes"] = args.num_classes
+    if overrides:
+        config = config.replace(**overrides)
+    model = VLMo(config)
+    missing, unexpected = load_reference_state_dict(model, _load_torch_checkpoint(src, args.trust_pickle),
+                                                    strict=not args.non_strict)
+    from .export import staged_directory
+    with staged_directory(dst, overwrite=args.overwrite) as stage:
+        model.save_pretrained(stage)
+        if args.vocab:
+            from .data import WordPieceTokenizer
+            WordPieceTokenizer.load(args.vocab).save(stage)
+    print(f"{src} -> {dst} (preset {config.name})" +
+          (f"; not in the checkpoint: {len(missing)}, ignored: {len(unexpected)}" if missing or unexpected else ""))
+    return 0
+
+
+# -- export ----------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .export import check_onnx, export_onnx, export_pretrained
+    from .model import VLMo
+    if not args.onnx and not args.hf:
+        raise ValueError("export needs --onnx DIR and/or --hf DIR")
+    ckpt = Path(args.checkpoint)
+    model = VLMo.from_pretrained(ckpt)
+    if args.onnx:
+        export_onnx(model, args.onnx, overwrite=args.overwrite)
+        line = f"ONNX towers -> {args.onnx}"
+        try:
+            diffs = check_onnx(model, args.onnx)
+            line += "; max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        except ImportError:
+            line += " (onnxruntime not installed: not checked)"
+        print(line)
+    if args.hf:
+        tokenizer = None
+        if (ckpt / "vocab.txt").is_file():
+            from .data import WordPieceTokenizer
+            tokenizer = WordPieceTokenizer.load(ckpt)
+        export_pretrained(model, args.hf, tokenizer, overwrite=args.overwrite)
+        print(f"Hugging Face-style folder -> {args.hf}")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="save_pretrained folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the weights load: cpu)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .eval.runner import add_arguments
+    parser = argparse.ArgumentParser(prog="vlmo-fast", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("encode", help="L2-normalised embeddings of images or texts -> .npy (+ ids .json)")
+    _common(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--images", nargs="+", help="image files, or one folder / manifest")
+    group.add_argument("--texts", nargs="+", help="texts (quote each)")
+    group.add_argument("--texts-file", help="a file with one text per line")
+    p.add_argument("--out", required=True, help="output .npy; ids and model hash go to the same name .json")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("index", help="build a retrieval index of images (folder, manifest or files)")
+    _common(p)
+    p.add_argument("--images", nargs="+", required=True, help="a folder, a manifest, or image files")
+    p.add_argument("--out", required=True, help="index folder (created, or rebuilt atomically)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="top-k images of an index for texts or images")
+    _common(p)
+    p.add_argument("--index", required=True, help="index folder (from `index`)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--text", nargs="+", help="text queries")
+    group.add_argument("--image", nargs="+", help="image queries (files)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("evaluate", help="retrieval / vqa / nlvr2 / zeroshot evaluation of a checkpoint")
+    add_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("convert", help="reference VLMo checkpoint <-> save_pretrained folder")
+    p.add_argument("--from", dest="source", required=True,
+                   help="a reference .pth/.ckpt (-> ours) or a save_pretrained folder (-> reference)")
+    p.add_argument("--to", dest="target", required=True, help="output folder (ours) or .pth file (reference)")
+    p.add_argument("--preset", default=None, help="architecture of a reference checkpoint: base, large, base_plus")
+    p.add_argument("--config", default=None, help="or a config.json with the architecture")
+    p.add_argument("--img-size", type=int, default=None, help="resolution the checkpoint was trained at")
+    p.add_argument("--num-classes", type=int, default=None, help="VQA answer head size, if it has one")
+    p.add_argument("--vocab", default=None, help="BERT vocab.txt (or tokenizer folder) to save beside the weights")
+    p.add_argument("--non-strict", action="store_true", help="load the matching part, report the rest")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a full (unsafe) unpickle of the .pth")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="ONNX image/text towers and/or a Hugging Face-style folder")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--onnx", default=None, help="folder for image_encoder.onnx + text_encoder.onnx")
+    p.add_argument("--hf", default=None, help="folder for config.json + model.safetensors + tokenizer")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "k", 1) < 1:
+        parser.error(f"-k must be >= 1, got {args.k}")
+    from .checkpoint import CheckpointMismatchError
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, CheckpointMismatchError) as exc:
+        print(f"vlmo-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

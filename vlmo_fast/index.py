@@ -1,0 +1,314 @@
+"""A retrieval index of image embeddings on disk: build, save, load (memory-mapped), search.
+
+    enc = Encoder.from_pretrained("ckpt")
+    index = RetrievalIndex.build(enc, "photos/", directory="photos.index")   # streams to disk
+    index = RetrievalIndex.load("photos.index", encoder=enc)                 # memory-mapped
+    index.search_text(["a red square"], k=5)   # [[(id, score), ...]]
+
+On disk (a folder):
+- `embeddings-<token>.npy`: float32 [N, D] L2-normalised embeddings (numpy .npy, read with
+  np.load(mmap_mode="r"), so corpora larger than RAM are searched chunk by chunk);
+- `index.json`: format version, the embeddings file's name, N, D, the ids (one per row),
+  the model's fingerprint (`vlmo_fast.inference.model_fingerprint`) and its config.
+Both are written atomically (`vlmo_fast.io`), the embeddings first and index.json last:
+index.json is the commit point, so a build killed at any moment leaves either the previous
+index or the new one, never a half-written one (rebuilding writes a new embeddings file and
+removes the old one only after index.json points to the new one).
+
+An index only answers queries embedded by the model that built it: loading or searching with
+an Encoder whose embedding size or fingerprint differs raises `IndexModelMismatchError`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .io import TMP_PREFIX, atomic_write, atomic_write_json, remove_stale_temporaries
+
+INDEX_FILE = "index.json"
+FORMAT = "vlmo_fast.retrieval_index"
+VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+PathLike = Union[str, os.PathLike]
+
+
+class IndexModelMismatchError(ValueError):
+    """The index was built with another model than the one given to query it."""
+
+
+# -- corpora ---------------------------------------------------------------------------------
+def list_image_folder(folder: PathLike) -> Tuple[List[Path], List[str]]:
+    """Image files under `folder` (recursive, sorted); ids are their paths relative to it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"empty corpus: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return paths, [p.relative_to(folder).as_posix() for p in paths]
+
+
+_PATH_KEYS = ("image", "image_path", "filepath", "path", "file")
+
+
+def read_image_manifest(manifest: PathLike) -> Tuple[List[Path], List[str]]:
+    """Image paths and ids from a manifest. Relative paths are relative to its folder.
+
+    - .txt: one image path per line;
+    - .csv / .tsv: a header with an image column (image / image_path / filepath / path /
+      file) and optionally `id`;
+    - .jsonl: one object per line, .json: a list of objects (ALBEF-style
+      [{"image": ..., "caption": ...}]), with the same keys.
+    Repeated images (one row per caption) are kept once, in first-seen order."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    suffix = manifest.suffix.lower()
+    rows: List[dict] = []
+    if suffix == ".txt":
+        rows = [{"image": line.strip()} for line in manifest.read_text().splitlines() if line.strip()]
+    elif suffix in (".csv", ".tsv"):
+        with open(manifest, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix == ".jsonl":
+        for n, line in enumerate(manifest.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{manifest}:{n}: not valid JSON: {exc}") from None
+    elif suffix == ".json":
+        data = json.loads(manifest.read_text())
+        if not isinstance(data, list):
+            raise ValueError(f"{manifest}: expected a JSON list of objects with an image path")
+        rows = data
+    else:
+        raise ValueError(f"manifest {manifest}: unknown format {suffix!r}; expected .txt, .csv, "
+                         ".tsv, .jsonl or .json")
+    paths, ids, seen = [], [], set()
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{manifest}: row {n} is not an object: {row!r}")
+        key = next((k for k in _PATH_KEYS if row.get(k)), None)
+        if key is None:
+            raise ValueError(f"{manifest}: row {n} has no image path (expected one of the keys "
+                             f"{_PATH_KEYS}); got keys {sorted(row)}")
+        raw = str(row[key])
+        if raw in seen:
+            continue
+        seen.add(raw)
+        path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
+        paths.append(path)
+        ids.append(str(row.get("id", raw)))
+    if not paths:
+        raise ValueError(f"empty corpus: the manifest {manifest} lists no images")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {manifest} do not exist, e.g. "
+                                f"{missing[:3]}")
+    return paths, ids
+
+
+def resolve_corpus(source) -> Tuple[List, List[str]]:
+    """A folder, a manifest file, or a list of image paths -> (images, ids)."""
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_dir():
+            return list_image_folder(p)
+        if p.is_file():
+            return read_image_manifest(p)
+        raise FileNotFoundError(f"corpus not found: {p} is neither a folder nor a manifest file")
+    images = list(source)
+    if not images:
+        raise ValueError("empty corpus: no images given")
+    return images, [str(x) for x in images]
+
+
+# -- the index -----------------------------------------------------------------------------
+class RetrievalIndex:
+    def __init__(self, embeddings, ids: Sequence[str], model_hash: str, *,
+                 model_config: Optional[dict] = None, directory: Optional[Path] = None):
+        embeddings = embeddings.numpy() if isinstance(embeddings, Tensor) else embeddings
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}")
+        if embeddings.shape[0] == 0:
+            raise ValueError("empty corpus: an index needs at least one embedding")
+        if len(ids) != embeddings.shape[0]:
+            raise ValueError(f"{len(ids)} ids for {embeddings.shape[0]} embeddings")
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids must be unique")
+        self.embeddings = embeddings
+        self.ids = list(ids)
+        self.model_hash = model_hash
+        self.model_config = model_config
+        self.directory = directory
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def __repr__(self) -> str:
+        where = f", directory={str(self.directory)!r}" if self.directory else ""
+        return f"RetrievalIndex(size={len(self)}, dim={self.dim}, model_hash={self.model_hash!r}{where})"
+
+    # -- building / saving ---------------------------------------------------------------
+    @classmethod
+    def build(cls, encoder, source, *, ids: Optional[Sequence[str]] = None,
+              directory: Optional[PathLike] = None) -> "RetrievalIndex":
+        """Embed every image of `source` (a folder, a manifest, or a list of paths/PIL images).
+        With `directory`, embeddings stream straight into the on-disk file (never all in
+        memory) and the returned index is the memory-mapped one."""
+        images, default_ids = resolve_corpus(source)
+        ids = list(ids) if ids is not None else default_ids
+        if len(ids) != len(images):
+            raise ValueError(f"{len(ids)} ids for {len(images)} images")
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids must be unique")
+        if directory is None:
+            return cls(encoder.embed_images(images).numpy(), ids, encoder.fingerprint,
+                       model_config=encoder.config.to_dict())
+        n, d = len(images), encoder.embed_dim
+
+        def fill(tmp: str):
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d))
+            row = 0
+            for batch in encoder.iter_image_embeddings(images):
+                out[row:row + batch.shape[0]] = batch.numpy()
+                row += batch.shape[0]
+            if row != n:
+                raise RuntimeError(f"embedded {row} images, expected {n}")
+            out.flush()
+            del out
+
+        directory = Path(directory)
+        _check_target(directory)
+        name = _write_embeddings(directory, fill)
+        _commit(directory, name, n, d, ids, encoder.fingerprint, encoder.config.to_dict())
+        return cls.load(directory, encoder=encoder)
+
+    def save(self, directory: PathLike) -> Path:
+        directory = Path(directory)
+        _check_target(directory)
+        data = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+
+        def write(tmp: str):
+            with open(tmp, "wb") as f:   # a file object: np.save would append ".npy" to a name
+                np.save(f, data)
+
+        name = _write_embeddings(directory, write)
+        _commit(directory, name, len(self), self.dim, self.ids, self.model_hash, self.model_config)
+        self.directory = directory
+        return directory
+
+    @classmethod
+    def load(cls, directory: PathLike, *, encoder=None, mmap: bool = True) -> "RetrievalIndex":
+        directory = Path(directory)
+        meta_path = directory / INDEX_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a retrieval index (no {INDEX_FILE}); build one "
+                                    "with RetrievalIndex.build or `python -m vlmo_fast index`")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                             f"expected {FORMAT!r} version {VERSION}")
+        emb_path = directory / meta["embeddings_file"]
+        if not emb_path.is_file():
+            raise FileNotFoundError(f"{emb_path} (named by {meta_path}) is missing")
+        embeddings = np.load(emb_path, mmap_mode="r" if mmap else None)
+        if embeddings.shape != (meta["count"], meta["dim"]) or embeddings.dtype != np.float32:
+            raise ValueError(f"{emb_path} holds {embeddings.dtype} {embeddings.shape}, but {meta_path} "
+                             f"says float32 ({meta['count']}, {meta['dim']}): the index is corrupt")
+        index = cls(embeddings, meta["ids"], meta["model_hash"], model_config=meta.get("model_config"),
+                    directory=directory)
+        if encoder is not None:
+            index.check_encoder(encoder)
+        return index
+
+    # -- searching -----------------------------------------------------------------------
+    def check_encoder(self, encoder) -> None:
+        if encoder.embed_dim != self.dim:
+            raise IndexModelMismatchError(
+                f"the index holds {self.dim}-d embeddings but the encoder makes {encoder.embed_dim}-d "
+                "ones: it was built with another model; rebuild it with this one")
+        if encoder.fingerprint != self.model_hash:
+            raise IndexModelMismatchError(
+                f"the index was built with model {self.model_hash}, the encoder is model "
+                f"{encoder.fingerprint}: scores would be meaningless; rebuild the index with this model")
+
+    def search(self, queries, k: int = 10, chunk_rows: int = 65536) -> Tuple[Tensor, Tensor]:
+        """Top-k by cosine similarity: (scores [Q, k] float32, row indices [Q, k] int64),
+        best first. The corpus is read `chunk_rows` rows at a time (memory-mapped)."""
+        q = torch.as_tensor(queries, dtype=torch.float32)
+        if q.dim() == 1:
+            q = q[None]
+        if q.dim() != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got shape {tuple(q.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(k, len(self))
+        best_scores = torch.full((q.shape[0], 0), float("-inf"))
+        best_index = torch.zeros((q.shape[0], 0), dtype=torch.long)
+        for start in range(0, len(self), chunk_rows):
+            # a copy: memory-mapped rows are read-only (and a page-cache read anyway)
+            block = torch.from_numpy(np.array(self.embeddings[start:start + chunk_rows], dtype=np.float32))
+            scores = q @ block.T
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            best_scores = torch.cat([best_scores, top.values], 1)
+            best_index = torch.cat([best_index, top.indices + start], 1)
+            keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
+            best_scores, best_index = keep.values, best_index.gather(1, keep.indices)
+        return best_scores, best_index
+
+    def _results(self, scores: Tensor, index: Tensor) -> List[List[Tuple[str, float]]]:
+        return [[(self.ids[i], float(s)) for s, i in zip(srow.tolist(), irow.tolist())]
+                for srow, irow in zip(scores, index)]
+
+    def search_text(self, encoder, texts: Sequence[str], k: int = 10) -> List[List[Tuple[str, float]]]:
+        """Top-k images for each text: [[(id, cosine), ...], ...]."""
+        self.check_encoder(encoder)
+        return self._results(*self.search(encoder.embed_texts(texts), k))
+
+    def search_image(self, encoder, images, k: int = 10) -> List[List[Tuple[str, float]]]:
+        """Top-k corpus images for each query image (paths, PIL images or a tensor)."""
+        self.check_encoder(encoder)
+        return self._results(*self.search(encoder.embed_images(images), k))
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / INDEX_FILE).is_file():
+        # a killed first build may leave temporaries or an unreferenced embeddings file
+        leftovers = [p.name for p in directory.iterdir()
+                     if not p.name.startswith(TMP_PREFIX) and not p.name.startswith("embeddings-")]
+        if leftovers:
+            raise FileExistsError(f"{directory} is not empty and is not an index ({leftovers[:3]}); "
+                                  "refusing to write an index into it")
+
+
+def _write_embeddings(directory: Path, write_fn) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory)   # what a killed build left behind
+    name = f"embeddings-{uuid.uuid4().hex[:12]}.npy"
+    atomic_write(directory / name, write_fn)
+    return name
+
+
+def _commit(directory: Path, name: str, n: int, d: int, ids, model_hash: str, config) -> None:
+    atomic_write_json(directory / INDEX_FILE, {
+        "format": FORMAT, "version": VERSION, "embeddings_file": name, "count": n, "dim": d,
+        "dtype": "float32", "model_hash": model_hash, "model_config": config, "ids": list(ids)})
+    for old in directory.glob("embeddings-*.npy"):   # the previous build's file, now unreferenced
+        if old.name != name:
+            old.unlink(missing_ok=True)

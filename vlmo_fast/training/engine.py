@@ -1,0 +1,164 @@
+"""DeepSpeed plumbing: process group, config, one engine per stage, weight export.
+
+- `init_distributed()`: the launcher's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) or, for a
+  plain `python train/pretrain.py`, a world of one on 127.0.0.1; gloo on CPU, nccl on CUDA.
+- `build_ds_config()`: the user's JSON (train/configs/*.json) + the job's own settings
+  (micro batch, accumulation, clipping, precision). Keys the job owns (optimizer, scheduler)
+  are refused with a message naming the flag to use; unknown top-level keys are refused.
+- `build_engine()`: a NEW engine per stage with only the trainable parameters (DeepSpeed fixes
+  the frozen set at initialize; a group of only frozen parameters crashes ZeRO-1/2). Under
+  ZeRO-3 parameters used outside their owner's forward are registered as external parameters
+  of the step module; the expert banks need not be leaf modules (see `build_engine`).
+- `gathered_state_dict()`: the plain VLMo state_dict on rank 0 (ZeRO-3 parameters gathered).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .optim import build_optimizer, lr_lambda
+from .stages import FFN_MODULE_TYPES, export_state_dict
+
+# Top-level keys of a DeepSpeed config this job accepts from a file.
+ALLOWED_DS_KEYS = {
+    "zero_optimization", "bf16", "fp16", "gradient_clipping", "gradient_accumulation_steps",
+    "train_micro_batch_size_per_gpu", "train_batch_size", "steps_per_print", "wall_clock_breakdown",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "zero_allow_untested_optimizer", "activation_checkpointing", "flops_profiler", "comms_logger",
+    "dump_state", "seq_parallel_communication_data_type", "data_types", "checkpoint", "zero_force_ds_cpu_optimizer",
+    "memory_breakdown", "torch_autocast", "comment",
+}
+JOB_OWNED_KEYS = {
+    "optimizer": "the job builds torch AdamW itself: use --lr, --weight-decay, --betas",
+    "scheduler": "the job builds its warmup + decay schedule: use --warmup-steps, --schedule",
+}
+
+
+def init_distributed(timeout_minutes: int = 30) -> Tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts a world of one when not launched by a launcher."""
+    import deepspeed
+    from datetime import timedelta
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_ds_config(path: Optional[str]) -> Dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--deepspeed_config {path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def build_ds_config(user: Dict, *, micro_batch: int, grad_accum: int, clip: float, bf16: bool,
+                    source: str = "--deepspeed_config") -> Dict:
+    for key, why in JOB_OWNED_KEYS.items():
+        if key in user:
+            raise ValueError(f"{source}: key {key!r} is not accepted: {why}")
+    unknown = sorted(set(user) - ALLOWED_DS_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; accepted: {sorted(ALLOWED_DS_KEYS)}")
+    cfg = json.loads(json.dumps(user))
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ValueError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got "
+                         f"{zero.get('stage') if isinstance(zero, dict) else zero!r}")
+    for key, value in (("train_micro_batch_size_per_gpu", micro_batch),
+                       ("gradient_accumulation_steps", grad_accum)):
+        if key in cfg and cfg[key] != value:
+            raise ValueError(f"{source}: {key}={cfg[key]} disagrees with the command line ({value}); "
+                             f"set it with the flag, not in the config")
+        cfg[key] = value
+    cfg.pop("train_batch_size", None)
+    cfg["gradient_clipping"] = float(clip)
+    if cfg.get("fp16", {}).get("enabled"):
+        raise ValueError(f"{source}: fp16 is not supported (VLMo trains in bf16 or fp32)")
+    if not bf16 and cfg.get("bf16", {}).get("enabled"):
+        raise ValueError(f"{source}: bf16 is enabled but this run uses fp32 (CPU, or --precision fp32)")
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    if zero.get("stage", 0) > 0:
+        cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg
+
+
+def zero_stage(ds_config: Dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_engine(step_module: nn.Module, ds_config: Dict, *, lr: float, weight_decay: float,
+                 betas=(0.9, 0.98), eps: float = 1e-8, total_steps: int, warmup_steps: int,
+                 schedule: str = "cosine", min_lr_ratio: float = 0.0, leaf_experts: bool = False):
+    """deepspeed.initialize over the trainable parameters of `step_module` -> engine.
+
+    leaf_experts: mark the expert banks as ZeRO-3 leaf modules. Off by default: the banks hold
+    their experts STACKED (one tensor per weight kind, passed whole to the FFN op), so every
+    rank uses every expert parameter in every call whatever the routing - the rank
+    disagreement that leaf modules cure cannot happen. And DeepSpeed reduces a leaf module's
+    gradients from a module backward hook that fires once per CALL: a step that runs a block
+    several times (image, text, VL re-run and fusion passes) then reduces the same parameter
+    twice (stage3 `__reduce_and_partition_ipg_grads` assertion). Use it only with a step that
+    calls each bank once."""
+    import deepspeed
+    if zero_stage(ds_config) == 3:
+        if leaf_experts:
+            from deepspeed.utils import set_z3_leaf_modules
+            set_z3_leaf_modules(step_module, list(FFN_MODULE_TYPES))
+        for p in step_module.external_parameters():
+            deepspeed.zero.register_external_parameter(step_module, p)
+    optimizer = build_optimizer(step_module, lr, weight_decay, betas, eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
+    """The plain VLMo state_dict (CPU fp32) on rank 0, None elsewhere. Collective.
+
+    Trained parameters come from the optimizer's fp32 master copy (`safe_get_full_fp32_param`:
+    under bf16 the module holds only a rounded copy), frozen ones and buffers from the module
+    (ZeRO-3 partitions gathered)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    model = engine.module.model
+    values = {}
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        for name, p in model.named_parameters():
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            values[name] = (master if master is not None else p).detach().float().cpu().clone()
+        for name, t in model.state_dict().items():
+            if name not in values:
+                values[name] = t.detach().cpu().clone()
+    if rank != 0:
+        return None
+    return export_state_dict(model, values)
