@@ -40,7 +40,8 @@ class FailingTokenizer:
 def test_pretrained_folder_roundtrip_and_atomicity(tmp_path):
     model = VLMo.from_preset("tiny")
     out = export_pretrained(model, tmp_path / "hf")
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "manifest.json",
+                                             "preprocessor_config.json"}
     enc = Encoder.from_pretrained(out, progress=False)
     c = model.config
     images = torch.rand(2, 3, c.img_size, c.img_size) * 2 - 1

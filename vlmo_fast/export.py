@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Dict, Iterator, Sequence, Union
@@ -40,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .io import TMP_PREFIX, atomic_write_json, fsync_directory
+from .io import atomic_directory, atomic_write_json
 
 PathLike = Union[str, os.PathLike]
 ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
@@ -124,29 +122,16 @@ def export_mode(model) -> Iterator[None]:
 # -- folders written all at once -------------------------------------------------------------
 @contextlib.contextmanager
 def staged_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target` (which must not
-    exist or be empty, unless overwrite=True), on failure it is deleted."""
+    """Yield a temporary sibling folder; on success it replaces `target` as a whole (which
+    must not exist or be empty, unless overwrite=True), on failure it is deleted: the
+    crash-safe swap of `vlmo_fast.io.atomic_directory`, plus the no-overwrite guard."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} is not empty; pass overwrite=True (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = target.parent / f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
+    with atomic_directory(target) as stage:
         yield stage
-        old = None
-        if target.exists():
-            old = target.parent / f"{TMP_PREFIX}{target.name}.old.{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(stage, target)
-        fsync_directory(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
 
 
 # -- ONNX ------------------------------------------------------------------------------------
