@@ -90,3 +90,15 @@ def test_compile_time_constant_sets_the_marker_of_torchs_public_decorator():
     assert compile_time_constant(ours) is ours
     added = set(vars(marked)) - set(vars(lambda: None))
     assert added == set(vars(ours)) - set(vars(lambda: None)) == {"_dynamo_marked_constant"}
+
+
+def test_every_subpackage_is_listed_for_wheels():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "vlmo_fast").rglob("__init__.py")
+             if p.parent.name != "kernels"}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+    assert "vlmo_fast.kernels" in listed

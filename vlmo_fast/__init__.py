@@ -12,10 +12,12 @@ from ._ext import ExtensionUnavailable
 from .attention import MultiHeadSelfAttention, register_attention_impl
 from .backends import backend_report, set_backend
 from .block import MoMEBlock
-from .checkpoint import (CheckpointMismatchError, export_reference_state_dict, from_pretrained,
-                         load_beit_state_dict, load_reference_state_dict, save_pretrained)
+from .checkpoint import (CheckpointMismatchError, LoadResult, export_reference_state_dict,
+                         from_pretrained, load_beit_state_dict, load_reference_state_dict,
+                         save_pretrained)
 from .config import PRESETS, VLMoConfig
 from .embeddings import RelativeBias, RelativePositionBias
+from .io import CorruptFileError
 from .hard_negatives import sample_global_hard_negatives, sample_hard_negatives
 from . import losses  # registers the "contrastive" backends
 from .losses import ContrastiveLoss, ContrastiveStats, contrastive_loss
@@ -23,6 +25,15 @@ from .model import EncoderOutput, PackedEncoderOutput, StepModule, VLMo
 from .mome import LANGUAGE, VISION, VISION_LANGUAGE, MoMEFeedForward, mome_ffn, register_ffn_impl
 from .optim import param_groups_weight_decay
 from .packing import PackedSequences, pack
+# data, evaluation and inference layers (their heavy dependencies: PIL, tokenizers, onnx,
+# deepspeed, are imported only when used)
+from . import data
+from .data import (EmbeddedWorld, WordPieceTokenizer, build_pretrain_loader,
+                   build_retrieval_eval_set, build_tokenizer)
+from .eval import RetrievalResult, evaluate_retrieval
+from .export import export_onnx, export_pretrained
+from .index import RetrievalIndex
+from .inference import Encoder
 
 __all__ = [
     # model and blocks
@@ -38,8 +49,12 @@ __all__ = [
     "export_reference_state_dict", "load_beit_state_dict",
     # training helpers
     "param_groups_weight_decay",
+    # data, evaluation, inference, export
+    "data", "EmbeddedWorld", "WordPieceTokenizer", "build_tokenizer", "build_pretrain_loader",
+    "build_retrieval_eval_set", "evaluate_retrieval", "RetrievalResult", "Encoder",
+    "RetrievalIndex", "export_onnx", "export_pretrained",
     # dispatch and extension points
     "backends", "backend_report", "set_backend", "register_ffn_impl", "register_attention_impl",
     # errors
-    "ExtensionUnavailable", "CheckpointMismatchError",
+    "ExtensionUnavailable", "CheckpointMismatchError", "CorruptFileError", "LoadResult",
 ]
