@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -86,28 +85,33 @@ def _backend_fn(name):
     return loss
 
 
-def _rss_mb() -> float:
-    """Current resident set size (MiB), from /proc/self/statm."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: current, VmHWM: peak) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def rss_child(impl: str, n: int, d: int) -> dict:
     """One fwd+bwd in this (fresh) process: peak RSS above the RSS with the inputs allocated.
-    ru_maxrss is the process's peak; the import-time peak is far below a big case's."""
+    The kernel's peak-RSS mark (VmHWM) is reset to the current RSS first (writing 5 to
+    /proc/self/clear_refs), so import-time peaks do not count."""
     torch.manual_seed(0)
     img, txt = _features(n, d, torch.float32, torch.device("cpu"))
     logit_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
     fn = _backend_fn(impl) if impl in ("reference", "chunked") else {"naive": naive_loss,
                                                                      "local_gather": local_gather_loss}[impl]
-    base = _rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mb("VmRSS")
     t0 = time.perf_counter()
     loss = fn(img, txt, logit_scale)
     loss.backward()
     ms = (time.perf_counter() - t0) * 1e3
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"ms": ms, "loss": float(loss), "rss_with_inputs_mb": base,
+    peak = _status_mb("VmHWM")
+    return {"ms": ms, "loss": float(loss.detach()), "rss_with_inputs_mb": base,
             "peak_rss_above_inputs_mb": peak - base, "inputs_mb": 2 * n * d * 4 / 2**20}
 
 

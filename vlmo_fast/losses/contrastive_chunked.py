@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Tile shape: 1024 x 1024 fp32 = 4 MiB per tile buffer (a few are live at once). Large enough
-# that each tile's GEMM runs near the matmul peak and the per-tile Python overhead is noise,
-# small enough to stay far below any memory budget (measured on CPU: see
-# benchmarks/bench_contrastive.py).
-BLOCK_ROWS = 1024
+# Tile shape: 4096 x 1024 fp32 = 16 MiB per tile buffer (three are live at once). Each tile
+# costs ~15 torch ops forward and ~11 backward, each a parallel region with its own thread
+# barrier: on CPU, smaller tiles (1024 x 1024) were as fast on an idle machine but several
+# times slower on a loaded one; larger ones only add memory. GEMMs of 4096 x D x 1024 run near
+# the matmul peak. (benchmarks/bench_contrastive.py measures time and peak RSS.)
+BLOCK_ROWS = 4096
 BLOCK_COLS = 1024
 
 
