@@ -45,7 +45,7 @@ from common import (Results, base_parser, is_oom, matmul_floor_ms, peak_mem_mb, 
 
 IMPLS = ("naive", "local_gather", "reference", "chunked", "inf_cl", "triton")
 # CPU subprocess peak-RSS rows: (impl, N) at D = 256 fp32.
-RSS_CASES = (("reference", 8192), ("chunked", 8192), ("chunked", 65536))
+RSS_CASES = (("reference", 8192), ("chunked", 8192), ("reference", 65536), ("chunked", 65536))
 
 
 def naive_loss(img, txt, logit_scale):
