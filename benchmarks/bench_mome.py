@@ -18,9 +18,10 @@ On GPU, rows with pass 'stage' time each Triton kernel of the path alone at pair
 FLOPs: 4*T*d*h forward, 12*T*d*h forward+backward (whatever an impl actually computes).
 'x vs R' columns = ms(impl) / ms(R) for the same case and pass (< 1: faster than R).
 
-On CPU (no Triton timing there) the default is VLMo-Base (d=768, h=3072), all mixes, fp32 at
-T ~ 1k and 4k and bf16 at T ~ 1k (T = 8k and larger take too long on a shared 2-core machine),
-with fewer repetitions; --quick uses small shapes (d=128, h=512).
+On CPU (no Triton timing there) the default is VLMo-Base (d=768, h=3072): fp32 at T ~ 1k (all
+mixes) and T ~ 4k (pairs, packed), bf16 at T ~ 1k (pairs, once: CPU bf16 matmuls are emulated
+on AVX2 machines); T = 8k and larger take too long on a shared 2-core machine (CPU_PLAN).
+--quick uses small shapes (d=128, h=512).
 The run's floors (memory bandwidth, matmul rate at each dtype) are in `peak_reference`;
 pct_peak is a row's FLOP rate over the matmul rate measured at its own dtype.
 
@@ -43,9 +44,11 @@ MIXES = ("pairs", "image", "text", "packed")
 IMPLS = ("reference_slice", "expert_loop", "grouped_mm", "triton", "triton_recompute", "dense")
 EPS = 1e-6
 CPU_D, CPU_H = 128, 512  # CPU --quick shapes
-# CPU default plan at base sizes: (dtype, target token counts). bf16 matmuls on CPUs without
-# AVX512-BF16/AMX are several times slower than fp32, so bf16 runs at the smallest T only.
-CPU_PLAN = ((torch.float32, (1024, 4096)), (torch.bfloat16, (1024,)))
+# CPU default plan at base sizes: (dtype, target token counts, mixes, repetitions). bf16
+# matmuls on CPUs without AVX512-BF16/AMX are emulated (~50x slower than fp32 on the 2-core
+# AVX2 machine of benchmarks/results/), so bf16 runs one mix at the smallest T, once.
+CPU_PLAN = ((torch.float32, (1024,), MIXES, 3), (torch.float32, (4096,), ("pairs", "packed"), 3),
+            (torch.bfloat16, (1024,), ("pairs",), 1))
 
 
 class Case:
@@ -303,16 +306,18 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     named = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    default_reps = args.reps or (20 if cuda else 10)
     if cuda:
         presets = PRESETS if args.preset == "all" else {args.preset: PRESETS[args.preset]}
         tokens = args.tokens or ([2048, 16384] if args.quick else [2048, 4096, 16384, 65536])
-        plan = [(named[args.dtype or "bf16"], tokens)]
+        plan = [(named[args.dtype or "bf16"], tokens, args.mixes, default_reps)]
     elif args.quick:
         presets = {"cpu-small": (CPU_D, CPU_H)}
-        plan = [(named[args.dtype or "fp32"], args.tokens or [256, 1024])]
+        plan = [(named[args.dtype or "fp32"], args.tokens or [256, 1024], args.mixes, default_reps)]
     else:
         presets = {"base": PRESETS["base"]}
-        plan = [(dt, args.tokens or toks) for dt, toks in CPU_PLAN
+        plan = [(dt, args.tokens or toks, [m for m in mixes if m in args.mixes], args.reps or reps)
+                for dt, toks, mixes, reps in CPU_PLAN
                 if args.dtype is None or named[args.dtype] == dt]
     impls = list(args.impls or IMPLS)
     res = Results("mome", device)
@@ -325,18 +330,18 @@ def main(argv=None):
                              "benchmark is recorded in benchmarks/results/ yet (run "
                              "benchmarks/gpu_check.py on a GPU).")
         res.notes.append(f"CPU: {', '.join(f'{k} d={v[0]} h={v[1]}' for k, v in presets.items())}; "
-                         + "; ".join(f"{str(dt).replace('torch.', '')} at T~{list(toks)}"
-                                     for dt, toks in plan)
+                         + "; ".join(f"{str(dt).replace('torch.', '')} at T~{list(toks)} "
+                                     f"({', '.join(mixes)}; {reps} reps)"
+                                     for dt, toks, mixes, reps in plan)
                          + f"; {torch.get_num_threads()} threads on a 2-core machine shared with "
                          "other jobs (timings are noisy; ratios are within this run).")
-    floors = record_floors(res, device, dtypes=tuple(dt for dt, _ in plan))
-    reps = args.reps or (20 if cuda else (10 if args.quick else 3))
+    floors = record_floors(res, device, dtypes=tuple(dict.fromkeys(p[0] for p in plan)))
     warmup = 3 if (cuda or args.quick) else 1
-    for dtype, tokens in plan:
+    for dtype, tokens, mixes, reps in plan:
         peak = floors[f"{str(dtype).replace('torch.', '')}_matmul_tflops"]
         for preset, (d, h) in presets.items():
             for target in tokens:
-                for mix in args.mixes:
+                for mix in mixes:
                     run_case(res, device, dtype, preset, d, h, Case(mix, target), impls, reps,
                              peak, warmup)
     if cuda and not args.no_breakdown and any(i.startswith("triton") for i in impls):
