@@ -36,17 +36,15 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+# `common` is this folder's helper module: Python puts a script's own folder first on sys.path
+# (and pytest does the same for benchmarks/test_bench_*.py), so no sys.path edits are needed.
+from common import Results, base_parser, is_oom, peak_mem_mb, sync, time_ms
 
-import torch  # noqa: E402
-
-from common import Results, base_parser, is_oom, peak_mem_mb, sync, time_ms  # noqa: E402
-
-from vlmo_fast import attention as attn_mod  # noqa: E402
-from vlmo_fast.embeddings import RelativeBias, RelativePositionBias  # noqa: E402
-from vlmo_fast.packing import PackedSequences  # noqa: E402
+from vlmo_fast import attention as attn_mod
+from vlmo_fast.embeddings import RelativeBias, RelativePositionBias
+from vlmo_fast.packing import PackedSequences
 
 TEXT_LEN, DH = 40, 64
 IMPLS = ("reference", "sdpa", "flex_padded", "flex", "flex_shared_grad", "flash")

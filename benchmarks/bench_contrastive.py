@@ -6,35 +6,46 @@ batch N that fits, for each implementation (`impl` in the results):
   local_gather  open_clip's local_loss + gather_with_grad scheme, our own code: local rows vs
                 gathered columns, one GEMM per direction. On one device the gathers are
                 identities, so it is two n x N logits matrices.
+  reference     vlmo_fast's "reference" backend (contrastive_loss(..., backend="reference")):
+                the local_gather scheme with fp32 logits.
+  chunked       vlmo_fast's "chunked" backend: plain PyTorch over tiles of S, O(N) memory,
+                4 GEMMs instead of 6 (vlmo_fast/losses/contrastive_chunked.py).
   inf_cl        the `inf-cl` package (tiled online LSE, one call per direction), only when
                 `import inf_cl` works; otherwise a row with ms null says so.
   triton        vlmo_fast's fused kernels (contrastive_loss(..., backend="triton")).
 
-Cases: N from 4k to 1M, D 256 and 768, bf16 features, logit_scale = log(1/0.07). Each row
-also carries the loss value (a cross-check between impls) and `x_floor`, the time over the
-8 N^2 D FLOP floor at this run's measured bf16 matmul rate. An impl that runs out of memory
-at some N is not tried at larger N; the `max_fit` rows give the largest N of the sweep that
-ran per impl. On a GPU the notes end with the issue's targets at N = 32k, D = 256.
+Cases: GPU: N from 4k to 1M, D 256 and 768, bf16; CPU: N 1k..8k, D 256, fp32.
+logit_scale = log(1/0.07). Each row carries the loss value (a cross-check between impls) and
+`x_floor`, its time over the 8 N^2 D FLOP floor at this run's measured matmul rate at the same
+dtype (the floors measured in the run are in `peak_reference`). An impl that runs out of memory
+at some N is not tried at larger N; the `max_fit` rows give the largest N of the sweep that ran.
 
---quick: a small CPU run (< 1 min) that times the non-Triton paths; Triton is not timed on
-CPU (the interpreter is a test tool, not a benchmark).
+Peak memory: on GPU the allocator's peak; on CPU (`--rss`, default on CPU) each listed
+(impl, N) runs once in a fresh subprocess and reports its peak RSS above the RSS it had with the
+inputs allocated (rows with pass 'fwd+bwd rss'). The CPU targets: chunked at N = 65,536 under
+2 GB above the inputs, and chunked within 1.3x of reference at N = 8,192.
+
+--quick: a small CPU run (< 1 min) without the subprocess rows. Triton is not timed on CPU
+(the interpreter is a test tool, not a benchmark).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Results, base_parser, is_oom, measure_matmul_tflops, peak_mem_mb,  # noqa: E402
+from common import (Results, base_parser, is_oom, matmul_floor_ms, peak_mem_mb, record_floors,
                     sync, time_ms)
 
-IMPLS = ("naive", "local_gather", "inf_cl", "triton")
+IMPLS = ("naive", "local_gather", "reference", "chunked", "inf_cl", "triton")
+# CPU subprocess peak-RSS rows: (impl, N) at D = 256 fp32.
+RSS_CASES = (("reference", 8192), ("chunked", 8192), ("reference", 65536), ("chunked", 65536))
 
 
 def naive_loss(img, txt, logit_scale):
@@ -66,12 +77,68 @@ def _inf_cl_fn():
     return inf_cl_loss, None
 
 
-def _triton_fn():
+def _backend_fn(name):
     from vlmo_fast.losses import contrastive_loss
 
-    def triton_loss(img, txt, logit_scale):
-        return contrastive_loss(img, txt, logit_scale, backend="triton", gather=False)
-    return triton_loss
+    def loss(img, txt, logit_scale):
+        return contrastive_loss(img, txt, logit_scale, backend=name, gather=False)
+    return loss
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: current, VmHWM: peak) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_child(impl: str, n: int, d: int) -> dict:
+    """One fwd+bwd in this (fresh) process: peak RSS above the RSS with the inputs allocated.
+    The kernel's peak-RSS mark (VmHWM) is reset to the current RSS first (writing 5 to
+    /proc/self/clear_refs), so import-time peaks do not count."""
+    torch.manual_seed(0)
+    img, txt = _features(n, d, torch.float32, torch.device("cpu"))
+    logit_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    fn = _backend_fn(impl) if impl in ("reference", "chunked") else {"naive": naive_loss,
+                                                                     "local_gather": local_gather_loss}[impl]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    loss = fn(img, txt, logit_scale)
+    loss.backward()
+    ms = (time.perf_counter() - t0) * 1e3
+    peak = _status_mb("VmHWM")
+    return {"ms": ms, "loss": float(loss.detach()), "rss_with_inputs_mb": base,
+            "peak_rss_above_inputs_mb": peak - base, "inputs_mb": 2 * n * d * 4 / 2**20}
+
+
+def run_rss_rows(res: Results, cases, timeout_s: int) -> None:
+    for impl, n in cases:
+        case = f"N={n} D=256 fp32"
+        if impl in ("naive", "local_gather", "reference") and 24 * n * n > 16 * 2**30:
+            res.add(case, impl, "fwd+bwd rss", None,
+                    note=f"not run: its n x N matrices need ~{24 * n * n / 2**30:.0f} GiB")
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", impl, str(n), "256"]
+        print("subprocess:", " ".join(cmd[1:]), flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            res.add(case, impl, "fwd+bwd rss", None, note=f"timed out after {timeout_s} s")
+            continue
+        if proc.returncode != 0:
+            res.add(case, impl, "fwd+bwd rss", None,
+                    note=f"failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}")
+            continue
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        res.add(case, impl, "fwd+bwd rss", out["ms"], loss=out["loss"],
+                peak_rss_above_inputs_mb=out["peak_rss_above_inputs_mb"],
+                inputs_mb=out["inputs_mb"], note="one call in a fresh process (ms includes warm-up)")
+        print(f"{case:24s} {impl:13s} rss +{out['peak_rss_above_inputs_mb']:.0f} MB "
+              f"{out['ms']:.0f} ms", flush=True)
 
 
 def _features(n, d, dtype, device):
@@ -90,36 +157,51 @@ def main(argv=None):
                    help="feature dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--row-seconds", type=float, default=3.0,
                    help="rough time budget per row: fewer repetitions for slow cases")
+    p.add_argument("--rss", dest="rss", action="store_true", default=None,
+                   help="CPU: subprocess peak-RSS rows for " + ", ".join(f"{i} N={n}" for i, n in RSS_CASES)
+                   + " (default on CPU without --quick)")
+    p.add_argument("--no-rss", dest="rss", action="store_false")
+    p.add_argument("--rss-timeout", type=int, default=1200, help="seconds per subprocess row")
+    p.add_argument("--rss-child", nargs=3, metavar=("IMPL", "N", "D"), help=argparse_hidden())
     args = p.parse_args(argv)
+    if args.rss_child:
+        impl, n, d = args.rss_child
+        print(json.dumps(rss_child(impl, int(n), int(d))))
+        return None
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     if args.quick:
         sizes = args.sizes or [512, 1024, 2048]
         dims = args.dims or [256]
-    else:
+    elif on_gpu:
         sizes = args.sizes or [4096 * 2 ** k for k in range(9)]  # 4k .. 1M
         dims = args.dims or [256, 768]
+    else:
+        sizes = args.sizes or [1024, 2048, 4096, 8192]
+        dims = args.dims or [256]
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     dname = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
     res = Results("contrastive", device)
-    peak_tflops = measure_matmul_tflops(device)
-    res.peak_reference["bf16_matmul_tflops" if on_gpu else "fp32_matmul_tflops_cpu"] = peak_tflops
+    floors = record_floors(res, device, dtypes=(dtype,))
 
     fns, why_not = {}, {}
     fns["naive"], fns["local_gather"] = naive_loss, local_gather_loss
+    fns["reference"], fns["chunked"] = _backend_fn("reference"), _backend_fn("chunked")
     fns["inf_cl"], inf_reason = _inf_cl_fn()
     if fns["inf_cl"] is None:
         why_not["inf_cl"] = inf_reason
     if on_gpu:
-        fns["triton"] = _triton_fn()
+        fns["triton"] = _backend_fn("triton")
     else:
         fns["triton"] = None
         why_not["triton"] = "Triton is not timed on CPU (interpreter only; run on a GPU)"
     if "inf_cl" in args.impls and fns["inf_cl"] is None:
         res.notes.append(f"inf_cl: {inf_reason}")
     if not on_gpu:
-        res.notes.append("CPU run: Triton kernels are not timed on CPU; memory is not measured on CPU.")
+        res.notes.append(f"CPU run ({torch.get_num_threads()} threads, a machine shared with other "
+                         "jobs: see the load average): Triton is not timed on CPU; peak memory "
+                         "comes from the subprocess 'fwd+bwd rss' rows.")
 
     logit_scale = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)
     largest = {}      # (impl, D) -> largest N that ran
@@ -127,7 +209,7 @@ def main(argv=None):
     for d in dims:
         for n in sizes:
             case = f"N={n} D={d} {dname}"
-            floor_ms = 8 * n * n * d / (peak_tflops * 1e12) * 1e3
+            floor_ms = matmul_floor_ms(8 * n * n * d, floors, dtype)
             try:
                 img, txt = _features(n, d, dtype, device)
             except Exception as exc:
@@ -192,7 +274,35 @@ def main(argv=None):
 
     if on_gpu and 256 in dims:
         _target_notes(res, f"N=32768 D=256 {dname}")
-    res.write(args.out, ratio_to=["naive", "triton"])
+    run_rss = args.rss if args.rss is not None else (not on_gpu and not args.quick)
+    if run_rss and not on_gpu:
+        run_rss_rows(res, RSS_CASES, args.rss_timeout)
+    if not on_gpu:
+        _cpu_target_notes(res, dname)
+    res.write(args.out, ratio_to=["naive", "reference", "triton"] if on_gpu else ["naive", "reference"])
+    return res
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def _cpu_target_notes(res: Results, dname: str) -> None:
+    case = f"N=8192 D=256 {dname}"
+    q = res.ratio(case, "fwd+bwd", "chunked", "reference")
+    if q is not None:
+        res.notes.append(f"target: chunked/reference at {case} = {q:.2f} (target <= 1.3) -> "
+                         + ("MET" if q <= 1.3 else "NOT met"))
+    for r in res.rows:
+        if r["impl"] == "chunked" and r["pass"] == "fwd+bwd rss" and r["case"].startswith("N=65536"):
+            mb = r.get("peak_rss_above_inputs_mb")
+            if mb is None:
+                res.notes.append(f"target: chunked at N=65536 did not run ({r.get('note')})")
+            else:
+                res.notes.append(f"target: chunked at N=65536 fp32 D=256 ran in {r['ms'] / 1e3:.0f} s "
+                                 f"with peak RSS {mb:.0f} MB above the inputs (target < 2048) -> "
+                                 + ("MET" if mb < 2048 else "NOT met"))
 
 
 def _target_notes(res: Results, case: str) -> None:

@@ -18,23 +18,24 @@ On GPU, rows with pass 'stage' time each Triton kernel of the path alone at pair
 FLOPs: 4*T*d*h forward, 12*T*d*h forward+backward (whatever an impl actually computes).
 'x vs R' columns = ms(impl) / ms(R) for the same case and pass (< 1: faster than R).
 
+On CPU (no Triton timing there) the default is VLMo-Base (d=768, h=3072): fp32 at T ~ 1k (all
+mixes) and T ~ 4k (pairs, packed), bf16 at T ~ 1k (pairs, once: CPU bf16 matmuls are emulated
+on AVX2 machines); T = 8k and larger take too long on a shared 2-core machine (CPU_PLAN).
+--quick uses small shapes (d=128, h=512).
+The run's floors (memory bandwidth, matmul rate at each dtype) are in `peak_reference`;
+pct_peak is a row's FLOP rate over the matmul rate measured at its own dtype.
+
   python benchmarks/bench_mome.py               # GPU: base + large, T = 2k..64k, all mixes
+  python benchmarks/bench_mome.py --device cpu  # CPU: base sizes as above
   python benchmarks/bench_mome.py --quick       # CPU smoke: small shapes, no Triton timing
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+import torch.nn.functional as F
+from common import Results, base_parser, is_oom, peak_mem_mb, record_floors, time_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from common import (Results, base_parser, is_oom, measure_matmul_tflops, peak_mem_mb,  # noqa: E402
-                    time_ms)
-
-from vlmo_fast.mome import (VISION, LANGUAGE, mome_ffn_grouped_mm, mome_ffn_reference,  # noqa: E402
+from vlmo_fast.mome import (VISION, LANGUAGE, mome_ffn_grouped_mm, mome_ffn_reference,
                             mome_ffn_triton)
 
 TEXT_LEN, IMAGE_LEN = 40, 197          # VLMo: text padded to 40; 1 CLS + 196 patches
@@ -42,7 +43,12 @@ PRESETS = {"base": (768, 3072), "large": (1024, 4096)}
 MIXES = ("pairs", "image", "text", "packed")
 IMPLS = ("reference_slice", "expert_loop", "grouped_mm", "triton", "triton_recompute", "dense")
 EPS = 1e-6
-CPU_D, CPU_H = 128, 512  # CPU smoke shapes (the full sizes take minutes per row there)
+CPU_D, CPU_H = 128, 512  # CPU --quick shapes
+# CPU default plan at base sizes: (dtype, target token counts, mixes, repetitions). bf16
+# matmuls on CPUs without AVX512-BF16/AMX are emulated (~50x slower than fp32 on the 2-core
+# AVX2 machine of benchmarks/results/), so bf16 runs one mix at the smallest T, once.
+CPU_PLAN = ((torch.float32, (1024,), MIXES, 3), (torch.float32, (4096,), ("pairs", "packed"), 3),
+            (torch.bfloat16, (1024,), ("pairs",), 1))
 
 
 class Case:
@@ -105,7 +111,8 @@ def make_fn(impl: str, case: Case, w: dict):
     raise ValueError(impl)
 
 
-def run_case(res: Results, device, dtype, preset, d, h, case: Case, impls, reps, peak):
+def run_case(res: Results, device, dtype, preset, d, h, case: Case, impls, reps, peak,
+             warmup: int = 3):
     t = case.tokens
     name = f"{case.mix} T={t} d={d} h={h} {str(dtype).replace('torch.', '')}"
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -141,7 +148,7 @@ def run_case(res: Results, device, dtype, preset, d, h, case: Case, impls, reps,
                     check = out.float()
                 extra["max_err_vs_first"] = float((out.float() - check).abs().max())
             for pass_, f, flops in (("fwd", fwd, 4 * t * d * h), ("fwd+bwd", fwd_bwd, 12 * t * d * h)):
-                ms = time_ms(f, device, warmup=3, reps=reps)
+                ms = time_ms(f, device, warmup=warmup, reps=reps)
                 tflops = flops / (ms * 1e-3) / 1e12
                 res.add(name, impl, pass_, ms, tflops=tflops, pct_peak=100 * tflops / peak,
                         peak_mem_mb=peak_mem_mb(f, device), **extra)
@@ -191,6 +198,23 @@ def summarize(res: Results) -> list:
         if vals:
             lines.append(f"{pass_} triton_recompute/triton (recompute the pre-activation vs keep "
                          f"it): {min(vals):.2f}..{max(vals):.2f} (> 1: keeping it is faster)")
+    return lines
+
+
+def cpu_summary(res: Results) -> list:
+    """Where the CPU paths stand against the dense floor (same-run ratios)."""
+    lines = []
+    for impl in ("grouped_mm", "expert_loop", "reference_slice"):
+        for pass_ in ("fwd", "fwd+bwd"):
+            by_dtype = {}
+            for r in res.rows:
+                if r["impl"] == impl and r["pass"] == pass_ and r["ms"] is not None:
+                    q = res.ratio(r["case"], pass_, impl, "dense")
+                    if q is not None:
+                        by_dtype.setdefault(r["case"].split()[-1], []).append(q)
+            for dt, qs in sorted(by_dtype.items()):
+                lines.append(f"{impl}/dense {pass_} {dt}: {min(qs):.2f}..{max(qs):.2f} "
+                             f"(median {sorted(qs)[len(qs) // 2]:.2f}) over {len(qs)} cases")
     return lines
 
 
@@ -271,23 +295,30 @@ def main(argv=None):
     p.add_argument("--preset", choices=["base", "large", "all"], default="all")
     p.add_argument("--tokens", type=int, nargs="*", default=None,
                    help="target token counts (GPU default 2048 4096 16384 65536, --quick 2048 16384; "
-                        "CPU 256 1024)")
+                        "CPU: see CPU_PLAN, --quick 256 1024)")
     p.add_argument("--mixes", nargs="*", choices=MIXES, default=list(MIXES))
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="default bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are emulated)")
+                   help="one dtype only (default: bf16 on GPU; CPU_PLAN's fp32 and bf16 on CPU)")
     p.add_argument("--impls", nargs="*", choices=IMPLS, default=None)
     p.add_argument("--no-breakdown", action="store_true",
                    help="skip the per-kernel timing of the Triton path (GPU only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    named = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    default_reps = args.reps or (20 if cuda else 10)
     if cuda:
         presets = PRESETS if args.preset == "all" else {args.preset: PRESETS[args.preset]}
         tokens = args.tokens or ([2048, 16384] if args.quick else [2048, 4096, 16384, 65536])
-    else:
+        plan = [(named[args.dtype or "bf16"], tokens, args.mixes, default_reps)]
+    elif args.quick:
         presets = {"cpu-small": (CPU_D, CPU_H)}
-        tokens = args.tokens or [256, 1024]
+        plan = [(named[args.dtype or "fp32"], args.tokens or [256, 1024], args.mixes, default_reps)]
+    else:
+        presets = {"base": PRESETS["base"]}
+        plan = [(dt, args.tokens or toks, [m for m in mixes if m in args.mixes], args.reps or reps)
+                for dt, toks, mixes, reps in CPU_PLAN
+                if args.dtype is None or named[args.dtype] == dt]
     impls = list(args.impls or IMPLS)
     res = Results("mome", device)
     if not cuda:
@@ -295,20 +326,31 @@ def main(argv=None):
         impls = [i for i in impls if not i.startswith("triton")]
         if dropped:
             res.notes.append("Triton is not timed on CPU (its kernels run there only through the "
-                             "TRITON_INTERPRET=1 interpreter, for tests); the triton rows come "
-                             "from a GPU run (benchmarks/results/mome-h100.json).")
-        res.notes.append(f"CPU: small shapes d={CPU_D} h={CPU_H} ({dtype}) instead of VLMo-Base/"
-                         "Large; CPU timings on a shared 2-core machine are noisy.")
-    peak = measure_matmul_tflops(device)
-    res.peak_reference["bf16_matmul_tflops" if cuda else "fp32_matmul_tflops_cpu"] = peak
-    reps = args.reps or (20 if cuda else 10)
-    for preset, (d, h) in presets.items():
-        for target in tokens:
-            for mix in args.mixes:
-                run_case(res, device, dtype, preset, d, h, Case(mix, target), impls, reps, peak)
+                             "TRITON_INTERPRET=1 interpreter, for tests); no GPU run of this "
+                             "benchmark is recorded in benchmarks/results/ yet (run "
+                             "benchmarks/gpu_check.py on a GPU).")
+        res.notes.append(f"CPU: {', '.join(f'{k} d={v[0]} h={v[1]}' for k, v in presets.items())}; "
+                         + "; ".join(f"{str(dt).replace('torch.', '')} at T~{list(toks)} "
+                                     f"({', '.join(mixes)}; {reps} reps)"
+                                     for dt, toks, mixes, reps in plan)
+                         + f"; {torch.get_num_threads()} threads on a 2-core machine shared with "
+                         "other jobs (timings are noisy; ratios are within this run).")
+    floors = record_floors(res, device, dtypes=tuple(dict.fromkeys(p[0] for p in plan)))
+    warmup = 3 if (cuda or args.quick) else 1
+    for dtype, tokens, mixes, reps in plan:
+        peak = floors[f"{str(dtype).replace('torch.', '')}_matmul_tflops"]
+        for preset, (d, h) in presets.items():
+            for target in tokens:
+                for mix in mixes:
+                    run_case(res, device, dtype, preset, d, h, Case(mix, target), impls, reps,
+                             peak, warmup)
     if cuda and not args.no_breakdown and any(i.startswith("triton") for i in impls):
         d, h = next(iter(presets.values()))
-        stage_breakdown(res, device, dtype, d, h, Case("pairs", 16384), reps, peak)
+        dtype = plan[0][0]
+        stage_breakdown(res, device, dtype, d, h, Case("pairs", 16384), reps,
+                        floors[f"{str(dtype).replace('torch.', '')}_matmul_tflops"])
+    if not cuda:
+        res.notes += cpu_summary(res)
     res.notes += summarize(res)
     if cuda and any(i.startswith("triton") for i in impls):
         res.notes += autotune_choices()

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from vlmo_fast.io import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -98,15 +100,52 @@ def peak_mem_mb(fn: Callable[[], object], device: torch.device) -> Optional[floa
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def measure_matmul_tflops(device: torch.device, dtype=torch.bfloat16, n: int = 8192) -> float:
-    """bf16 matmul rate measured in this run: the 'peak' that % of peak refers to."""
-    if device.type != "cuda":
-        n = 1024
-        dtype = torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, device, warmup=3, reps=20)
+def measure_matmul_tflops(device: torch.device, dtype=torch.bfloat16, n: Optional[int] = None) -> float:
+    """Matmul rate (TFLOP/s) of one large square torch.mm at `dtype`, measured in this run: the
+    compute 'peak' that a row's % of peak / x_floor refers to. n defaults to 8192 on GPU and
+    to 2048 on CPU (1024 for half types, whose CPU matmuls may be emulated)."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else (2048 if dtype in (torch.float32, torch.float64) else 1024)
+    a = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
+    b = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
+    ms = time_ms(lambda: torch.mm(a, b), device, warmup=2, reps=5 if device.type == "cpu" else 20)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def read_ms(x: torch.Tensor, reps: int = 10) -> float:
+    """STREAM-style read floor: milliseconds to read every byte of `x` once (a sum: one load and
+    one add per element, vectorised and threaded by ATen, nothing written)."""
+    return time_ms(lambda: x.sum(), x.device, warmup=2, reps=reps)
+
+
+def measure_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20) -> Dict[str, float]:
+    """Memory bandwidth measured in this run, STREAM style, on a buffer far larger than the
+    caches: 'read' (a sum over the buffer) and 'copy' (y.copy_(x), counted as 2 x bytes)."""
+    x = torch.randn(nbytes // 4, device=device)
+    y = torch.empty_like(x)
+    read = read_ms(x)
+    copy = time_ms(lambda: y.copy_(x), device, warmup=2, reps=10)
+    return {"read_gbs": nbytes / (read * 1e-3) / 1e9, "copy_gbs": 2 * nbytes / (copy * 1e-3) / 1e9}
+
+
+def record_floors(res: "Results", device: torch.device, dtypes=(torch.float32,)) -> Dict[str, float]:
+    """Measure the device's floors once per run (bandwidth, and the matmul rate at each dtype the
+    benchmark uses), store them in res.peak_reference and return them. Keys: read_gbs,
+    copy_gbs, <dtype>_matmul_tflops (e.g. float32_matmul_tflops)."""
+    floors = dict(measure_bandwidth_gbs(device))
+    for dtype in dtypes:
+        floors[f"{str(dtype).replace('torch.', '')}_matmul_tflops"] = measure_matmul_tflops(device, dtype)
+    res.peak_reference.update(floors)
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        # CPU timings on a shared machine: the load says how much other work competed.
+        res.notes.append("load average at start (1/5/15 min): "
+                         + " / ".join(f"{x:.1f}" for x in os.getloadavg()))
+    return floors
+
+
+def matmul_floor_ms(flops: float, floors: Dict[str, float], dtype) -> float:
+    """Time the FLOPs would take at this run's measured matmul rate for `dtype`."""
+    return flops / (floors[f"{str(dtype).replace('torch.', '')}_matmul_tflops"] * 1e12) * 1e3
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -155,7 +194,7 @@ class Results:
                  f"date {d['date']}; versions " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()),
                  f"command: `{self.command}`", ""]
         if self.peak_reference:
-            lines += ["peak reference (measured in this run): " + ", ".join(
+            lines += ["floors (measured in this run): " + ", ".join(
                 f"{k} = {v:.4g}" for k, v in self.peak_reference.items()), ""]
         extra_keys = []
         for r in self.rows:
@@ -181,9 +220,9 @@ class Results:
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{self.benchmark}-{device_slug(self.device)}"
         path = out_dir / f"{stem}.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         md = self.markdown(ratio_to)
-        (out_dir / f"{stem}.md").write_text(md)
+        atomic_write_text(out_dir / f"{stem}.md", md)
         print(md)
         print(f"wrote {path}")
         return path

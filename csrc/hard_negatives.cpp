@@ -3,14 +3,21 @@
 // For every row r of `logits` [B, N] draw one column j != positive[r] (and not excluded by
 // `exclude_mask`) with probability softmax(logits[r]) renormalised over the allowed columns.
 //
-// CPU algorithm (one random number per row, one exp per element, rows in parallel):
-//   1. copy the row into a per-thread float buffer (any dtype, any stride), counting NaN/+inf;
-//   2. set excluded entries and the positive to -inf, take the max over what is left;
-//   3. replace each entry by exp(entry - max), summing per chunk of kChunk columns;
-//   4. u * total picks a chunk from the chunk sums, then a column by a running sum inside it.
-// Only a row-sized buffer per thread is written, never a B x N weight matrix; the buffer stays
-// in L2, so the logits are read from memory once. The result depends only on the row's data
-// and its counter-based random number, hence not on the number of threads.
+// CPU algorithm: ONE pass over the row's memory, one random number per row, rows in parallel.
+//   Columns are visited in chunks of kChunk (2 KB of floats). One vector pass per chunk sums
+//   exp(value - shift); the shift is the row's running max, raised (and the running total
+//   rescaled, online-softmax style) only when a chunk's max exceeds it by more than kMaxLead.
+//   A sum above e^kMaxLead (or NaN) is the cheap sign of that or of a NaN/+inf in the chunk: only
+//   then is the chunk's max taken and the chunk redone (a handful of times per row).
+//   Excluded entries and the positive count as -inf. Each chunk's sum is kept with its shift.
+//   The exponentials are ATen Vectorized<float>::exp_u20 (relative error < 4e-7; AVX2+FMA when
+//   the CPU has them, see hard_negatives_vec.h). Afterwards u * total (u uniform, the row's
+//   only random number) picks a chunk from the rescaled chunk sums, and only that chunk is read
+//   again to find the column.
+// Nothing of size B x N, or even N, is written. fp64 rows subtract the running max in fp64
+// before rounding to float (a common offset of 1e10 keeps its differences); other dtypes are
+// rounded to float first. The result depends only on the row's data and its counter-based
+// random number, hence not on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,150 +25,208 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "hard_negatives.h"
 
-// The hot loops below are written as fixed 16-lane blocks so the compiler vectorises them;
-// target_clones builds AVX2+FMA and AVX-512 variants next to the baseline and picks one at
-// load time, so the wheel stays portable. Results may differ in the last bits between such
-// variants (FMA contraction) but never between thread counts on one machine.
-// (GCC 12+ only: older compilers may not know the x86-64-v3/v4 level names; they get the
-// baseline build, which is correct, just slower.)
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
-    defined(__linux__)
-#define VLMO_VECTOR_CLONES \
-  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define VLMO_VECTOR_CLONES
-#endif
+#define VLMO_VEC_NAMESPACE portable
+#include "hard_negatives_vec.h"
+#undef VLMO_VEC_NAMESPACE
 
 namespace vlmo_fast {
 namespace hardneg {
 namespace {
 
-constexpr int64_t kLanes = 16;
-// Columns per chunk of the two-level inverse-CDF search: small enough that the final linear
-// scan is short, large enough that the chunk-sum array is tiny (N / 256 doubles).
-constexpr int64_t kChunk = 256;
+// Columns per chunk: 2 KB of floats, a multiple of every vector width. Small enough to stay in
+// L1 between the passes over it, large enough that per-chunk bookkeeping is noise and the
+// chunk tables are tiny (N / 512 entries).
+constexpr int64_t kChunk = 512;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// exp(x) for x in [-inf, 0] (arguments are logit - row max). Branch-free so that it vectorises:
-// x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error
-// < 2e-7, about one float ulp), 2^n written straight into the exponent bits. Below -87 the true
-// value is under the smallest normal float and, being at most 2^-126 times the row's largest
-// weight, cannot change a draw: return an exact 0, which also makes -inf entries weightless.
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;  // ln 2 split so that n * kLn2Hi is exact
-  constexpr float kLn2Lo = 1.42860682030941723212e-6f;
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const bool underflow = !(x >= -87.0f);      // also true for -inf
-  const float xc = underflow ? -87.0f : x;
-  const float shifted = xc * kLog2e + kRoundMagic;
-  const float n = shifted - kRoundMagic;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // n is in [-126, 0] here, so (n + 127) << 23 is the bit pattern of the normal float 2^n.
-  int32_t n_int;
-  std::memcpy(&n_int, &shifted, sizeof(n_int));
-  n_int -= 0x4B400000;  // bits of kRoundMagic: what is left is n (two's complement)
-  const int32_t scale_bits = (n_int + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return underflow ? 0.0f : p * scale;
-}
-
-// Number of NaN or +inf entries (comparisons with NaN are false, so !(v < inf) catches both).
-VLMO_VECTOR_CLONES
-int64_t count_nonfinite(const float* buf, int64_t n) {
-  int32_t lanes[kLanes] = {0};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += !(buf[j + l] < kInf);
-  int64_t count = 0;
-  for (; j < n; ++j) count += !(buf[j] < kInf);
-  for (int64_t l = 0; l < kLanes; ++l) count += lanes[l];
-  return count;
-}
-
-VLMO_VECTOR_CLONES
-float row_max(const float* buf, int64_t n) {
-  float lanes[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = -kInf;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = buf[j + l] > lanes[l] ? buf[j + l] : lanes[l];
-  float m = -kInf;
-  for (; j < n; ++j) m = buf[j] > m ? buf[j] : m;
-  for (int64_t l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
-  return m;
-}
-
-// buf[j] <- exp(buf[j] - shift) and chunk_sums[c] <- sum of chunk c. Float accumulation over
-// at most kChunk / kLanes = 16 terms per lane, double across lanes and chunks.
-VLMO_VECTOR_CLONES
-void exp_and_chunk_sums(float* buf, int64_t n, float shift, double* chunk_sums) {
-  for (int64_t begin = 0, c = 0; begin < n; begin += kChunk, ++c) {
-    const int64_t end = std::min(n, begin + kChunk);
-    float lanes[kLanes] = {0.0f};
-    int64_t j = begin;
-    for (; j + kLanes <= end; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float w = exp_nonpositive(buf[j + l] - shift);
-        buf[j + l] = w;
-        lanes[l] += w;
-      }
-    double sum = 0.0;
-    for (; j < end; ++j) {
-      buf[j] = exp_nonpositive(buf[j] - shift);
-      sum += buf[j];
-    }
-    for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
-    chunk_sums[c] = sum;
+// Chosen once per process. VLMO_FAST_CPU_VECTOR=portable forces the baseline build (tests,
+// and a way out should a machine misreport its AVX2 support).
+const ChunkOps* select_chunk_ops() {
+  const char* forced = std::getenv("VLMO_FAST_CPU_VECTOR");
+  if (forced != nullptr && std::strcmp(forced, "portable") == 0) {
+    return portable::chunk_ops("portable");
   }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const ChunkOps* fast = avx2_chunk_ops();
+  if (fast != nullptr && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return fast;
+  }
+#endif
+  return portable::chunk_ops("portable");
 }
 
-// Inverse CDF over the weights in `buf` with the uniform `u` in [0, 1).
-int64_t pick_by_cumulative_weight(const float* buf, int64_t n, const double* chunk_sums,
-                                  int64_t num_chunks, double u) {
+const ChunkOps& chunk_ops() {
+  static const ChunkOps* ops = select_chunk_ops();
+  return *ops;
+}
+
+// One row as the sampler sees it. acc_t is the precision of the max and of the subtraction
+// that precedes rounding to float: double for fp64 logits, float otherwise.
+template <typename scalar_t>
+struct RowView {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const scalar_t* row;
+  int64_t stride;
+  const bool* mask;  // nullptr: no exclude_mask
+  int64_t mask_stride;
+  int64_t positive;
+
+  // Float contiguous rows without a mask are read in place, except for the chunk holding the
+  // positive; everything else goes through the per-thread chunk buffer.
+  bool direct(int64_t begin, int64_t len) const {
+    return std::is_same_v<scalar_t, float> && stride == 1 && mask == nullptr &&
+           (positive < begin || positive >= begin + len);
+  }
+  bool excluded(int64_t j) const {
+    return j == positive || (mask != nullptr && mask[j * mask_stride]);
+  }
+  acc_t value(int64_t j) const { return static_cast<acc_t>(row[j * stride]); }
+};
+
+// Chunk [begin, begin + len) through the per-thread buffer: floats with excluded entries at
+// -inf (for fp64 rows nothing is written here: see shifted_chunk). Sets *finite = false on a
+// NaN/+inf anywhere in the chunk (excluded entries included, as in hard_negative_row_codes) and
+// returns the max over allowed entries in acc_t.
+template <typename scalar_t>
+typename RowView<scalar_t>::acc_t copy_chunk(const RowView<scalar_t>& v, int64_t begin,
+                                             int64_t len, float* buf, bool* finite) {
+  using acc_t = typename RowView<scalar_t>::acc_t;
+  bool ok = true;
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t x = v.value(begin + j);
+    ok = ok && (x < std::numeric_limits<acc_t>::infinity());
+    const bool skip = v.excluded(begin + j);
+    best = (!skip && x > best) ? x : best;
+    if constexpr (!std::is_same_v<acc_t, double>) buf[j] = skip ? -kInf : x;
+  }
+  *finite = ok;
+  return best;
+}
+
+// For fp64 rows: buf[j] = float(value - shift) (excluded: -inf), so the float exponentials see
+// differences computed in double.
+template <typename scalar_t>
+void shifted_chunk(const RowView<scalar_t>& v, int64_t begin, int64_t len, double shift,
+                   float* buf) {
+  for (int64_t j = 0; j < len; ++j)
+    buf[j] = v.excluded(begin + j) ? -kInf : static_cast<float>(v.value(begin + j) - shift);
+}
+
+template <typename scalar_t>
+int64_t sample_row(const RowView<scalar_t>& v, int64_t n, double u, float* buf, float* weights,
+                   double* chunk_sums, double* chunk_shifts) {
+  using acc_t = typename RowView<scalar_t>::acc_t;
+  constexpr bool kWide = std::is_same_v<acc_t, double>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const ChunkOps& ops = chunk_ops();
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  // The exponentials are taken against `shift`, which only moves up when a chunk's max
+  // exceeds it by more than kMaxLead (online rescaling, rare: a handful of times per row), so
+  // most chunks need one fused pass. `total` is the sum so far relative to the current shift.
+  acc_t shift = kNegInf;
   double total = 0.0;
-  for (int64_t c = 0; c < num_chunks; ++c) total += chunk_sums[c];
+  auto raise_shift = [&](acc_t chunk_max) {
+    if (chunk_max > shift && (shift == kNegInf || chunk_max > shift + kMaxLead)) {
+      total = shift == kNegInf ? 0.0 : total * std::exp(static_cast<double>(shift) - chunk_max);
+      shift = chunk_max;
+      return true;
+    }
+    return false;
+  };
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const int64_t begin = c * kChunk;
+    const int64_t len = std::min(kChunk, n - begin);
+    bool finite = true;
+    double sum = 0.0;
+    if (v.direct(begin, len)) {
+      const float* values = reinterpret_cast<const float*>(v.row) + begin;
+      if (shift == kNegInf) {
+        const float chunk_max = ops.max_and_finite(values, len, &finite);
+        if (!finite) return kNonFinite;
+        raise_shift(chunk_max);
+        if (shift != kNegInf) sum = ops.exp_sum(values, len, static_cast<float>(shift));
+      } else {
+        // The common case: one pass (load, subtract, exp, add) against the running shift.
+        sum = ops.exp_sum(values, len, static_cast<float>(shift));
+        if (!(sum <= kSumLimit)) {
+          const float chunk_max = ops.max_and_finite(values, len, &finite);
+          if (!finite) return kNonFinite;
+          if (raise_shift(chunk_max)) sum = ops.exp_sum(values, len, static_cast<float>(shift));
+        }
+      }
+    } else {
+      const acc_t chunk_max = copy_chunk(v, begin, len, buf, &finite);
+      if (!finite) return kNonFinite;
+      raise_shift(chunk_max);
+      if (chunk_max != kNegInf) {
+        if constexpr (kWide) {
+          shifted_chunk(v, begin, len, shift, buf);
+          sum = ops.exp_sum(buf, len, 0.0f);
+        } else {
+          sum = ops.exp_sum(buf, len, shift);
+        }
+      }
+    }
+    chunk_sums[c] = sum;
+    chunk_shifts[c] = static_cast<double>(shift);
+    total += sum;
+  }
+  if (shift == kNegInf) return kNoCandidate;
+
+  // Inverse CDF with the row's one uniform: first the chunk, each chunk's sum brought to the
+  // final shift (a factor <= 1: shifts never decrease)...
+  const double final_shift = static_cast<double>(shift);
   double target = u * total;
-  // Same summation order as `total`, so this stops inside the array whenever target < total.
   double before = 0.0;
   int64_t chunk = 0;
   for (; chunk < num_chunks; ++chunk) {
-    if (before + chunk_sums[chunk] > target) break;
-    before += chunk_sums[chunk];
+    const double w = chunk_sums[chunk] * std::exp(chunk_shifts[chunk] - final_shift);
+    if (before + w > target) break;
+    before += w;
   }
   if (chunk == num_chunks) {
-    // u * total rounded up to total: the draw belongs at the very end of the distribution.
+    // u * total rounded up to the total: the draw belongs at the very end of the distribution.
     chunk = num_chunks - 1;
-    while (chunk > 0 && !(chunk_sums[chunk] > 0.0)) --chunk;
-    before = 0.0;
+    while (chunk > 0 && !(chunk_sums[chunk] * std::exp(chunk_shifts[chunk] - final_shift) > 0.0))
+      --chunk;
     target = std::numeric_limits<double>::infinity();
   }
+  // ... then the column inside it, in the chunk's own frame (the exponentials it summed).
   const int64_t begin = chunk * kChunk;
-  const int64_t end = std::min(n, begin + kChunk);
+  const int64_t len = std::min(kChunk, n - begin);
+  const double local_target = (target - before) / std::exp(chunk_shifts[chunk] - final_shift);
+  if constexpr (kWide) {
+    shifted_chunk(v, begin, len, chunk_shifts[chunk], buf);
+    ops.exp_to(buf, len, 0.0f, weights);
+  } else {
+    const float* values = reinterpret_cast<const float*>(v.row) + begin;
+    if (!v.direct(begin, len)) {
+      bool finite;
+      copy_chunk(v, begin, len, buf, &finite);
+      values = buf;
+    }
+    ops.exp_to(values, len, static_cast<float>(chunk_shifts[chunk]), weights);
+  }
+  double acc = 0.0;
   int64_t last_positive = -1;
-  for (int64_t j = begin; j < end; ++j) {
-    if (buf[j] > 0.0f) {
-      before += buf[j];
-      last_positive = j;
-      if (before > target) return j;
+  for (int64_t j = 0; j < len; ++j) {
+    if (weights[j] > 0.0f) {
+      acc += weights[j];
+      last_positive = begin + j;
+      if (acc > local_target) return begin + j;
     }
   }
   // The chunk sum and this running sum round differently; the few ulps of difference can leave
-  // the target just past the last weight of the chosen chunk, which is then the right column.
+  // the target just past the chunk's last weight, which is then the right column.
   return last_positive;
 }
 
@@ -178,47 +243,31 @@ void sample_rows(const at::Tensor& logits, const int64_t* positive, int64_t posi
   // One task per thread when rows are long; group short rows so each task has ~64k columns.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
-    std::vector<float> buf(static_cast<size_t>(n));
+    std::vector<float> buf(static_cast<size_t>(kChunk));
+    std::vector<float> weights(static_cast<size_t>(kChunk));
     std::vector<double> chunk_sums(static_cast<size_t>(num_chunks));
+    std::vector<double> chunk_shifts(static_cast<size_t>(num_chunks));
     for (int64_t r = first; r < last; ++r) {
       const int64_t pos = positive[r * positive_stride];
       if (pos < 0 || pos >= n) {
         out[r] = kPositiveOutOfRange;
         continue;
       }
-      const scalar_t* row = data + r * stride0;
-      if (stride1 == 1) {
-        for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(row[j]);
-      } else {
-        for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(row[j * stride1]);
-      }
-      if (count_nonfinite(buf.data(), n) != 0) {
-        out[r] = kNonFinite;
-        continue;
-      }
-      if (mask != nullptr) {
-        const bool* mask_row = mask + r * mask_stride0;
-        for (int64_t j = 0; j < n; ++j)
-          buf[j] = mask_row[j * mask_stride1] ? -kInf : buf[j];
-      }
-      buf[pos] = -kInf;
-      // The max over allowed entries only: a dominant positive must not push every allowed
-      // weight below float range.
-      const float m = row_max(buf.data(), n);
-      if (m == -kInf) {
-        out[r] = kNoCandidate;
-        continue;
-      }
-      exp_and_chunk_sums(buf.data(), n, m, chunk_sums.data());
+      const RowView<scalar_t> view{data + r * stride0, stride1,
+                                   mask != nullptr ? mask + r * mask_stride0 : nullptr,
+                                   mask_stride1, pos};
       const uint64_t key = row_key(seed, static_cast<uint64_t>(stream),
                                    static_cast<uint64_t>(row_offset + r));
-      out[r] = pick_by_cumulative_weight(buf.data(), n, chunk_sums.data(), num_chunks,
-                                         row_uniform(key));
+      out[r] = sample_row(view, n, row_uniform(key), buf.data(), weights.data(),
+                          chunk_sums.data(), chunk_shifts.data());
     }
   });
 }
 
 }  // namespace
+
+// Which vectorised chunk primitives this process uses ("avx2" or "portable"), for benchmarks.
+const char* cpu_vector_path() { return chunk_ops().name; }
 
 // Checks shared by every backend of the op (device-independent, no data access); declared in
 // hard_negatives.h for the CUDA kernel.

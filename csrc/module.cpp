@@ -4,6 +4,8 @@
 // in csrc/: one extension can define the module entry point once.
 #include <torch/extension.h>
 
+#include "hard_negatives_vec.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vlmo_fast compiled ops; call them through torch.ops.vlmo_fast";
 #if defined(VLMO_FAST_WITH_CUDA)
@@ -11,4 +13,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("cpu_vector_path", &vlmo_fast::hardneg::cpu_vector_path,
+        "which vectorised CPU sampler primitives run here: 'avx2' or 'portable'");
 }

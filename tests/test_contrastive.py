@@ -498,3 +498,56 @@ def test_gpu_memory_is_linear_in_batch():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 0.05 * n * n * 4, f"peak {peak / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- scale bounds, NaN
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_largest_representable_scale_gives_a_finite_loss(backend):
+    """logit_scale up to log(float32 max) ~ 88.72 keeps the loss finite (normalised features);
+    above it exp() is inf and the call raises instead of returning NaN."""
+    img, txt = _features(12, 16, device="cpu", match=0.5)
+    got = _run(img, txt, torch.tensor(88.0), backend)
+    assert math.isfinite(float(got["loss"]))
+    # The issue's case: identical features (the loss itself stays small) at the very limit.
+    got = _run(img, img, torch.tensor(closs.LOG_FLOAT32_MAX - 1e-3), backend)
+    assert math.isfinite(float(got["loss"]))
+    for value in (89.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="logit_scale must be finite and <= 88.72.*max_logit_scale"):
+            contrastive_loss(img, txt, torch.tensor(value), backend=backend)
+
+
+def test_max_logit_scale_clamps_like_clip():
+    img, txt = _features(12, 16, device="cpu", match=0.5)
+    cap = math.log(100.0)
+    ls = torch.tensor(89.0, requires_grad=True)
+    loss = contrastive_loss(img, txt, ls, max_logit_scale=cap)
+    assert float(loss) == pytest.approx(float(_float64_loss(img, txt, torch.tensor(cap))["loss"]), rel=1e-5)
+    loss.backward()
+    assert float(ls.grad) == 0.0  # clamped: no gradient above the bound, as after CLIP's clamp_
+    below = torch.tensor(2.0)
+    assert float(contrastive_loss(img, txt, below, max_logit_scale=cap)) == float(contrastive_loss(img, txt, below))
+    for bad in (100.0, float("nan"), "4.6", True):
+        with pytest.raises(ValueError, match="max_logit_scale must be None or a finite number"):
+            contrastive_loss(img, txt, below, max_logit_scale=bad)
+    module = ContrastiveLoss(max_logit_scale=cap)
+    with torch.no_grad():
+        module.logit_scale.fill_(10.0)
+    assert float(module(img, txt)) == pytest.approx(float(loss), rel=1e-6)
+    assert "max_logit_scale" in repr(module)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_nan_features_report_no_accuracy(backend):
+    img, txt = _features(10, 16, device="cpu", match=1.0)
+    txt[4, 2] = float("nan")
+    loss, stats = contrastive_loss(img, txt, torch.tensor(math.log(20.0)), backend=backend,
+                                   return_stats=True)
+    assert math.isnan(float(loss))
+    assert math.isnan(float(stats.i2t_accuracy)) and math.isnan(float(stats.t2i_accuracy))
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, -0.07, float("inf"), float("nan"), "0.07", 1e-40])
+def test_init_temperature_must_be_positive_finite(temperature):
+    with pytest.raises(ValueError, match="init_temperature"):
+        ContrastiveLoss(init_temperature=temperature)

@@ -447,3 +447,101 @@ def test_cuda_error_codes():
     assert codes.tolist()[1:] == [-2, -1, -3] and 0 <= codes[0] < 5 and codes[0] != 0
     with pytest.raises(ValueError, match=r"logits\[1\] contains NaN"):
         sample_hard_negatives(logits, pos, seed=0, check="sync", backend="ext")
+
+
+# ------------------------------------------------------------------------------ precision, rescaling
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp64_large_common_offset_keeps_its_differences(backend):
+    """1e10 + [0, 5, 0] with column 2 the positive: column 1 has probability e^5 / (1 + e^5)
+    = 0.9933 (in fp32 the offset swallows the 5 and gives 0.5)."""
+    row = torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64) + 1e10
+    draws = 20000
+    counts = draw_repeated(row, 2, draws, backend, seed=4, dtype=torch.float64)
+    probs = exact_probs(row - 1e10, 2)
+    assert probs[1] == pytest.approx(0.99331, abs=1e-5)
+    assert chi_square_p(counts, probs, draws) > P_MIN
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp64_beyond_float_range_is_finite_on_both_backends(backend):
+    """Finite fp64 values beyond fp32's range are ordinary logits on both backends (no error
+    on one and a draw on the other); NaN is the same error on both."""
+    logits = torch.tensor([[0.0, 1e39, 1e39, -1e300], [1e300, -1e300, 1e300, 0.0]],
+                          dtype=torch.float64)
+    pos = torch.tensor([0, 3])
+    seen = set()
+    for seed in range(40):
+        out = sample_hard_negatives(logits, pos, seed=seed, backend=backend).tolist()
+        assert out[0] in (1, 2) and out[1] in (0, 2)
+        seen.add(tuple(out))
+    assert len(seen) > 1  # ties split both ways
+    logits[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"logits\[1\] contains NaN"):
+        sample_hard_negatives(logits, pos, seed=0, backend=backend)
+
+
+def test_running_max_jumps_across_chunks():
+    """The CPU kernel takes each chunk's exponentials against the running max and raises it
+    (rescaling the total) only when a chunk's max exceeds it by more than 64: rows whose later
+    chunks jump by 30 (no raise) and by 200 (raise; e^200 would overflow fp32) must still draw
+    the exact softmax, in fp32 and in fp64."""
+    g = torch.Generator().manual_seed(9)
+    row = torch.randn(1800, generator=g)
+    row[600:1200] += 30.0    # second and third 512-column chunks: +30
+    row[1300:] += 200.0      # the last chunks: +200, several columns within a few units of the max
+    row[1300:] = row[1300:] * 0.5 + 100.0
+    draws = 30000
+    probs = exact_probs(row, 1500)
+    for dtype in (torch.float32, torch.float64):
+        counts = draw_repeated(row, 1500, draws, "ext", seed=21, dtype=dtype)
+        assert counts[:1300].sum() == 0  # e^-100 relative weight
+        assert chi_square_p(counts, probs, draws) > P_MIN, dtype
+
+
+def test_integer_arguments_are_integers():
+    logits = torch.randn(4, 12)
+    pos = torch.arange(4)
+    a = sample_hard_negatives(logits, pos, seed=np.int64(3), row_offset=np.int32(2))
+    assert torch.equal(a, sample_hard_negatives(logits, pos, seed=3, row_offset=2))
+    with pytest.raises(TypeError, match=r"seed must be an integer.*1\.7"):
+        sample_hard_negatives(logits, pos, seed=1.7)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        sample_hard_negatives(logits, pos, seed=True)
+    with pytest.raises(TypeError, match="row_offset must be an integer"):
+        sample_hard_negatives(logits, pos, row_offset=1.0)
+    sim = torch.randn(4, 12)
+    t2i = torch.randn(4, 12)
+    got = sample_global_hard_negatives(sim, t2i, rank=np.int64(1), seed=5)
+    want = sample_global_hard_negatives(sim, t2i, rank=1, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    with pytest.raises(TypeError, match="rank must be an integer"):
+        sample_global_hard_negatives(sim, t2i, rank=1.0)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        sample_global_hard_negatives(sim, t2i, rank=1, seed=2.5)
+
+
+def test_cpu_vector_path_is_reported():
+    from vlmo_fast import _ext
+    module = _ext.load()
+    assert module.cpu_vector_path() in ("avx2", "portable")
+
+
+def test_portable_vector_build_draws_the_same_law():
+    """The baseline (non-AVX2) build of the chunk primitives, forced in a fresh process, draws
+    from the same distribution (exp_u20 and the portable exp differ only in the last bits)."""
+    code = (
+        "import numpy as np, torch, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_hard_negatives import _rows, chi_square_p, draw_repeated, exact_probs, P_MIN\n"
+        "from vlmo_fast import _ext\n"
+        "assert _ext.load().cpu_vector_path() == 'portable'\n"
+        "row = torch.cat([_rows()['t=1'] * 3 for _ in range(30)])\n"
+        "counts = draw_repeated(row, 3, 20000, 'ext', seed=11)\n"
+        "p = chi_square_p(counts, exact_probs(row, 3), 20000)\n"
+        "assert p > P_MIN, p\n")
+    env = dict(os.environ, VLMO_FAST_CPU_VECTOR="portable")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

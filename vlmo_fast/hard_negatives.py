@@ -12,7 +12,9 @@ one kernel call with no host sync and no B x N weight matrix.
 
 Backends (op "hard_negatives" in vlmo_fast.backends; `backends.last_used()` tells which ran):
 - "ext": the compiled op torch.ops.vlmo_fast.hard_negatives (csrc/). CPU: inverse CDF, one
-  random number per row, rows in parallel. CUDA: Gumbel-max, one read of each logit. Random
+  random number per row, rows in parallel, one vectorised pass over each row's memory (online
+  max/sum rescaling, ATen Vectorized exp; `vlmo_fast._C.cpu_vector_path()` says whether the
+  AVX2 build runs). CUDA: Gumbel-max, one read of each logit. Random
   numbers come from a counter-based hash of (seed, direction, global row, column), so results
   are reproducible from a seed or generator and independent of the thread count; CPU and CUDA
   draw from the same distribution but not the same samples.
@@ -25,12 +27,14 @@ assertion (no host sync); `check="sync"` raises the detailed ValueError instead 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _ext, backends
+from .env import INTEGER_DTYPES
 
 OP = "hard_negatives"
 
@@ -47,7 +51,6 @@ STREAM_IMAGE_TO_TEXT = 0
 STREAM_TEXT_TO_IMAGE = 1
 
 _SEED_HIGH = 2**63 - 1
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 CheckMode = Union[bool, str]
 
@@ -76,7 +79,7 @@ def _check_inputs(logits: Tensor, positive_index: Tensor, exclude_mask: Optional
     rows, cols = logits.shape
     if not isinstance(positive_index, Tensor):
         raise TypeError(f"positive_index must be a torch.Tensor, got {type(positive_index).__name__}")
-    if positive_index.dtype not in _INTEGER_DTYPES:
+    if positive_index.dtype not in INTEGER_DTYPES:
         raise TypeError(f"positive_index must be an integer tensor, got dtype {positive_index.dtype}")
     if tuple(positive_index.shape) != (rows,):
         raise ValueError(f"positive_index must have shape ({rows},) (one index per row of {name} "
@@ -96,6 +99,19 @@ def _check_inputs(logits: Tensor, positive_index: Tensor, exclude_mask: Optional
             raise ValueError(f"exclude_mask is on {exclude_mask.device} but {name} is on "
                              f"{logits.device}")
     return positive_index.long()
+
+
+def _as_index(value, name: str, *, optional: bool = False) -> Optional[int]:
+    """A Python int from any integral scalar (int, numpy integer, 0-d integer tensor); bools,
+    floats (1.7 is not silently truncated) and other types raise a TypeError naming `name`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype in INTEGER_DTYPES:
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"{name} must be an integer (int or numpy/torch integer scalar), got "
+                    f"{value!r} of type {type(value).__name__}")
 
 
 def _check_mode(check: CheckMode) -> CheckMode:
@@ -140,7 +156,8 @@ def _raise_for_codes(samples: Tensor, logits: Tensor, positive: Tensor, name: st
         row = logits[first]
         kinds = [k for k, m in (("NaN", torch.isnan(row)), ("+inf", row == float("inf")))
                  if bool(m.any())]
-        detail = f"{name}[{first}] contains {' and '.join(kinds)}; logits must be finite or -inf"
+        found = " and ".join(kinds) or "a value that is not finite in the kernel's precision"
+        detail = f"{name}[{first}] contains {found}; logits must be finite or -inf"
     elif code == -1:
         detail = (f"{name}[{first}] has no allowed candidate: every column other than the "
                   f"positive ({int(positive[first])}) is excluded by exclude_mask or -inf")
@@ -218,7 +235,10 @@ def _sample_torch(logits: Tensor, positive: Tensor, exclude_mask: Optional[Tenso
     if rows == 0:
         return codes
     bad = codes < 0
-    masked = logits.float().masked_fill(bad.unsqueeze(1), 0.0)  # keep bad rows drawable
+    # fp64 stays fp64 (a large common offset keeps its differences, values beyond the float
+    # range stay finite, as in the ext kernel); everything else is computed in fp32.
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    masked = logits.to(work_dtype).masked_fill(bad.unsqueeze(1), 0.0)  # keep bad rows drawable
     allowed = torch.ones_like(masked, dtype=torch.bool)
     if exclude_mask is not None:
         allowed &= ~exclude_mask
@@ -254,14 +274,20 @@ def sample_hard_negatives(logits: Tensor, positive_index: Tensor, *,
     check: True (raise on CPU, asynchronous device assertion on CUDA), "sync" (raise with
         details everywhere; one host sync on CUDA) or False (return negative codes).
 
-    logits may be any float dtype and any strides (a transposed view is read in place); the
-    kernels compute in float32 (float64 logits beyond float range count as +-inf).
+    logits may be any float dtype and any strides (a transposed view is read in place). fp16,
+    bf16 and fp32 are computed in fp32; fp64 rows are computed in fp64 up to the exponentials
+    (differences to the row max are taken in fp64 before rounding), so a large common offset
+    (1e10 + [0, 5, 0]) keeps its differences and values beyond the float range are ordinary
+    finite values, on both CPU backends.
     """
     check = _check_mode(check)
     positive = _check_inputs(logits, positive_index, exclude_mask)
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
-    if not isinstance(row_offset, int) or row_offset < 0:
+    seed = _as_index(seed, "seed", optional=True)
+    row_offset = _as_index(row_offset, "row_offset")
+    stream = _as_index(stream, "stream")
+    if row_offset < 0:
         raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
     device = logits.device
     name = backends.resolve(OP, backend, device)
@@ -304,6 +330,8 @@ def sample_global_hard_negatives(sim_i2t: Tensor, sim_t2i: Optional[Tensor] = No
     if rank is None:
         dist = torch.distributed
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = _as_index(rank, "rank")
+    seed = _as_index(seed, "seed", optional=True)
     if sim_t2i is None:
         if local != total:
             raise ValueError(f"sim_t2i is required unless sim_i2t is square (the whole batch on "
@@ -317,7 +345,7 @@ def sample_global_hard_negatives(sim_i2t: Tensor, sim_t2i: Optional[Tensor] = No
                             else type(sim_t2i).__name__))
     if sim_t2i.device != sim_i2t.device:
         raise ValueError(f"sim_t2i is on {sim_t2i.device} but sim_i2t is on {sim_i2t.device}")
-    if not isinstance(rank, int) or rank < 0 or (rank + 1) * local > total:
+    if rank < 0 or (rank + 1) * local > total:
         raise ValueError(f"rank must satisfy 0 <= rank and (rank + 1) * B <= N for local batch "
                          f"B = {local} and global batch N = {total}, got rank={rank!r}")
     if generator is not None and seed is not None:

@@ -1,21 +1,37 @@
 """Image-text contrastive (ITC) loss of VLMo / CLIP: symmetric InfoNCE over the global batch.
 
-    S = exp(logit_scale) * I @ T^T          (logit_scale is the LOG of the scale, never clamped)
+    S = exp(logit_scale) * I @ T^T          (logit_scale is the LOG of the scale)
     loss = 1/2 * (mean_i CE(S[i, :], i) + mean_j CE(S[:, j], j))
 
 Features are used as given: L2-normalise them first, as VLMo does (the kernels stay exact
 for unnormalised features too, just on a slower path).
 
+The scale: VLMo's reference never clamps logit_scale; CLIP / open_clip clamp it to
+[0, log(100)] after every optimiser step. By default nothing is clamped here either (VLMo);
+`max_logit_scale=math.log(100)` clamps it on the way in, CLIP style (no gradient above the
+bound). exp(logit_scale) is computed in fp32, so logit_scale must stay <= log(float32 max)
+~ 88.72: above that the scale is not representable and the loss would be NaN; such a value
+raises a ValueError on the CPU and fails an asynchronous device assertion on CUDA (no host
+sync). Below it the loss of normalised features is finite (fp32 logits up to ~3.4e38).
+With non-finite features the loss is NaN and so are the reported accuracies (an argmax over
+NaN would otherwise still "hit" some targets); the trainer is where non-finite losses are
+detected.
+
 Backends (`vlmo_fast.backends`, op "contrastive"):
   * "triton": the fused kernels of `vlmo_fast.kernels.contrastive` - one pass over S tiles
-    for both directions, O(N) statistics, tiles recomputed in backward. Auto on CUDA.
-  * "reference": plain PyTorch that materialises the logits (fp32). Auto on CPU.
+    for both directions, O(N) statistics, tiles recomputed in backward.
+  * "chunked": plain PyTorch over tiles of S with its own autograd.Function
+    (`vlmo_fast.losses.contrastive_chunked`): O(N) memory on any device.
+  * "reference": plain PyTorch that materialises the logits (fp32).
+  Automatic choice: Triton on CUDA; otherwise (CPU, or CUDA without Triton) the reference
+  while its materialised matrices fit `VLMO_FAST_CONTRASTIVE_REFERENCE_MAX_MB` (default
+  REFERENCE_MAX_MB: 1 MiB on CPU, i.e. N up to ~200, 1 GiB elsewhere), else chunked.
 
 Distributed (torch.distributed initialised, world size W > 1, gather enabled):
   * Every rank holds n local pairs; the global batch has N = W * n pairs ordered BY RANK:
     global index = rank * n + local index (the order `all_gather` returns). Local pair i's
     target is global column rank * n + i. All ranks must have the same n.
-  * "triton": only the text features are all-gathered. Each rank computes its n x N block of
+  * "triton" and "chunked": only the text features are all-gathered. Each rank computes its n x N block of
     S once: complete row LSEs for its images, and partial column LSEs (over its n rows) for
     all N texts, which an all-reduce of two N-vectors (max, then sum of exp) turns into the
     global column LSEs. Backward recomputes the block: d(images) is complete on the owning
@@ -32,10 +48,9 @@ Distributed (torch.distributed initialised, world size W > 1, gather enabled):
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-from typing import NamedTuple, Optional, Tuple, Union
+import numbers
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -43,9 +58,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backends
+from ..env import KERNEL_FLOAT_DTYPES, env_choice, triton_available
 
 OP = "contrastive"
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# log of the largest float32: exp(logit_scale) above this is +inf and the loss NaN.
+LOG_FLOAT32_MAX = math.log(torch.finfo(torch.float32).max)
+# Automatic choice: the reference materialises (for fwd+bwd) about three fp32 n x N matrices
+# per direction; above this many MiB of them the chunked backend runs instead. On CPU the
+# chunked backend is already faster from N ~ 256 (4 GEMMs instead of 6, cache-sized tiles;
+# benchmarks/results/contrastive-cpu.md), so the CPU budget is tiny; on a GPU without Triton
+# the reference's large cuBLAS GEMMs win until memory is the problem.
+REFERENCE_MAX_MB = {"cpu": 1.0, "default": 1024.0}
 
 
 class ContrastiveStats(NamedTuple):
@@ -65,19 +88,46 @@ class ContrastiveStats(NamedTuple):
 
 # ----------------------------------------------------------------------------- dispatch
 
-def _triton_available(device: torch.device) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type == "cuda":
+def reference_materialised_mb(facts: Dict) -> Optional[float]:
+    """MiB of n x N fp32 matrices the reference keeps for a fwd+bwd of a call with these
+    `resolve` facts (logits, log-softmax and its gradient, both directions); None if unknown."""
+    n, n_global = facts.get("n"), facts.get("n_global")
+    if n is None or n_global is None:
         return None
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return None  # the CPU interpreter: correct but slow, meant for tests
-    return "needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)"
+    return 2 * 3 * 4 * n * n_global / 2**20
 
 
-backends.register(OP, "reference", preference={"cpu": ["reference"], "cuda": ["triton", "reference"],
-                                              "default": ["reference"]})
-backends.register(OP, "triton", available=_triton_available)
+def _reference_max_mb(device_type: str) -> float:
+    raw = env_choice("VLMO_FAST_CONTRASTIVE_REFERENCE_MAX_MB")
+    if raw is None:
+        return REFERENCE_MAX_MB.get(device_type, REFERENCE_MAX_MB["default"])
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"environment variable VLMO_FAST_CONTRASTIVE_REFERENCE_MAX_MB={raw!r}: "
+                         f"expected a non-negative number of MiB")
+    return value
+
+
+def _auto_order(device_type: str):
+    """Preference for one device type: Triton first on CUDA (the native path), then the
+    reference for small batches and the chunked backend where the N x N matrices are big
+    (or, on CUDA, where Triton cannot run)."""
+    def order(facts: Dict) -> List[str]:
+        mb = reference_materialised_mb(facts)
+        big = mb is not None and mb > _reference_max_mb(device_type)
+        tail = ["chunked", "reference"] if big else ["reference", "chunked"]
+        return (["triton"] + tail) if device_type == "cuda" else tail
+    return order
+
+
+backends.register(OP, "reference", preference={"cpu": _auto_order("cpu"),
+                                              "cuda": _auto_order("cuda"),
+                                              "default": _auto_order("default")})
+backends.register(OP, "triton", available=triton_available)
+backends.register(OP, "chunked")
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -188,8 +238,10 @@ def _contrastive_reference(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: 
     logits_i2t = scale * img32 @ txt_all.t()       # local images x global texts
     logits_t2i = scale * txt32 @ img_all.t()       # local texts x global images
     target = torch.arange(n, device=img.device) + rank * n
-    share = (F.cross_entropy(logits_i2t, target, reduction="sum")
-             + F.cross_entropy(logits_t2i, target, reduction="sum")) / (2 * total)
+    # Divide before summing: at scales near float32's limit the per-pair terms are finite
+    # but their sum would not be.
+    share = ((F.cross_entropy(logits_i2t, target, reduction="none") / (2 * total)).sum()
+             + (F.cross_entropy(logits_t2i, target, reduction="none") / (2 * total)).sum())
     stats = None
     if want_stats:
         with torch.no_grad():
@@ -220,9 +272,9 @@ def _validate(img, txt, logit_scale, check_finite: bool) -> None:
     for name, t in (("image_features", img), ("text_features", txt)):
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in KERNEL_FLOAT_DTYPES:
             raise TypeError(f"{name} has unsupported dtype {t.dtype}; expected one of "
-                            f"{[str(d) for d in SUPPORTED_DTYPES]}")
+                            f"{[str(d) for d in KERNEL_FLOAT_DTYPES]}")
     if img.shape[0] != txt.shape[0]:
         raise ValueError(f"image_features has N={img.shape[0]} rows but text_features has "
                          f"N={txt.shape[0]}: pairs must match one to one")
@@ -245,36 +297,88 @@ def _validate(img, txt, logit_scale, check_finite: bool) -> None:
                 raise ValueError(f"{name} contains non-finite values (inf or NaN)")
 
 
+def _check_max_logit_scale(max_logit_scale) -> Optional[float]:
+    if max_logit_scale is None:
+        return None
+    if (isinstance(max_logit_scale, bool) or not isinstance(max_logit_scale, numbers.Real)
+            or not math.isfinite(max_logit_scale) or max_logit_scale > LOG_FLOAT32_MAX):
+        raise ValueError(f"max_logit_scale must be None or a finite number <= {LOG_FLOAT32_MAX:.4f} "
+                         f"(log of the largest float32; CLIP uses math.log(100)), got "
+                         f"{max_logit_scale!r}")
+    return float(max_logit_scale)
+
+
+def _bounded_logit_scale(logit_scale: Tensor, max_logit_scale: Optional[float]) -> Tensor:
+    """Clamp (when asked) and check that exp(logit_scale) is a finite float32: a clear error
+    instead of a NaN loss. CPU: ValueError; CUDA: asynchronous device assertion (no sync)."""
+    if max_logit_scale is not None:
+        logit_scale = logit_scale.clamp(max=max_logit_scale)
+    message = (f"logit_scale must be finite and <= {LOG_FLOAT32_MAX:.4f} (the log of the largest "
+               f"float32): exp(logit_scale) is the fp32 scale of the logits and beyond that the "
+               f"loss is NaN. VLMo does not clamp it; CLIP clamps it at log(100): pass "
+               f"max_logit_scale=math.log(100) to do the same")
+    if logit_scale.device.type == "cpu":
+        value = float(logit_scale.detach().reshape(()))
+        if not value <= LOG_FLOAT32_MAX or math.isnan(value):
+            raise ValueError(f"{message}; got {value!r}")
+    else:
+        # NaN compares false, so it fails the assertion too.
+        torch._assert_async((logit_scale.detach().reshape(()) <= LOG_FLOAT32_MAX), message)
+    return logit_scale
+
+
+def _accuracy_or_nan(acc: Tensor, *lses: Tensor) -> Tensor:
+    """NaN instead of an accuracy when any log-sum-exp is not finite (NaN/inf features): an
+    argmax over NaN logits would still count some rows as hits. Any non-finite feature reaches
+    a row or column LSE on every rank (rows span all texts, columns all images), so this local
+    rule gives the same answer on all ranks."""
+    finite = torch.stack([torch.isfinite(x).all() for x in lses]).all()
+    return torch.where(finite, acc, torch.full_like(acc, float("nan")))
+
+
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
                      gather: Union[bool, str] = "auto", group=None, backend: Optional[str] = None,
                      return_stats: bool = False, check_finite: bool = False,
-                     rank_grad_reduction: str = "sum"):
+                     rank_grad_reduction: str = "sum", max_logit_scale: Optional[float] = None):
     """Symmetric image-text InfoNCE: 1/2 (mean_i CE(S[i,:], i) + mean_j CE(S[:,j], j)),
     S = exp(logit_scale) * image_features @ text_features^T over the global batch.
 
     image_features, text_features: [n, D] matched pairs (this rank's), float32/bfloat16/float16.
     logit_scale: one value, the log of the scale (VLMo/CLIP init log(1/0.07)); gets a gradient.
+        Must be <= log(float32 max) ~ 88.72 (ValueError on CPU, device assertion on CUDA).
     gather: "auto" spans `group` (default world) when torch.distributed is initialised with
         more than one rank; False keeps the loss local; without torch.distributed it is always
         the plain single-process loss.
-    backend: "triton" | "reference" | None/"auto" (see `vlmo_fast.backends`).
-    return_stats: also return a `ContrastiveStats` (LSEs, accuracies, backend).
+    backend: "triton" | "chunked" | "reference" | None/"auto" (see `vlmo_fast.backends`).
+    return_stats: also return a `ContrastiveStats` (LSEs, accuracies, backend); accuracies
+        are NaN when the features are not finite.
     check_finite: raise if any input is inf/NaN (and, on CUDA, check equal per-rank batch);
         costs a host sync.
     rank_grad_reduction: "sum" (gradients summed over ranks give the global gradient) or
         "mean" (for DDP/DeepSpeed gradient averaging: gradients pre-multiplied by world size).
+    max_logit_scale: None (VLMo: never clamped) or an upper bound applied to logit_scale
+        before use (CLIP: math.log(100)); no gradient flows to logit_scale above it.
     Returns the global loss (fp32 0-d), or (loss, stats).
     """
     _validate(image_features, text_features, logit_scale, check_finite)
     if rank_grad_reduction not in ("sum", "mean"):
         raise ValueError(f"rank_grad_reduction must be 'sum' or 'mean', got {rank_grad_reduction!r}")
+    logit_scale = _bounded_logit_scale(logit_scale, _check_max_logit_scale(max_logit_scale))
     dctx = _resolve_dist(gather, group)
     if dctx is not None and (image_features.device.type == "cpu" or check_finite):
         _check_equal_local_batch(image_features.shape[0], image_features.device, dctx)
-    name = backends.resolve(OP, backend, image_features.device)
+    n, dim = image_features.shape
+    name = backends.resolve(OP, backend, image_features.device, n=n,
+                            n_global=n * (dctx.world if dctx is not None else 1), dim=dim,
+                            dtype=image_features.dtype)
     if name == "triton":
         share, row_lse, col_lse, i2t, t2i = _fused_contrastive(
             image_features.contiguous(), text_features.contiguous(), logit_scale, dctx, return_stats)
+        stats = (row_lse, col_lse, i2t, t2i) if return_stats else None
+    elif name == "chunked":
+        from .contrastive_chunked import ChunkedContrastiveFunction
+        share, row_lse, col_lse, i2t, t2i = ChunkedContrastiveFunction.apply(
+            image_features, text_features, logit_scale, dctx, return_stats)
         stats = (row_lse, col_lse, i2t, t2i) if return_stats else None
     else:
         share, stats = _contrastive_reference(image_features, text_features, logit_scale, dctx,
@@ -283,7 +387,9 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     loss = _global_value(share, dctx, multiplier)
     if not return_stats:
         return loss
-    return loss, ContrastiveStats(*(t.detach() for t in stats), backend=name)
+    row_lse, col_lse, i2t, t2i = (t.detach() for t in stats)
+    i2t, t2i = (_accuracy_or_nan(acc, row_lse, col_lse) for acc in (i2t, t2i))
+    return loss, ContrastiveStats(row_lse, col_lse, i2t, t2i, backend=name)
 
 
 def contrastive_loss_reference(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
@@ -292,16 +398,32 @@ def contrastive_loss_reference(image_features: Tensor, text_features: Tensor, lo
     return contrastive_loss(image_features, text_features, logit_scale, backend="reference", **kwargs)
 
 
+def _initial_logit_scale(init_temperature) -> float:
+    if (isinstance(init_temperature, bool) or not isinstance(init_temperature, numbers.Real)
+            or not math.isfinite(init_temperature) or init_temperature <= 0):
+        raise ValueError(f"init_temperature must be a positive finite number (VLMo/CLIP: 0.07), "
+                         f"got {init_temperature!r}")
+    value = math.log(1.0 / init_temperature)
+    if value > LOG_FLOAT32_MAX:
+        raise ValueError(f"init_temperature={init_temperature!r} gives logit_scale {value:.2f} > "
+                         f"{LOG_FLOAT32_MAX:.2f}: its exp is beyond float32")
+    return value
+
+
 class ContrastiveLoss(nn.Module):
     """Module form of `contrastive_loss`. Owns a learnable `logit_scale` (init log(1/temperature),
-    never clamped) unless `learn_logit_scale=False`, in which case pass it to forward()."""
+    clamped only if `max_logit_scale` is given) unless
+    `learn_logit_scale=False`, in which case pass it to forward()."""
 
     def __init__(self, init_temperature: float = 0.07, learn_logit_scale: bool = True, *,
                  gather: Union[bool, str] = "auto", group=None, backend: Optional[str] = None,
-                 check_finite: bool = False, rank_grad_reduction: str = "sum"):
+                 check_finite: bool = False, rank_grad_reduction: str = "sum",
+                 max_logit_scale: Optional[float] = None):
         super().__init__()
+        init = _initial_logit_scale(init_temperature)
+        self.max_logit_scale = _check_max_logit_scale(max_logit_scale)
         if learn_logit_scale:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+            self.logit_scale = nn.Parameter(torch.tensor(init))
         else:
             self.register_parameter("logit_scale", None)
         self.gather, self.group, self.backend = gather, group, backend
@@ -317,7 +439,9 @@ class ContrastiveLoss(nn.Module):
         return contrastive_loss(image_features, text_features, logit_scale, gather=self.gather,
                                 group=self.group, backend=self.backend, return_stats=return_stats,
                                 check_finite=self.check_finite,
-                                rank_grad_reduction=self.rank_grad_reduction)
+                                rank_grad_reduction=self.rank_grad_reduction,
+                                max_logit_scale=self.max_logit_scale)
 
     def extra_repr(self) -> str:
-        return f"gather={self.gather!r}, backend={self.backend!r}"
+        return (f"gather={self.gather!r}, backend={self.backend!r}, "
+                f"max_logit_scale={self.max_logit_scale!r}")
