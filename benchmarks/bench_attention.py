@@ -34,6 +34,7 @@ layer); the 'mask_ms' field reports that one-off cost for flex.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -42,7 +43,9 @@ import torch
 # (and pytest does the same for benchmarks/test_bench_*.py), so no sys.path edits are needed.
 from common import Results, base_parser, is_oom, peak_mem_mb, sync, time_ms
 
-from vlmo_fast import attention as attn_mod
+from vlmo_fast import attention as attn_mod, backends
+from vlmo_fast.attention.cores import PADDING_CACHE
+from vlmo_fast.attention.flex import flex_block_mask
 from vlmo_fast.embeddings import RelativeBias, RelativePositionBias
 from vlmo_fast.packing import PackedSequences
 
@@ -104,10 +107,10 @@ class Workload:
 def make_step(impl, work: Workload, backward: bool):
     """A closure running one layer's attention of the whole workload with `impl`."""
     if impl in PACKED_IMPLS:
-        core = attn_mod._IMPLS[PACKED_IMPLS[impl]]
+        core = attn_mod.attention_core(PACKED_IMPLS[impl]).fn
         calls = [(work.packed[:4], None, work.packing)]
     else:
-        core = attn_mod._IMPLS[PADDED_IMPLS[impl]]
+        core = attn_mod.attention_core(PADDED_IMPLS[impl]).fn
         calls = [((q, k, v, bias), pad, None) for q, k, v, bias, pad in work.padded]
     leaves = []
     prepared = []
@@ -136,21 +139,23 @@ def make_step(impl, work: Workload, backward: bool):
 
 def with_grad_mode(step, mode):
     def run():
-        old, attn_mod.FLEX_BIAS_GRAD_COPIES = attn_mod.FLEX_BIAS_GRAD_COPIES, mode
+        old = os.environ.get("VLMO_FAST_FLEX_BIAS_GRAD")
+        os.environ["VLMO_FAST_FLEX_BIAS_GRAD"] = mode
         try:
             step()
         finally:
-            attn_mod.FLEX_BIAS_GRAD_COPIES = old
+            if old is None:
+                os.environ.pop("VLMO_FAST_FLEX_BIAS_GRAD")
+            else:
+                os.environ["VLMO_FAST_FLEX_BIAS_GRAD"] = old
     return run
 
 
 def unavailable(impl, device, work: Workload, dtype) -> str | None:
     name = PACKED_IMPLS.get(impl) or PADDED_IMPLS[impl]
-    reason = attn_mod.backends.available_backends("attention", device).get(name)
-    if reason:
-        return reason
     q, _, _, bias, *_ = work.packed if impl in PACKED_IMPLS else work.padded[0]
-    return attn_mod._unsupported(name, q, bias, work.packing if impl in PACKED_IMPLS else None)
+    packing = work.packing if impl in PACKED_IMPLS else None
+    return backends.rejection_reason("attention", name, device, **attn_mod.attention_facts(q, bias, packing))
 
 
 def main() -> int:
@@ -222,12 +227,12 @@ def main() -> int:
                     if impl.startswith("flex"):
                         t0 = time.perf_counter()
                         work.packing.cache.clear()
-                        attn_mod._PADDING_CACHE._entries.clear()
+                        PADDING_CACHE.clear()
                         for _, _, _, _, pad in work.padded:
                             if pad is not None and impl == "flex_padded":
-                                attn_mod._flex_block_mask(pad.shape[0], pad.shape[1], pad, None, device)
+                                flex_block_mask(pad.shape[0], pad.shape[1], pad, None, device)
                         if impl == "flex":
-                            attn_mod._flex_block_mask(1, work.packing.total, None, work.packing, device)
+                            flex_block_mask(1, work.packing.total, None, work.packing, device)
                         sync(device)
                         extra["mask_ms"] = (time.perf_counter() - t0) * 1e3
                     step = make_step(impl, work, backward)
