@@ -19,7 +19,13 @@ DEMO_ARGS = ["--stage", "all", "--preset", "tiny", "--model-overrides", '{"img_s
 
 
 def main(argv=None):
+    import os
+    import torch
     from .training.pretrain import main as pretrain_main
+    if "OMP_NUM_THREADS" not in os.environ:
+        # one intra-op thread unless asked: on the shared 2-core machine two threads made the
+        # vl stage ~3x SLOWER (oversubscription), and one leaves a core for the data loader
+        torch.set_num_threads(1)
     argv = list(sys.argv[1:] if argv is None else argv)
     print("python train/pretrain.py " + " ".join(DEMO_ARGS + argv), flush=True)
     return pretrain_main(DEMO_ARGS + argv)
