@@ -372,7 +372,8 @@ class Job:
         from ..checkpoint import load_beit_state_dict
         from ..model import VLMo
         if previous is not None:
-            model = VLMo.from_pretrained(previous)
+            # from_pretrained returns eval mode (HF convention): this model trains
+            model = VLMo.from_pretrained(previous).train()
             if model.config.to_dict() != {**config.to_dict(), "name": model.config.name}:
                 raise ValueError(f"{previous} holds a model whose config differs from this run's")
         else:
@@ -556,7 +557,7 @@ class Job:
         result = {}
         if self.is_main:
             from ..data import build_retrieval_eval_set
-            from ..eval.retrieval import evaluate_retrieval
+            from ..eval.retrieval import chance_recall, evaluate_retrieval
             from ..model import VLMo
             model = VLMo.from_pretrained(weights).to(self.device)
             c = model.config
@@ -565,7 +566,7 @@ class Job:
                                           num_images=self.args.eval_images, seed=self.args.seed)
             res = evaluate_retrieval(model, ev.images, ev.text_ids, ev.text_mask, ev.text_to_image,
                                      rerank_k=self.args.rerank_k, device=self.device)
-            chance = retrieval_chance(ev.text_to_image, int(ev.images.shape[0]))
+            chance = chance_recall(ev.text_to_image, int(ev.images.shape[0]))
             result = {"split": self.args.eval_split, "weights": weights, **res.to_dict(), "chance": chance}
             path = self.out / f"retrieval_{self.args.eval_split}.json"
             atomic_write_json(path, result)
@@ -576,22 +577,6 @@ class Job:
             print(f"saved {path}")
         dist.barrier()
         return result
-
-
-def retrieval_chance(text_to_image: torch.Tensor, num_images: int, ks=(1, 5, 10)) -> Dict[str, float]:
-    """Expected R@K of a random ranking (i2t: any of the image's c captions in the top K of
-    Nt texts; t2i: the caption's image in the top K of Ni images)."""
-    nt = int(text_to_image.numel())
-    counts = torch.bincount(text_to_image.long(), minlength=num_images).double()
-    out = {}
-    for k in ks:
-        # P(no positive in K draws without replacement) = C(nt - c, K) / C(nt, K)
-        miss = torch.ones_like(counts)
-        for j in range(min(k, nt)):
-            miss = miss * ((nt - counts - j).clamp(min=0) / (nt - j))
-        out[f"i2t_r{k}"] = float((1 - miss).mean())
-        out[f"t2i_r{k}"] = min(1.0, k / num_images)
-    return out
 
 
 def main(argv=None) -> Dict:
