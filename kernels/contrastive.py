@@ -59,7 +59,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # fp32 sums. Also 2^90 is far from fp32 overflow (2^128) for the backward's rescale factors.
 SAFE_SPAN2 = 90.0
 
-SUPPORTED_DTYPES = KERNEL_FLOAT_DTYPES
+
 
 
 @triton.jit
@@ -409,8 +409,8 @@ def _program_budget(device: torch.device) -> int:
 def _check_operands(x: Tensor, y: Tensor, logit_scale: Tensor) -> None:
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"expected rows [n, D] and columns [m, D], got {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.dtype != y.dtype or x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"rows/columns must share a dtype in {SUPPORTED_DTYPES}, got {x.dtype}, {y.dtype}")
+    if x.dtype != y.dtype or x.dtype not in KERNEL_FLOAT_DTYPES:
+        raise TypeError(f"rows/columns must share a dtype in {KERNEL_FLOAT_DTYPES}, got {x.dtype}, {y.dtype}")
     if x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError("rows and columns must have unit stride along the feature dimension")
     if logit_scale.numel() != 1:

@@ -322,7 +322,7 @@ def run(args) -> dict:
     from .training.engine import build_ds_config, init_distributed, load_ds_config, zero_stage
     from .training.logs import MetricsLogger, StepBuffer, nonfinite, plot_curves
     from .training.optim import lr_lambda
-    from .training.pretrain import _Batches, _seed_all, _to_device
+    from .training.pretrain import Batches, seed_all, to_device
 
     validate_args(args)
     out, init = Path(args.output_dir), Path(args.init)
@@ -338,7 +338,7 @@ def run(args) -> dict:
         log(f"[{args.task}] finished earlier: {final}")
         return _evaluate(args, final, out, is_main)
 
-    _seed_all(args.seed * 1000 + rank)
+    seed_all(args.seed * 1000 + rank)
     gen = torch.Generator(device=device).manual_seed(args.seed + 7)
     from .config import VLMoConfig
     config = VLMoConfig.from_json(init / "config.json")
@@ -366,7 +366,7 @@ def run(args) -> dict:
         f"{args.batch_size} x {args.grad_accum} accum x {world} procs on {device}, "
         f"{'bf16' if bf16 else 'fp32'}, head lr x{head_mult}, layer decay {args.layer_decay}")
     logger = MetricsLogger(out, args.task, enabled=is_main, resume_step=step)
-    batches, buffer = _Batches(loader), StepBuffer()
+    batches, buffer = Batches(loader), StepBuffer()
     bar = None
     if is_main and not args.no_progress:
         from tqdm.auto import tqdm
@@ -395,7 +395,7 @@ def run(args) -> dict:
         outs = []
         lr_now = engine.lr_scheduler.get_last_lr()[0]
         for _ in range(args.grad_accum):
-            o = engine(_to_device(batches.next(), device))
+            o = engine(to_device(batches.next(), device))
             engine.backward(o["loss"])
             engine.step()
             outs.append(o)

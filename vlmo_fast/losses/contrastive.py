@@ -423,7 +423,8 @@ class ContrastiveLoss(nn.Module):
         init = _initial_logit_scale(init_temperature)
         self.max_logit_scale = _check_max_logit_scale(max_logit_scale)
         if learn_logit_scale:
-            self.logit_scale = nn.Parameter(torch.tensor(init))
+            # shape [1], not 0-d: DeepSpeed cannot broadcast or partition 0-d parameters
+            self.logit_scale = nn.Parameter(torch.full((1,), init))
         else:
             self.register_parameter("logit_scale", None)
         self.gather, self.group, self.backend = gather, group, backend

@@ -239,12 +239,14 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _to_device(batch: Dict, device: torch.device) -> Dict:
+def to_device(batch: Dict, device: torch.device) -> Dict:
+    """A batch dict's tensors on `device` (non-blocking from pinned memory)."""
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
             for k, v in batch.items()}
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (shared by the training jobs)."""
     import random
     import numpy as np
     random.seed(seed)
@@ -266,7 +268,7 @@ def _enable_activation_checkpointing(model) -> None:
         blk.forward = forward
 
 
-class _Batches:
+class Batches:
     """Endless iterator over the loader's epochs; the loader's state_dict is the position."""
 
     def __init__(self, loader):
@@ -397,7 +399,7 @@ class Job:
         ckpt_dir = stage_dir / "checkpoints"
         total = self.stage_steps(stage)
         stage_seed = args.seed * 1000 + STAGE_ORDER.index(stage) * 100 + self.rank
-        _seed_all(stage_seed)
+        seed_all(stage_seed)
 
         model = self.build_model(stage, config, previous)
         prepare_stage(model, stage, args.ffn)
@@ -436,7 +438,7 @@ class Job:
                  f"{total} steps x {args.batch_size} x {args.grad_accum} accum x {self.world} procs; "
                  f"ZeRO-{ds_config['zero_optimization'].get('stage', 0)}")
         logger = MetricsLogger(stage_dir, stage, enabled=self.is_main, resume_step=step)
-        batches = _Batches(loader)
+        batches = Batches(loader)
         buffer = StepBuffer()
         bar = None
         if self.is_main and not args.no_progress:
@@ -480,7 +482,7 @@ class Job:
                                 | {"samples/s": f"{r.get('samples_per_s', 0):.1f}"}, refresh=False)
 
         while step < total:
-            micro = [_poison_if_asked(_to_device(batches.next(), self.device), step + 1)
+            micro = [_poison_if_asked(to_device(batches.next(), self.device), step + 1)
                      for _ in range(args.grad_accum)]
             outs = []
             lr_now = engine.lr_scheduler.get_last_lr()[0]  # the lr this step uses

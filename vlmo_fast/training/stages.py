@@ -67,6 +67,11 @@ class SplitExpertFeedForward(nn.Module):
         return mome_ffn(x, modality_ids, *self.stacked(), gamma, drop_path_scale, self.eps,
                         backend=self.backend)
 
+    def no_weight_decay(self) -> set:
+        """MoMEFeedForward's names, per expert (what MoMEBlock.no_weight_decay asks for)."""
+        return {f"experts.{e}.{name}" for e in range(self.num_experts)
+                for name in MoMEFeedForward.no_weight_decay(self)}
+
     def export(self) -> Dict[str, Tensor]:
         return {name: t.detach() for name, t in zip(_EXPERT_FIELDS, self.stacked())}
 
@@ -85,6 +90,9 @@ class SharedFeedForward(nn.Module):
     def forward(self, x: Tensor, modality_ids: Tensor, gamma: Optional[Tensor] = None,
                 drop_path_scale: Optional[Tensor] = None) -> Tensor:
         return self.ffn(x, torch.zeros_like(modality_ids), gamma=gamma, drop_path_scale=drop_path_scale)
+
+    def no_weight_decay(self) -> set:
+        return {f"ffn.{name}" for name in self.ffn.no_weight_decay()}
 
     def export(self) -> Dict[str, Tensor]:
         return {name: getattr(self.ffn, name).detach().expand(self.num_experts, *getattr(self.ffn, name).shape[1:])
