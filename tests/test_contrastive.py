@@ -401,14 +401,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
+GLOO_BACKENDS = ("triton", "chunked", "reference")
+
+
 def _gloo_worker(rank, port, data_path, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     data = torch.load(data_path)
     rows = slice(rank * LOCAL_N, (rank + 1) * LOCAL_N)
+    from vlmo_fast.losses import contrastive_chunked
+    contrastive_chunked.BLOCK_ROWS, contrastive_chunked.BLOCK_COLS = 4, 9  # tiles straddle ranks
     results = {}
-    for backend in ("triton", "reference"):
+    for backend in GLOO_BACKENDS:
         for reduction, weighted in (("sum", False), ("mean", False), ("sum", True)):
             upstream = float(rank + 1) if weighted else 1.0
             img = data["img"][rows].clone().requires_grad_()
@@ -439,7 +444,7 @@ def test_two_process_gloo_equals_single_process_global_batch():
     # Rank r's upstream gradient r + 1 weights the terms of the rows and columns it owns.
     owner_weight = torch.arange(1, WORLD + 1, dtype=torch.float64).repeat_interleave(LOCAL_N)
     ref_weighted = _float64_loss(img, txt, ls, owner_weight, owner_weight)
-    for backend in ("triton", "reference"):
+    for backend in GLOO_BACKENDS:
         for reduction, weighted in (("sum", False), ("mean", False), ("sum", True)):
             res = [r[(backend, reduction, weighted)] for r in per_rank]
             want = ref_weighted if weighted else ref

@@ -1,19 +1,16 @@
 """The "chunked" contrastive backend (vlmo_fast/losses/contrastive_chunked.py): against a float64
 materialised loss with tiles smaller than the batch (edge tiles, targets split across tiles),
-fp32/bf16/fp16 features, gradient subsets, no n x N tensor, 2-process gloo global batch, and
+fp32/bf16/fp16 features, gradient subsets, no n x N tensor, and
 the automatic choice between reference and chunked.
 
 The numerical helpers come from test_contrastive.py (same tolerances as the other backends).
 """
 import math
-import os
-import tempfile
 
 import pytest
 import torch
 
-from test_contrastive import (LOCAL_N, WORLD, _assert_close, _features, _float64_loss,
-                              _free_port, _run)
+from test_contrastive import _assert_close, _features, _float64_loss, _run
 from vlmo_fast import backends
 from vlmo_fast.losses import contrastive as closs
 from vlmo_fast.losses import contrastive_chunked as chunked
@@ -120,62 +117,5 @@ def test_automatic_choice_by_materialised_size(monkeypatch):
     assert huge == ["triton", "chunked", "reference"]
     assert closs.reference_materialised_mb({"n": 1024, "n_global": 2048}) == pytest.approx(48.0)
 
-
-# ----------------------------------------------------------------------------- 2-process gloo
-
-def _gloo_worker(rank, port, data_path, out_dir):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    chunked.BLOCK_ROWS, chunked.BLOCK_COLS = 4, 9  # tiles straddle the rank boundary
-    data = torch.load(data_path)
-    rows = slice(rank * LOCAL_N, (rank + 1) * LOCAL_N)
-    results = {}
-    for reduction, weighted in (("sum", False), ("mean", False), ("sum", True)):
-        upstream = float(rank + 1) if weighted else 1.0
-        img = data["img"][rows].clone().requires_grad_()
-        txt = data["txt"][rows].clone().requires_grad_()
-        ls = data["ls"].clone().requires_grad_()
-        loss, stats = contrastive_loss(img, txt, ls, backend="chunked", return_stats=True,
-                                       rank_grad_reduction=reduction)
-        (loss * upstream).backward()
-        results[(reduction, weighted)] = {
-            "loss": loss.detach(), "img": img.grad, "txt": txt.grad, "scale": ls.grad,
-            "row_lse": stats.row_lse, "col_lse": stats.col_lse,
-            "i2t": stats.i2t_accuracy, "t2i": stats.t2i_accuracy}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_process_gloo_equals_single_process_global_batch():
-    import torch.multiprocessing as mp
-    img, txt = _features(WORLD * LOCAL_N, 48, device="cpu", match=0.8, seed=5)
-    ls = torch.tensor(math.log(30.0))
-    with tempfile.TemporaryDirectory() as tmp:
-        data_path = os.path.join(tmp, "data.pt")
-        torch.save({"img": img, "txt": txt, "ls": ls}, data_path)
-        mp.spawn(_gloo_worker, args=(_free_port(), data_path, tmp), nprocs=WORLD, join=True)
-        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
-    ref = _float64_loss(img, txt, ls)
-    owner_weight = torch.arange(1, WORLD + 1, dtype=torch.float64).repeat_interleave(LOCAL_N)
-    ref_weighted = _float64_loss(img, txt, ls, owner_weight, owner_weight)
-    for reduction, weighted in (("sum", False), ("mean", False), ("sum", True)):
-        res = [r[(reduction, weighted)] for r in per_rank]
-        multiplier = WORLD if reduction == "mean" else 1
-        got = {"loss": res[0]["loss"],
-               "img": torch.cat([r["img"] for r in res]) / multiplier,
-               "txt": torch.cat([r["txt"] for r in res]) / multiplier,
-               "scale": sum(r["scale"] for r in res) / multiplier}
-        for r in res:
-            assert float(r["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-5)
-        _assert_close(got, ref_weighted if weighted else ref, torch.float32,
-                      f"{reduction} weighted={weighted}", check_loss=not weighted)
-    res = [r[("sum", False)] for r in per_rank]
-    torch.testing.assert_close(torch.cat([r["row_lse"] for r in res]).double(), ref["row_lse"],
-                               atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([r["col_lse"] for r in res]).double(), ref["col_lse"],
-                               atol=1e-4, rtol=1e-5)
-    for r in res:
-        assert float(r["i2t"]) == pytest.approx(float(ref["i2t"]), abs=1.5 / (WORLD * LOCAL_N))
-        assert float(r["t2i"]) == pytest.approx(float(ref["t2i"]), abs=1.5 / (WORLD * LOCAL_N))
+# The 2-process gloo global batch of every backend, chunked included, is tested in
+# tests/test_contrastive.py (test_two_process_gloo_equals_single_process_global_batch).
