@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -45,13 +45,17 @@ def init_distributed(timeout_minutes: int = 30) -> Tuple[int, int, torch.device]
     """(rank, world_size, device); starts a world of one when not launched by a launcher."""
     import deepspeed
     from datetime import timedelta
+    init_method = None
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.setdefault("MASTER_PORT", "0")
+        # a world of one needs no port: a port picked here and released before the store
+        # binds it can be taken by another process in between (EADDRINUSE); a file store cannot
+        handle, path = tempfile.mkstemp(prefix="vlmo_fast_world_of_one_")
+        os.close(handle)
+        os.unlink(path)   # FileStore creates it; a stale file from an earlier run would be read
+        init_method = f"file://{path}"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -59,7 +63,9 @@ def init_distributed(timeout_minutes: int = 30) -> Tuple[int, int, torch.device]
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        ranks = {} if init_method is None else {"rank": 0, "world_size": 1}
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes),
+                                   init_method=init_method, **ranks)
     return dist.get_rank(), dist.get_world_size(), device
 
 
