@@ -145,6 +145,16 @@ def test_results_table_hand_checked():
         "| retrieval ITC i2t R@1 | 25.0 | - | 10.0 |"]
 
 
+def test_results_table_keeps_checkpoints_apart():
+    from vlmo_fast.eval.runner import results_table
+    pre = {"task": "zeroshot", "split": "test", "checkpoint": "runs/demo/vl/final",
+           "metrics": {"top1": 0.5}, "chance": {"top1": 0.25}}
+    tuned = {**pre, "checkpoint": "runs/ft-zs/final", "metrics": {"top1": 0.75}}
+    assert results_table([pre, tuned]).splitlines()[2:] == [
+        "| demo/vl: zeroshot top1 | 50.0 | 25.0 |",
+        "| ft-zs: zeroshot top1 | 75.0 | 25.0 |"]
+
+
 def test_retrieval_from_karpathy_json(tok, tmp_path):
     from PIL import Image
     (tmp_path / "imgs" / "val2014").mkdir(parents=True)

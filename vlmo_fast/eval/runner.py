@@ -285,15 +285,29 @@ def _metric_rows(result: Dict):
             yield f"{task} {key}", value, chance.get(key)
 
 
+def _checkpoint_label(result) -> str:
+    """A short name for the checkpoint a result came from: its folder, without a trailing
+    `final` (runs/ft-vqa/final -> ft-vqa, runs/demo/vl/final -> demo/vl)."""
+    parts = Path(str(result.get("checkpoint", "?"))).parts
+    if parts and parts[-1] == "final":
+        parts = parts[:-1]
+    return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2] not in ("runs", ".") else (parts[-1] if parts else "?")
+
+
 def results_table(results) -> str:
     """Markdown table of evaluation results (dicts as `run` returns / --out writes): one row
     per task metric, one column per split, then chance (of the first split that has it)."""
     splits, rows, chance = [], {}, {}
+    # several checkpoints (pretrained, fine-tuned) may report the same task: their rows are
+    # told apart by the checkpoint's name, never merged
+    several = len({_checkpoint_label(r) for r in results}) > 1
     for r in results:
         rows_of_r = list(_metric_rows(r))   # validates the result first
         if r["split"] not in splits:
             splits.append(r["split"])
         for label, value, ch in rows_of_r:
+            if several:
+                label = f"{_checkpoint_label(r)}: {label}"
             rows.setdefault(label, {})[r["split"]] = value
             if ch is not None:
                 chance.setdefault(label, ch)
