@@ -164,6 +164,14 @@ def _check_file(path: PathLike, what: str) -> Path:
     return path
 
 
+def _read_json(path: Path):
+    """The parsed JSON of `path`, or a DataError naming the file and the line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def _resolve(base: Path, image: str) -> str:
     p = Path(image).expanduser()
     return str(p if p.is_absolute() else base / p)
@@ -195,10 +203,7 @@ def _manifest_rows(path: Path):
                 # DictReader gives None for missing trailing fields
                 yield f"{path} line {reader.line_num}", {k: v for k, v in row.items() if v is not None and k is not None}
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = _read_json(path)
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects (or a Karpathy JSON with 'images')")
         for n, row in enumerate(data):
@@ -261,10 +266,7 @@ def read_karpathy(path: PathLike, split: str = "train", *, image_root: Optional[
     path = _check_file(path, "Karpathy JSON")
     if split not in KARPATHY_SPLITS:
         raise ValueError(f"split must be one of {sorted(KARPATHY_SPLITS)} for a Karpathy JSON, got {split!r}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: not a Karpathy JSON (expected an object with an 'images' list)")
     base = Path(image_root) if image_root is not None else path.parent
@@ -457,10 +459,7 @@ def read_vqav2(questions: PathLike, annotations: Optional[PathLike] = None, *,
     Images: image_root / image_pattern (default the COCO file names; subtype from the JSON's
     data_subtype, e.g. train2014)."""
     qpath = _check_file(questions, "VQAv2 questions JSON")
-    try:
-        qdata = json.loads(qpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{qpath}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    qdata = _read_json(qpath)
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
         raise DataError(f"{qpath}: expected an object with a 'questions' list (VQAv2 questions file)")
     subtype = qdata.get("data_subtype", "")
@@ -468,10 +467,7 @@ def read_vqav2(questions: PathLike, annotations: Optional[PathLike] = None, *,
     answers: Dict[int, Dict[str, int]] = {}
     if annotations is not None:
         apath = _check_file(annotations, "VQAv2 annotations JSON")
-        try:
-            adata = json.loads(apath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{apath}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        adata = _read_json(apath)
         if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
             raise DataError(f"{apath}: expected an object with an 'annotations' list (VQAv2 annotations file)")
         for n, ann in enumerate(adata["annotations"]):
