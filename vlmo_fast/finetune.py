@@ -487,10 +487,5 @@ def _evaluate(args, final, out, is_main) -> dict:
 
 
 def main(argv=None) -> dict:
-    import sys
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    from .eval.runner import run_or_exit
+    return run_or_exit(run, build_parser().parse_args(argv))

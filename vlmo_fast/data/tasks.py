@@ -18,6 +18,7 @@ Every batch also has keys [B] and num_skipped [] as the pretraining batches.
 """
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -77,8 +78,9 @@ class EmbeddedNLVR2Dataset(Dataset):
                 "statement": item["statement"], "label": item["label"], "key": int(key), "skipped": 0}
 
 
-class _FileTaskDataset(Dataset):
-    """Shared skip-and-substitute logic for file-backed task datasets."""
+class _FileTaskDataset(Dataset, abc.ABC):
+    """Shared skip-and-substitute logic for file-backed task datasets; subclasses say how
+    one record becomes an item (`_load`)."""
 
     records: list
 
@@ -93,8 +95,9 @@ class _FileTaskDataset(Dataset):
         rng = item_rng(self.seed, key, stream) if self.train else None
         return self.transform.load(ref, origin, rng)[0]
 
+    @abc.abstractmethod
     def _load(self, index: int, key: int) -> dict:
-        raise NotImplementedError
+        """Item of record `index`; `key` seeds its random transforms."""
 
     def __getitem__(self, key: int) -> dict:
         key, n = int(key), len(self.records)
