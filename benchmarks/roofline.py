@@ -53,6 +53,10 @@ TC_EFFICIENCY = {"A100": 0.80, "H100": 0.70}   # Triton GEMM tiles vs peak (no T
 BW_EFFICIENCY = 0.85
 OVERLAP = 0.5          # fraction of the smaller of (tensor, ALU+SFU) time hidden under the larger
 LAUNCH_US = 3.0        # per launch (device side gap between dependent kernels)
+# fp32 reductions into global memory (red.global.add) resolve in L2; their throughput is taken
+# as half the ~5.5 TB/s L2 read bandwidth of an H100 (A100: half of ~4 TB/s). An assumption
+# used only for designs that would need atomics (the one-S-tile contrastive backward).
+L2_ATOMIC_TBPS = {"A100": 2.0, "H100": 2.75}
 SERIAL_BLOCK_US = 1.0  # one dependent load-and-reduce step inside a program (routing)
 
 
@@ -66,6 +70,7 @@ class Kernel:
     sfu_ops: float = 0.0         # exponentials / logarithms
     tiles: Optional[List[float]] = None  # relative work of each tile (wave quantisation)
     serial_steps: int = 0        # dependent loop iterations of a one-program kernel
+    atomic_bytes: float = 0.0    # fp32 read-modify-write reductions resolved in L2
 
     def floor_ms(self, part: Part) -> float:
         tc = self.tc_flops / (part.tc_tflops[self.precision] * 1e12) if self.tc_flops else 0.0
@@ -76,7 +81,8 @@ class Kernel:
         t_tc = self.tc_flops / (part.tc_tflops[self.precision] * 1e12 * eff) if self.tc_flops else 0.0
         t_alu = (self.alu_ops / (part.fp32_tflops * 1e12)
                  + self.sfu_ops / (part.sms * part.sfu_per_sm_clk * part.clock_ghz * 1e9))
-        t_mem = self.bytes / (part.dram_tbps * 1e12 * BW_EFFICIENCY)
+        t_mem = (self.bytes / (part.dram_tbps * 1e12 * BW_EFFICIENCY)
+                 + self.atomic_bytes / (L2_ATOMIC_TBPS[part.name[:4]] * 1e12))
         t_compute = max(t_tc, t_alu) + (1 - OVERLAP) * min(t_tc, t_alu)
         if self.tiles:
             t_compute *= _wave_factor(self.tiles, part.sms)
@@ -179,10 +185,19 @@ def mome_kernels(counts: List[int], d: int, h: int, dtype: str = "bf16", recompu
 CONTRASTIVE_FWD_OPS, CONTRASTIVE_BWD_OPS = 14.0, 12.0
 
 
+# Tiles of a one-S-tile backward at D = 256 (a program per 64-column block keeps dT_j in
+# registers, 64 fp32 per thread at 8 warps, and adds each 64 x D dI partial into global fp32;
+# larger blocks leave no registers for the S/G and dI tiles).
+FUSED_BWD_BLOCK_N = 64
+
+
 def contrastive_kernels(n: int, D: int, dtype: str = "bf16", world: int = 1,
                         fused_backward: bool = False) -> Tuple[List[Kernel], List[Kernel]]:
     """(forward, backward) of kernels/contrastive.py for one rank's n rows against N = world*n
-    columns. fused_backward models one recomputed S tile feeding dI and dT (3 GEMMs)."""
+    columns. fused_backward models the design the kernels do NOT use: one recomputed S tile
+    feeding dI and dT (3 GEMMs instead of 4), which needs dI reduced across column programs
+    with fp32 atomics (flash-attention-2's dQ scheme): n * N / FUSED_BWD_BLOCK_N * D * 4 bytes
+    of L2 reductions."""
     big_n = n * world
     el = 4 if dtype == "fp32" else 2
     prec = {"fp32": "tf32x3", "bf16": "bf16", "fp16": "fp16"}[dtype]
@@ -191,7 +206,8 @@ def contrastive_kernels(n: int, D: int, dtype: str = "bf16", world: int = 1,
                   alu_ops=s * CONTRASTIVE_FWD_OPS, sfu_ops=s)]
     if fused_backward:
         bwd = [Kernel("contrastive_bwd_fused", 6 * s * D, prec, bytes=(n + big_n) * D * (el + 4),
-                      alu_ops=s * CONTRASTIVE_BWD_OPS, sfu_ops=s)]
+                      alu_ops=s * CONTRASTIVE_BWD_OPS, sfu_ops=s,
+                      atomic_bytes=s / FUSED_BWD_BLOCK_N * D * 4)]
     else:
         bwd = [Kernel("contrastive_bwd_img", 4 * s * D, prec, bytes=(n + big_n) * D * el * 2,
                       alu_ops=s * CONTRASTIVE_BWD_OPS, sfu_ops=s),

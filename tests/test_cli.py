@@ -91,7 +91,8 @@ def test_convert_roundtrip(ckpt, tmp_path):
 
 def test_export_and_module_entry_point(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlmo_fast", "export", "--checkpoint", str(ckpt),
-                           "--hf", str(tmp_path / "hf"), "--onnx", str(tmp_path / "onnx")],
+                           "--hf", str(tmp_path / "hf"), "--onnx", str(tmp_path / "onnx"),
+                           "--onnx-exporter", "dynamo"],
                           capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr

@@ -31,6 +31,18 @@ def test_onnx_towers_match_pytorch(tmp_path):
         export_onnx(model, tmp_path / "x", towers=("audio",))
 
 
+def test_onnx_dynamo_exporter_matches_pytorch(tmp_path):
+    """torch.export-based exporter: the towers tell the FFN their expert, so nothing traced is
+    read on the host; dynamic batch; same numbers as PyTorch through onnxruntime."""
+    pytest.importorskip("onnxscript")
+    model = VLMo.from_preset("tiny", max_text_len=12)
+    export_onnx(model, tmp_path / "onnx", exporter="dynamo")
+    diffs = check_onnx(model, tmp_path / "onnx", batch=3)
+    assert diffs["image"] < 1e-4 and diffs["text"] < 1e-4, diffs
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(model, tmp_path / "x", exporter="jit")
+
+
 class FailingTokenizer:
     def save(self, directory):
         (directory / "vocab.txt").write_text("[PAD]\n")

@@ -182,7 +182,7 @@ def cmd_export(args) -> int:
     ckpt = Path(args.checkpoint)
     model = VLMo.from_pretrained(ckpt)
     if args.onnx:
-        export_onnx(model, args.onnx, overwrite=args.overwrite)
+        export_onnx(model, args.onnx, overwrite=args.overwrite, exporter=args.onnx_exporter)
         line = f"ONNX towers -> {args.onnx}"
         try:
             diffs = check_onnx(model, args.onnx)
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX image/text towers and/or a Hugging Face-style folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", default=None, help="folder for image_encoder.onnx + text_encoder.onnx")
+    p.add_argument("--onnx-exporter", default="torchscript", choices=("torchscript", "dynamo"),
+                   help="torch's ONNX exporter: TorchScript tracing or torch.export (needs onnxscript)")
     p.add_argument("--hf", default=None, help="folder for config.json + model.safetensors + tokenizer")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -8,13 +8,12 @@ fixed-shape graph). Both take any batch size; the text length is fixed at the mo
 (the relative-position index is built for that layout). The features are the L2-normalised
 ITC embeddings `VLMo.encode_image(...).features` / `encode_text(...).features`.
 
-How: the TorchScript-based exporter (`torch.onnx.export(dynamo=False)`) traces the model with
-the reference attention and a trace-only FFN backend (`export_single_expert`, registered
-here): a tower sends every token to one expert, which the tracer sees as a constant, so the
-graph holds one dense expert per block instead of the data-dependent routing
-(`nonzero`/`index_select`). The dynamo exporter cannot trace the model's CPU-side input
-range checks (data-dependent `bool(tensor)`), see the module notes in the report.
-Two fix-ups follow: negative `perm`s in Transpose nodes (the exporter writes them for
+How: `exporter="torchscript"` (default; `torch.onnx.export(dynamo=False)`) or `"dynamo"`
+(`torch.export`-based, needs `onnxscript`; the path torch keeps once the TorchScript exporter is
+removed) traces the model with the reference attention and a trace-only FFN backend
+(`export_single_expert`, registered here): each tower tells the backend which expert all its
+tokens use, so the graph holds one dense expert per block instead of the data-dependent routing
+(`nonzero`/`index_select`) and no traced value is read on the host. Two fix-ups follow: negative `perm`s in Transpose nodes (the exporter writes them for
 `movedim`, onnxruntime rejects them) become positive, and stale traced shape annotations are
 dropped. `check_onnx` runs the files with onnxruntime against PyTorch.
 
@@ -28,6 +27,7 @@ an export killed half-way leaves no half-written folder.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import os
 import warnings
@@ -43,7 +43,20 @@ from .io import atomic_directory, atomic_write_json
 PathLike = Union[str, os.PathLike]
 ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 DEFAULT_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
 EXPORT_FFN_BACKEND = "export_single_expert"
+# The expert a tower's tokens all use, set by the tower while it runs: the FFN backend then
+# needs no value from the traced modality ids (torch.export cannot read one).
+_TOWER_EXPERT: contextvars.ContextVar = contextvars.ContextVar("vlmo_fast_tower_expert", default=None)
+
+
+@contextlib.contextmanager
+def _tower_expert(expert: int) -> Iterator[None]:
+    token = _TOWER_EXPERT.set(expert)
+    try:
+        yield
+    finally:
+        _TOWER_EXPERT.reset(token)
 
 
 # -- towers ----------------------------------------------------------------------------------
@@ -55,7 +68,9 @@ class ImageTower(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model.encode_image(images).features
+        from .mome import VISION
+        with _tower_expert(VISION):
+            return self.model.encode_image(images).features
 
 
 class TextTower(nn.Module):
@@ -66,18 +81,22 @@ class TextTower(nn.Module):
         self.model = model
 
     def forward(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
-        return self.model.encode_text(text_ids, text_mask).features
+        from .mome import LANGUAGE
+        with _tower_expert(LANGUAGE):
+            return self.model.encode_text(text_ids, text_mask).features
 
 
 def _ffn_single_expert(x, modality_ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
                        fc2_bias, gamma=None, drop_path_scale=None, eps=1e-6):
     """The MoME FFN when every token goes to the same expert, for tracing only: the tracer
     records the expert index as a constant and the graph holds one dense expert."""
-    ids = modality_ids.reshape(-1)
-    expert = int(ids[0])
-    if not bool((ids == expert).all()):
-        raise ValueError(f"the {EXPORT_FFN_BACKEND!r} FFN backend only handles single-modality "
-                         "input (one expert for every token): export the image and text towers")
+    expert = _TOWER_EXPERT.get()
+    if expert is None:    # called outside a tower: read (and check) the ids
+        ids = modality_ids.reshape(-1)
+        expert = int(ids[0])
+        if not bool((ids == expert).all()):
+            raise ValueError(f"the {EXPORT_FFN_BACKEND!r} FFN backend only handles single-modality "
+                             "input (one expert for every token): export the image and text towers")
     d = int(norm_weight.shape[-1])   # a Python int: a traced size would make the graph dynamic
     z = F.layer_norm(x, (d,), norm_weight[expert], norm_bias[expert], eps)
     branch = F.gelu(z @ fc1_weight[expert] + fc1_bias[expert]) @ fc2_weight[expert] + fc2_bias[expert]
@@ -166,16 +185,26 @@ def _example_inputs(model, batch: int = 2):
 
 
 def export_onnx(model, directory: PathLike, *, towers: Sequence[str] = ("image", "text"),
-                opset: int = DEFAULT_OPSET, overwrite: bool = False) -> Dict[str, Path]:
+                opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                exporter: str = "torchscript") -> Dict[str, Path]:
     """Export the towers to `directory`/{image,text}_encoder.onnx (+ onnx_config.json).
+    `exporter`: "torchscript" or "dynamo" (torch.export; needs onnxscript, opset >= 18).
     Returns {"image": path, "text": path}."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     try:
         import onnx  # noqa: F401
+        if exporter == "dynamo":
+            import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise ImportError("ONNX export needs the `onnx` package: pip install onnx onnxruntime") from exc
+        raise ImportError(f"ONNX export ({exporter}) needs the `onnx` package"
+                          + (" and `onnxscript`" if exporter == "dynamo" else "")
+                          + ": pip install 'vlmo_fast[export]'") from exc
     unknown = set(towers) - set(ONNX_FILES)
     if unknown or not towers:
         raise ValueError(f"towers must be a non-empty subset of {sorted(ONNX_FILES)}, got {list(towers)}")
+    if exporter == "dynamo":
+        opset = max(opset, 18)   # the lowest opset torch's dynamo exporter emits
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = copy.deepcopy(model).float()   # the exported graph is fp32; leave the caller's model
     images, text_ids, text_mask = _example_inputs(model)
@@ -192,10 +221,17 @@ def export_onnx(model, directory: PathLike, *, towers: Sequence[str] = ("image",
             else:
                 module, args, names = TextTower(model), (text_ids, text_mask), ["text_ids", "text_mask"]
             module.eval()
-            torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
-                              output_names=["features"], opset_version=opset,
-                              dynamic_axes={n: {0: "batch"} for n in names + ["features"]},
-                              training=torch.onnx.TrainingMode.EVAL)
+            if exporter == "dynamo":
+                batch = torch.export.Dim("batch")
+                torch.onnx.export(module, args, str(path), dynamo=True, input_names=names,
+                                  output_names=["features"], opset_version=opset,
+                                  dynamic_shapes=tuple({0: batch} for _ in names),
+                                  external_data=False, verbose=False)
+            else:
+                torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
+                                  output_names=["features"], opset_version=opset,
+                                  dynamic_axes={n: {0: "batch"} for n in names + ["features"]},
+                                  training=torch.onnx.TrainingMode.EVAL)
             _fix_onnx_graph(path)
             written[tower] = Path(directory) / ONNX_FILES[tower]
         from .inference import model_fingerprint
@@ -208,7 +244,7 @@ def export_onnx(model, directory: PathLike, *, towers: Sequence[str] = ("image",
                            "output": {"features": ["batch", int(model.itc.image_proj.out_features)]}}
                        for t in towers},
             "image_normalization": {"mean": [0.5] * 3, "std": [0.5] * 3, "range": [-1, 1]},
-            "opset": opset, "model_hash": model_fingerprint(model), "model_config": c.to_dict()})
+            "opset": opset, "exporter": exporter, "model_hash": model_fingerprint(model), "model_config": c.to_dict()})
     return written
 
 
