@@ -319,9 +319,8 @@ def run(args) -> dict:
     from .data import WordPieceTokenizer
     from .io import atomic_write_json
     from .training.checkpoint import latest_tag, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from .training.engine import build_ds_config, init_distributed, load_ds_config, zero_stage
+    from .training.engine import build_ds_config, build_engine, init_distributed, load_ds_config
     from .training.logs import MetricsLogger, StepBuffer, nonfinite, plot_curves
-    from .training.optim import lr_lambda
     from .training.pretrain import Batches, seed_all, to_device
 
     validate_args(args)
@@ -352,8 +351,11 @@ def run(args) -> dict:
     ds_config = build_ds_config(load_ds_config(args.deepspeed_config), micro_batch=args.batch_size,
                                 grad_accum=args.grad_accum, clip=args.clip, bf16=bf16)
     head_mult = args.head_lr_mult if args.head_lr_mult is not None else DEFAULT_HEAD_LR_MULT[args.task]
-    engine = _build_engine(step_module, ds_config, args, head_mult, total, min(warmup, total), lr_lambda,
-                           zero_stage)
+    groups = finetune_param_groups(step_module, args.lr, args.weight_decay, head_lr_mult=head_mult,
+                                   layer_decay=args.layer_decay)
+    engine = build_engine(step_module, ds_config, lr=args.lr, weight_decay=args.weight_decay,
+                          betas=tuple(args.betas), total_steps=total, warmup_steps=min(warmup, total),
+                          schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, param_groups=groups)
     step = 0
     if args.resume == "auto" and latest_tag(ckpt_dir) is not None:
         client = load_checkpoint(engine, ckpt_dir, rank)
@@ -454,23 +456,6 @@ def _gathered_head_state(engine, rank: int):
             master = safe_get_full_fp32_param(p)
             values[name] = (master if master is not None else p).detach().float().cpu().clone()
     return values if rank == 0 else None
-
-
-def _build_engine(step_module, ds_config, args, head_mult, total, warmup, lr_lambda, zero_stage):
-    """deepspeed.initialize with the fine-tuning groups (head lr, layer decay); otherwise as
-    vlmo_fast.training.engine.build_engine (ZeRO-3 external parameters, LambdaLR schedule)."""
-    import deepspeed
-    if zero_stage(ds_config) == 3:
-        for p in step_module.external_parameters():
-            deepspeed.zero.register_external_parameter(step_module, p)
-    groups = finetune_param_groups(step_module, args.lr, args.weight_decay, head_lr_mult=head_mult,
-                                   layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, warmup, args.schedule, args.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    return engine
 
 
 def _evaluate(args, final, out, is_main) -> dict:

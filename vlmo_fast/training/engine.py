@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -122,8 +122,12 @@ def zero_stage(ds_config: Dict) -> int:
 
 def build_engine(step_module: nn.Module, ds_config: Dict, *, lr: float, weight_decay: float,
                  betas=(0.9, 0.98), eps: float = 1e-8, total_steps: int, warmup_steps: int,
-                 schedule: str = "cosine", min_lr_ratio: float = 0.0, leaf_experts: bool = False):
+                 schedule: str = "cosine", min_lr_ratio: float = 0.0, leaf_experts: bool = False,
+                 param_groups: Optional[List[Dict]] = None):
     """deepspeed.initialize over the trainable parameters of `step_module` -> engine.
+
+    param_groups: AdamW's groups (e.g. fine-tuning's head lr and layer decay); default: the
+    trainable parameters split by weight decay (`training.optim.param_groups`).
 
     leaf_experts: mark the expert banks as ZeRO-3 leaf modules. Off by default: the banks hold
     their experts STACKED (one tensor per weight kind, passed whole to the FFN op), so every
@@ -140,7 +144,10 @@ def build_engine(step_module: nn.Module, ds_config: Dict, *, lr: float, weight_d
             set_z3_leaf_modules(step_module, list(FFN_MODULE_TYPES))
         for p in step_module.external_parameters():
             deepspeed.zero.register_external_parameter(step_module, p)
-    optimizer = build_optimizer(step_module, lr, weight_decay, betas, eps)
+    if param_groups is None:
+        optimizer = build_optimizer(step_module, lr, weight_decay, betas, eps)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer,
