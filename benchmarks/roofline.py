@@ -130,21 +130,35 @@ def _gemm_tiles(counts, n_cols, bm=128, bn=128, k=1) -> List[float]:
     return tiles
 
 
-def _wgrad_tiles(counts, kd, nd, bm=128, bn=128, split_rows: int = 0) -> List[float]:
-    """dW tiles: each reduces over its expert's rows; split_rows > 0 splits them in chunks."""
+def _wgrad_chunks(count: int, split: int, min_rows: int) -> List[int]:
+    """Rows per chunk of one expert's dW reduction split into at most `split` equal chunks of
+    at least `min_rows` rows (the kernel's device-side rule)."""
+    if count == 0:
+        return []
+    chunk = max(math.ceil(count / split), min_rows)
+    return [min(chunk, count - r0) for r0 in range(0, count, chunk)]
+
+
+def _wgrad_tiles(counts, kd, nd, bm=128, bn=128, split: int = 1, min_rows: int = 0) -> List[float]:
+    """dW tiles: each reduces over its chunk of its expert's rows."""
     tiles = []
     for c in counts:
-        if c == 0:
-            continue
-        chunks = [split_rows] * (c // split_rows) + ([c % split_rows] if c % split_rows else []) \
-            if split_rows else [c]
-        tiles += chunks * (math.ceil(kd / bm) * math.ceil(nd / bn))
+        tiles += _wgrad_chunks(c, split, min_rows) * (math.ceil(kd / bm) * math.ceil(nd / bn))
     return tiles
 
 
+def _wgrad_partial_bytes(counts, kd, nd, split: int = 1, min_rows: int = 0) -> float:
+    """fp32 partial tiles of a split dW reduction: every chunk but the last-arriving one writes
+    its tile, the last one reads them back (the rest stays in registers)."""
+    return sum(max(len(_wgrad_chunks(c, split, min_rows)) - 1, 0) for c in counts) * kd * nd * 4.0 * 2
+
+
 def mome_kernels(counts: List[int], d: int, h: int, dtype: str = "bf16", recompute: bool = False,
-                 with_gamma: bool = True, wgrad_split_rows: int = 0) -> Tuple[List[Kernel], List[Kernel]]:
-    """(forward kernels, backward kernels) of kernels/mome_ffn.py for tokens per expert."""
+                 with_gamma: bool = True, wgrad_split: int = 1, wgrad_min_rows: int = 0,
+                 ) -> Tuple[List[Kernel], List[Kernel]]:
+    """(forward kernels, backward kernels) of kernels/mome_ffn.py for tokens per expert;
+    wgrad_split / wgrad_min_rows: the dW row split (at most that many chunks per expert, each
+    at least that many rows; 1 = no split)."""
     t = sum(counts)
     e = 3
     el = 4 if dtype == "fp32" else 2
@@ -162,14 +176,16 @@ def mome_kernels(counts: List[int], d: int, h: int, dtype: str = "bf16", recompu
     ]
     bwd = [
         Kernel("gather_grad", bytes=t * d * el * 3, alu_ops=t * d * 4.0),
-        Kernel("wgrad_fc2", gemm, prec, bytes=t * (h + d) * el + e * h * d * el,
-               tiles=_wgrad_tiles(counts, h, d, split_rows=wgrad_split_rows)),
+        Kernel("wgrad_fc2", gemm, prec, bytes=t * (h + d) * el + e * h * d * el
+               + _wgrad_partial_bytes(counts, h, d, wgrad_split, wgrad_min_rows),
+               tiles=_wgrad_tiles(counts, h, d, split=wgrad_split, min_rows=wgrad_min_rows)),
         Kernel("dgelu", gemm * (2 if recompute else 1), prec,
                bytes=t * d * el + e * d * h * el + t * h * el * (1 if recompute else 2)
                + (t * d * el + e * d * h * el if recompute else 0),
                alu_ops=t * h * gelu_ops, tiles=_gemm_tiles(counts, h, k=2 if recompute else 1)),
-        Kernel("wgrad_fc1", gemm, prec, bytes=t * (d + h) * el + e * d * h * el,
-               tiles=_wgrad_tiles(counts, d, h, split_rows=wgrad_split_rows)),
+        Kernel("wgrad_fc1", gemm, prec, bytes=t * (d + h) * el + e * d * h * el
+               + _wgrad_partial_bytes(counts, d, h, wgrad_split, wgrad_min_rows),
+               tiles=_wgrad_tiles(counts, d, h, split=wgrad_split, min_rows=wgrad_min_rows)),
         Kernel("dz", gemm, prec, bytes=t * h * el + e * d * h * el + t * d * 4,
                tiles=_gemm_tiles(counts, d)),
         Kernel("ln_bwd", bytes=t * d * (4 + el * 3), alu_ops=t * d * 14.0),

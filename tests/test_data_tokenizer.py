@@ -59,6 +59,18 @@ def test_save_load_roundtrip_is_atomic(tok, tmp_path):
     assert sorted(os.listdir(tmp_path / "tok")) == names
 
 
+def test_folder_mixing_two_saves_is_refused(tok, tmp_path):
+    """A save killed after vocab.txt but before tokenizer_config.json leaves files of two
+    generations: load names the mismatch instead of tokenizing with the wrong vocabulary."""
+    from vlmo_fast.io import CorruptFileError
+    other = build_tokenizer("embedded", vocab_size=300, num_documents=100, seed=3)
+    tok.save(tmp_path / "old")
+    other.save(tmp_path / "new")
+    os.replace(tmp_path / "new" / "vocab.txt", tmp_path / "old" / "vocab.txt")
+    with pytest.raises(CorruptFileError, match="vocab.txt: does not match .*mixes two saves"):
+        WordPieceTokenizer.load(tmp_path / "old")
+
+
 def test_load_bert_vocab_txt(tmp_path):
     vocab = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "##s", "cir"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")

@@ -4,6 +4,7 @@ trained on a corpus (the embedded world's by default), saved next to a run atomi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..io import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from ..io import CorruptFileError, atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_NAME = "tokenizer_config.json"
@@ -116,9 +117,19 @@ class WordPieceTokenizer:
         config = vocab_file.parent / CONFIG_NAME
         if config.is_file():
             try:
-                lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
+                meta = json.loads(config.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config}: not valid JSON ({e})") from None
+            lowercase = bool(meta.get("do_lower_case", True))
+            # `save` writes the config last with the vocab's hash: a save killed between its
+            # files leaves a vocab.txt of one generation beside a config of another
+            expected = meta.get("vocab_sha256")
+            if expected is not None and vocab_file.is_file():
+                actual = hashlib.sha256(vocab_file.read_bytes()).hexdigest()
+                if actual != expected:
+                    raise CorruptFileError(vocab_file, (
+                        f"does not match {config.name} (vocab_sha256 {expected[:12]}..., file "
+                        f"{actual[:12]}...): the folder mixes two saves; save the tokenizer again"))
         return cls.from_vocab_file(vocab_file, lowercase=lowercase)
 
     def save(self, directory: Union[str, Path]) -> Path:
@@ -127,12 +138,14 @@ class WordPieceTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory)   # what a writer killed mid-save left behind
         tokens = sorted(self._vocab, key=self._vocab.get)
-        atomic_write_text(directory / "vocab.txt", "\n".join(tokens) + "\n")
+        vocab_text = "\n".join(tokens) + "\n"
+        atomic_write_text(directory / "vocab.txt", vocab_text)
         atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
-        atomic_write_json(directory / CONFIG_NAME, {
+        atomic_write_json(directory / CONFIG_NAME, {   # last: it vouches for the files above
             "tokenizer_class": "BertTokenizerFast", "do_lower_case": self.lowercase,
             "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-            "mask_token": "[MASK]", "vocab_size": self.vocab_size})
+            "mask_token": "[MASK]", "vocab_size": self.vocab_size,
+            "vocab_sha256": hashlib.sha256(vocab_text.encode("utf-8")).hexdigest()})
         return directory
 
     # -- use -------------------------------------------------------------------------------
