@@ -94,14 +94,14 @@ def compare_with_model(out_dir: Path) -> list:
             elif impl not in MODELLED_IMPLS[bench]:
                 continue
             recompute = impl == "triton_recompute" or kernel == "dgelu_recompute"
-            case = roofline.case_for_row(bench, case_name)
+            case = roofline.case_for_row(bench, case_name, part)
             if case is None:
                 continue
             if recompute and bench == "mome":
                 tokens = case_name.split()
                 kv = dict(t.split("=", 1) for t in tokens if "=" in t)
-                case = roofline.mome_case((int(kv["d"]), int(kv["h"])), tokens[0], int(kv["T"]),
-                                          case.case.split()[-1], exact_tokens=True, recompute=True)
+                case = roofline.mome_autotuned((int(kv["d"]), int(kv["h"])), tokens[0], int(kv["T"]), part,
+                                               case.case.split()[-1], exact_tokens=True, recompute=True)[0]
             if kernel is not None:
                 name = "dgelu" if kernel == "dgelu_recompute" else kernel
                 found = [k for k in case.passes["fwd+bwd"] if k.name == name]
