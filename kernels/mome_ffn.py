@@ -28,8 +28,9 @@ Triton APIs used exist in 3.6 and 3.8: tl.dot(acc=, input_precision=), tl.erf, t
 constexpr globals, masked loads/stores (cache_modifier=".cg"), tl.atomic_add(sem=, scope=),
 tl.debug_barrier, triton.autotune(prune_configs_by=). Offline compiling (compile_for) uses 3.8
 internals and runs only where the compile matrix runs. With TRITON_INTERPRET=1 the kernels
-run on the CPU (tests) with fixed small blocks; on CUDA the GEMMs are autotuned. fp32 inputs use the 3-pass TF32 split on tensor cores (~fp32 accuracy;
-plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set).
+run on the CPU (tests) with fixed small blocks; on CUDA the GEMMs are autotuned. fp32 inputs
+use the 3-pass TF32 split on tensor cores (~fp32 accuracy; plain TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set).
 """
 from __future__ import annotations
 
@@ -523,7 +524,8 @@ def _wgrad_configs() -> List[triton.Config]:
     """Each 16-bit and fp32 tile config unsplit, then split in WGRAD_SPLITS chunks."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split},
                           num_warps=warps, num_stages=stages)
-            for split in (1,) + WGRAD_SPLITS for bm, bn, bk, warps, stages in _WGRAD_TABLE + _FP32_TABLE]
+            for split in (1,) + WGRAD_SPLITS
+            for bm, bn, bk, warps, stages in _WGRAD_TABLE + _FP32_TABLE]
 
 
 def _config_key(cfg: triton.Config) -> tuple:
@@ -781,8 +783,10 @@ def grouped_wgrad_buffers(x: Tensor, g: Tensor, offsets: Tensor, num_experts: in
                           with_bias: bool, dtype: torch.dtype) -> WgradBuffers:
     """grouped_wgrad, also returning the split workspace. Partials of expert e's chunk c are
     at slot sum(n_e' for e' < e with n_e' > 1) + c, n_e = clamp(count_e // min_chunk, 1,
-    SPLIT), for experts with n_e > 1; the counters are zeroed per call (a fresh allocation
-    has no stale counts, and concurrent launches on other streams share no state)."""
+    SPLIT), for experts with n_e > 1. The counters are allocated zeroed per call (no state
+    shared with other calls, e.g. on other streams), and the last chunk of each tile sets its
+    counter back to 0, so re-running the launch on the same buffers (as the autotuner does
+    while timing configs) counts from 0 again."""
     t, kd = x.shape
     nd = g.shape[1]
     dw = torch.empty((num_experts, kd, nd), dtype=dtype, device=x.device)
@@ -792,10 +796,11 @@ def grouped_wgrad_buffers(x: Tensor, g: Tensor, offsets: Tensor, num_experts: in
     slots = min(num_experts * max_split, t // min_chunk) if max_split > 1 else 0
     f32 = dict(dtype=torch.float32, device=x.device)
     # An expert splits only with >= 2 * min_chunk rows, so slots < 2 means nothing splits.
-    partials = torch.empty((slots, kd, nd), **f32) if slots >= 2 else dw.new_empty(0, dtype=torch.float32)
-    bias_partials = torch.empty((slots, nd), **f32) if slots >= 2 else partials
-    counters = (torch.zeros((num_experts, _wgrad_max_tiles(kd, nd)), dtype=torch.int32,
-                            device=x.device) if slots >= 2 else offsets.new_empty(0))
+    split = slots >= 2
+    partials = torch.empty((slots, kd, nd) if split else (0,), **f32)
+    bias_partials = torch.empty((slots, nd) if split else (0,), **f32)
+    counters = torch.zeros((num_experts, _wgrad_max_tiles(kd, nd)) if split else (0,),
+                           dtype=torch.int32, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(kd, meta["BLOCK_M"]) * triton.cdiv(nd, meta["BLOCK_N"]),
