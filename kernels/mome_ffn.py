@@ -25,11 +25,12 @@ fake implementations, so torch.compile(fullgraph=True) traces through them) -> M
 (offline compile of exactly what the launchers launch, for the compile matrix).
 
 Triton APIs used exist in 3.6 and 3.8: tl.dot(acc=, input_precision=), tl.erf, tl.cumsum,
-constexpr globals, masked loads/stores, triton.autotune(prune_configs_by=). Offline
-compiling (compile_for) uses 3.8 internals and runs only where the compile matrix runs. With
-TRITON_INTERPRET=1 the kernels run on the CPU (tests) with fixed small blocks; on CUDA the
-GEMMs are autotuned. fp32 inputs use the 3-pass TF32 split on tensor cores (~fp32 accuracy;
-plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set).
+constexpr globals, masked loads/stores (cache_modifier=".cg"), tl.atomic_add(sem=, scope=),
+tl.debug_barrier, triton.autotune(prune_configs_by=). Offline compiling (compile_for) uses 3.8
+internals and runs only where the compile matrix runs. With TRITON_INTERPRET=1 the kernels
+run on the CPU (tests) with fixed small blocks; on CUDA the GEMMs are autotuned. fp32 inputs
+use the 3-pass TF32 split on tensor cores (~fp32 accuracy; plain TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set).
 """
 from __future__ import annotations
 
@@ -269,19 +270,95 @@ def _grouped_gemm_kernel(
 
 # --------------------------------------------------------------------------------------
 # Weight gradient per expert: dW[e] = X_e^T @ G_e (a reduction over e's rows), db[e] = sum G_e.
+# The row reduction may be split (SPLIT > 1): an expert of `count` rows is cut into
+# n = clamp(count // min_chunk, 1, SPLIT) contiguous chunks of ceil(count / n) rows, one
+# program each per dW tile, so one large expert (the vision expert holds ~83 % of an
+# image-text batch) fills the GPU's SMs instead of a few waves of full-length tiles. Every
+# program derives n and its expert's workspace slots from `offsets` (no host sync); programs
+# past n return at once. Multi-chunk experts: each chunk stores its fp32 partial tile in its
+# slot and increments the (expert, tile) counter (acq_rel); the one that arrives last sums
+# all n slots in the fixed order 0..n-1 (so dW does not depend on arrival order), writes dW
+# and db, and resets the counter to 0 (the launch stays idempotent: the autotuner re-runs it
+# on the same buffers).
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _wgrad_chunks(offsets_ptr, expert, min_chunk, NUM_EXPERTS: tl.constexpr, SPLIT: tl.constexpr):
+    """(row chunks of `expert`, its first workspace slot): slots are packed over the experts
+    split in more than one chunk, so at most min(E * SPLIT, T // min_chunk) exist."""
+    n_chunks = 1
+    slot = 0
+    for e in tl.static_range(NUM_EXPERTS):
+        count = tl.load(offsets_ptr + e + 1) - tl.load(offsets_ptr + e)
+        n = tl.minimum(tl.maximum(count // min_chunk, 1), SPLIT)
+        n_chunks = tl.where(e == expert, n, n_chunks)
+        slot += tl.where((e < expert) & (n > 1), n, 0)
+    return n_chunks, slot
+
+
+@triton.jit
+def _wgrad_store(dw_ptr, db_ptr, expert, pid_m, rm, rn, KD, ND, dw, dbias, HAS_BIAS: tl.constexpr):
+    e64 = expert.to(tl.int64)
+    tl.store(dw_ptr + e64 * KD * ND + rm[:, None] * ND + rn[None, :],
+             dw.to(dw_ptr.dtype.element_ty), mask=(rm < KD)[:, None] & (rn < ND)[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + e64 * ND + rn, dbias.to(db_ptr.dtype.element_ty),
+                 mask=(rn < ND) & (pid_m == 0))
+
+
+@triton.jit
+def _wgrad_fixup(part_ptr, db_part_ptr, dw_ptr, db_ptr, expert, slot, n_chunks, pid_m, rn, KD, ND,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dW tile (and db) = sum of the n_chunks partials in slot order. Even the calling
+    program's own partial is read back (not taken from its accumulator, which is dead by
+    now), from L2 (.cg: L1 is not coherent across SMs), in slabs of <= 32 rows: two fp32
+    slabs and their addresses stay far below the accumulator's registers."""
+    SLAB: tl.constexpr = 32 if BLOCK_M > 32 else BLOCK_M
+    rn_ok = rn < ND
+    for i in tl.static_range(BLOCK_M // SLAB):
+        rm = pid_m * BLOCK_M + i * SLAB + tl.arange(0, SLAB)
+        tile = rm[:, None] * ND + rn[None, :]
+        tile_ok = (rm < KD)[:, None] & rn_ok[None, :]
+        total = tl.zeros((SLAB, BLOCK_N), dtype=tl.float32)
+        for j in range(n_chunks):
+            total += tl.load(part_ptr + (slot + j).to(tl.int64) * KD * ND + tile, mask=tile_ok,
+                             other=0.0, cache_modifier=".cg")
+        tl.store(dw_ptr + expert.to(tl.int64) * KD * ND + tile, total.to(dw_ptr.dtype.element_ty),
+                 mask=tile_ok)
+    if HAS_BIAS:
+        bias_ok = rn_ok & (pid_m == 0)
+        total_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in range(n_chunks):
+            total_bias += tl.load(db_part_ptr + (slot + j).to(tl.int64) * ND + rn, mask=bias_ok,
+                                  other=0.0, cache_modifier=".cg")
+        tl.store(db_ptr + expert.to(tl.int64) * ND + rn, total_bias.to(db_ptr.dtype.element_ty),
+                 mask=bias_ok)
+
+
+@triton.jit
 def _grouped_wgrad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr,
-                          KD, ND, stride_xm, stride_gm, T_BUCKET,
-                          HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          part_ptr, db_part_ptr, sem_ptr,   # SPLIT > 1: partials, counters
+                          KD, ND, stride_xm, stride_gm, min_chunk, T_BUCKET,
+                          NUM_EXPERTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          MAX_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    expert = tl.program_id(1)
+    # The workspace holds the partials of at most MAX_SPLIT chunks per expert.
+    tl.static_assert(SPLIT <= MAX_SPLIT)
+    pid = tl.program_id(0)              # dW tile (the large axis: x allows 2^31 - 1)
+    expert = tl.program_id(1) // SPLIT
+    chunk = tl.program_id(1) % SPLIT
     tiles_n = tl.cdiv(ND, BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
+    if SPLIT > 1:
+        n_chunks, slot = _wgrad_chunks(offsets_ptr, expert, min_chunk, NUM_EXPERTS, SPLIT)
+        if chunk >= n_chunks:
+            return
+        chunk_rows = tl.cdiv(end - start, n_chunks)
+        start = start + chunk * chunk_rows
+        end = tl.minimum(end, start + chunk_rows)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of dW: features of X
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # cols of dW: features of G
     rm_ok = rm < KD
@@ -299,12 +376,29 @@ def _grouped_wgrad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr,
         acc = _mma(xt, g, acc, DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             dbias += tl.sum(g.to(tl.float32), axis=0)
-    e64 = expert.to(tl.int64)
-    tl.store(dw_ptr + e64 * KD * ND + rm[:, None] * ND + rn[None, :],
-             acc.to(dw_ptr.dtype.element_ty), mask=rm_ok[:, None] & rn_ok[None, :])
-    if HAS_BIAS:
-        tl.store(db_ptr + e64 * ND + rn, dbias.to(db_ptr.dtype.element_ty),
-                 mask=rn_ok & (pid_m == 0))
+    if SPLIT > 1:
+        if n_chunks > 1:
+            tile = rm[:, None] * ND + rn[None, :]
+            tile_ok = rm_ok[:, None] & rn_ok[None, :]
+            bias_ok = rn_ok & (pid_m == 0)
+            own = (slot + chunk).to(tl.int64)
+            tl.store(part_ptr + own * KD * ND + tile, acc, mask=tile_ok)
+            if HAS_BIAS:
+                tl.store(db_part_ptr + own * ND + rn, dbias, mask=bias_ok)
+            # Every thread's partial stores before the counter's release (one thread of the
+            # program does the atomic); the last arrival's acquire makes all chunks' visible.
+            tl.debug_barrier()
+            counter = sem_ptr + expert * (tl.cdiv(KD, BLOCK_M) * tiles_n) + pid
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_chunks - 1:
+                tl.debug_barrier()
+                _wgrad_fixup(part_ptr, db_part_ptr, dw_ptr, db_ptr, expert, slot, n_chunks, pid_m,
+                             rn, KD, ND, HAS_BIAS, BLOCK_M, BLOCK_N)
+                tl.store(counter, 0)
+        else:
+            _wgrad_store(dw_ptr, db_ptr, expert, pid_m, rm, rn, KD, ND, acc, dbias, HAS_BIAS)
+    else:
+        _wgrad_store(dw_ptr, db_ptr, expert, pid_m, rm, rn, KD, ND, acc, dbias, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------------------
@@ -409,11 +503,6 @@ def _gemm_configs() -> List[triton.Config]:
                      (128, 128, 32, 4, 4)])
 
 
-def _wgrad_configs() -> List[triton.Config]:
-    return _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)])
-
-
 # fp32 inputs run the 3-pass TF32 split: both operands split into hi/lo parts in registers,
 # so tiles hold fewer accumulator registers per thread, and K steps are half as deep (the
 # same bytes per stage as the 16-bit configs). 64x64 tiles take 8 warps: with 4, mma.sync
@@ -423,6 +512,20 @@ _FP32_TABLE = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (32
 
 def _fp32_configs() -> List[triton.Config]:
     return _configs(_FP32_TABLE)
+
+
+_WGRAD_TABLE = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)]
+# Row splits of the wgrad reduction timed besides 1 (where the T bucket allows splitting).
+WGRAD_SPLITS = (2, 4)
+
+
+def _wgrad_configs() -> List[triton.Config]:
+    """Each 16-bit and fp32 tile config unsplit, then split in WGRAD_SPLITS chunks."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split},
+                          num_warps=warps, num_stages=stages)
+            for split in (1,) + WGRAD_SPLITS
+            for bm, bn, bk, warps, stages in _WGRAD_TABLE + _FP32_TABLE]
 
 
 def _config_key(cfg: triton.Config) -> tuple:
@@ -479,8 +582,12 @@ def prune_gemm_configs(configs, arch: int, element_size: int, EPILOGUE=0, **_) -
     return _prune(configs, arch, element_size, _live_tiles(int(EPILOGUE)))
 
 
-def prune_wgrad_configs(configs, arch: int, element_size: int, **_) -> List[triton.Config]:
-    return _prune(configs, arch, element_size, 1)
+def prune_wgrad_configs(configs, arch: int, element_size: int, MAX_SPLIT=1, **_
+                        ) -> List[triton.Config]:
+    """As prune_gemm_configs (one live tile: the split's fixup sums partials into one tile),
+    keeping only row splits the launch's workspace holds (MAX_SPLIT)."""
+    return _prune([c for c in configs if c.kwargs.get("SPLIT", 1) <= int(MAX_SPLIT)], arch,
+                  element_size, 1)
 
 
 def _autotune_prune(prune, tensor_arg: str):
@@ -495,6 +602,10 @@ def _autotune_prune(prune, tensor_arg: str):
 # Small fixed blocks under the interpreter (16 is tl.dot's minimum) keep tests fast and
 # exercise multi-tile groups and ragged edges at tiny shapes.
 _INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+# The wgrad splits expert rows in up to 3 chunks of >= 8 rows there, so the CPU tests run the
+# partial/counter/fixup path (tests also run SPLIT=1).
+_INTERP_WGRAD = dict(_INTERP_BLOCKS, SPLIT=3)
+_INTERP_MIN_CHUNK = 8
 
 
 def _quick_bench(fn, quantiles=None):
@@ -511,7 +622,7 @@ else:
                             prune_configs_by={"early_config_prune": _autotune_prune(
                                 prune_gemm_configs, "a_ptr")},
                             do_bench=_quick_bench, cache_results=True)(_grouped_gemm_kernel)
-    _wgrad = triton.autotune(_wgrad_configs() + _fp32_configs(), key=["KD", "ND", "T_BUCKET"],
+    _wgrad = triton.autotune(_wgrad_configs(), key=["KD", "ND", "T_BUCKET"],
                              prune_configs_by={"early_config_prune": _autotune_prune(
                                  prune_wgrad_configs, "x_ptr")},
                              do_bench=_quick_bench, cache_results=True)(_grouped_wgrad_kernel)
@@ -626,21 +737,80 @@ def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, epilogue: int, *,
     return out
 
 
+# Rows of a chunk of a split wgrad reduction, at least: its fp32 partial tile (written, then
+# read back once) stays small next to the chunk's MMA work (2048 rows x a 128x128 tile: 64 KB
+# of partial per 67 MFLOP), and the workspace stays within min(E * SPLIT, T // 2048) slots.
+WGRAD_MIN_CHUNK = 2048
+
+
+class WgradBuffers(NamedTuple):
+    """Outputs and the split workspace of one grouped_wgrad launch (tests read the partials)."""
+    dw: Tensor              # [E, KD, ND]
+    db: Optional[Tensor]    # [E, ND]
+    partials: Tensor        # [slots, KD, ND] fp32 (chunk partials of the split experts), or [0]
+    bias_partials: Tensor   # [slots, ND] fp32, or [0]
+    counters: Tensor        # [E, tiles] int32, all 0 again after the launch, or [0]
+
+
+def _wgrad_min_chunk() -> int:
+    return _INTERP_MIN_CHUNK if INTERPRET else WGRAD_MIN_CHUNK
+
+
+def _wgrad_max_split(t: int) -> int:
+    """The largest SPLIT the launch for T rows may run (and its workspace holds). On CUDA a
+    function of the autotune key's T bucket, as the pruned configs must be: every T of a
+    bucket above 2 * WGRAD_MIN_CHUNK has enough rows to split an expert; smaller T runs
+    unsplit configs only and allocates no workspace."""
+    if INTERPRET:
+        return _INTERP_WGRAD["SPLIT"]
+    return max(WGRAD_SPLITS) if _t_bucket(t) > 2 * WGRAD_MIN_CHUNK else 1
+
+
+def _wgrad_max_tiles(kd: int, nd: int) -> int:
+    """dW tiles per expert of the launch config with the most (sizes the counters)."""
+    blocks = [_INTERP_WGRAD] if INTERPRET else [c.kwargs for c in _wgrad.configs]
+    return max(triton.cdiv(kd, b["BLOCK_M"]) * triton.cdiv(nd, b["BLOCK_N"]) for b in blocks)
+
+
 def grouped_wgrad(x: Tensor, g: Tensor, offsets: Tensor, num_experts: int, with_bias: bool,
                   dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
     """dW[e] = x_e^T @ g_e  ([E, Kx, Ng]) and db[e] = sum_rows g_e ([E, Ng])."""
+    out = grouped_wgrad_buffers(x, g, offsets, num_experts, with_bias, dtype)
+    return out.dw, out.db
+
+
+def grouped_wgrad_buffers(x: Tensor, g: Tensor, offsets: Tensor, num_experts: int,
+                          with_bias: bool, dtype: torch.dtype) -> WgradBuffers:
+    """grouped_wgrad, also returning the split workspace. Partials of expert e's chunk c are
+    at slot sum(n_e' for e' < e with n_e' > 1) + c, n_e = clamp(count_e // min_chunk, 1,
+    SPLIT), for experts with n_e > 1. The counters are allocated zeroed per call (no state
+    shared with other calls, e.g. on other streams), and the last chunk of each tile sets its
+    counter back to 0, so re-running the launch on the same buffers (as the autotuner does
+    while timing configs) counts from 0 again."""
     t, kd = x.shape
     nd = g.shape[1]
     dw = torch.empty((num_experts, kd, nd), dtype=dtype, device=x.device)
     db = torch.empty((num_experts, nd), dtype=dtype, device=x.device) if with_bias else dw
+    max_split = _wgrad_max_split(t)
+    min_chunk = _wgrad_min_chunk()
+    slots = min(num_experts * max_split, t // min_chunk) if max_split > 1 else 0
+    f32 = dict(dtype=torch.float32, device=x.device)
+    # An expert splits only with >= 2 * min_chunk rows, so slots < 2 means nothing splits.
+    split = slots >= 2
+    partials = torch.empty((slots, kd, nd) if split else (0,), **f32)
+    bias_partials = torch.empty((slots, nd) if split else (0,), **f32)
+    counters = torch.zeros((num_experts, _wgrad_max_tiles(kd, nd)) if split else (0,),
+                           dtype=torch.int32, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(kd, meta["BLOCK_M"]) * triton.cdiv(nd, meta["BLOCK_N"]), num_experts)
+        return (triton.cdiv(kd, meta["BLOCK_M"]) * triton.cdiv(nd, meta["BLOCK_N"]),
+                num_experts * meta["SPLIT"])
 
-    launch(_wgrad, grid, x, g, dw, db, offsets, kd, nd, x.stride(0), g.stride(0), _t_bucket(t),
-           HAS_BIAS=with_bias, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=INTERPRET,
-           **_launch_meta(_INTERP_BLOCKS))
-    return dw, (db if with_bias else None)
+    launch(_wgrad, grid, x, g, dw, db, offsets, partials, bias_partials, counters,
+           kd, nd, x.stride(0), g.stride(0), min_chunk, _t_bucket(t),
+           NUM_EXPERTS=num_experts, HAS_BIAS=with_bias, DOT_PRECISION=_dot_precision(x.dtype),
+           UPCAST=INTERPRET, MAX_SPLIT=max_split, **_launch_meta(_INTERP_WGRAD))
+    return WgradBuffers(dw, db if with_bias else None, partials, bias_partials, counters)
 
 
 # Cap on programs of the reducing kernels: enough to fill an H100 several times over while
@@ -888,7 +1058,7 @@ def mome_ffn_triton(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_b
 # TRITON_INTERPRET (the interpreter replaces the jit functions at import).
 # --------------------------------------------------------------------------------------
 VARIANT_KEYS = ("EPILOGUE", "HAS_BIAS", "STORE_AUX", "RECOMPUTE", "HAS_GAMMA", "HAS_DPS",
-                "DOT_PRECISION", "NEED_DGAMMA")
+                "DOT_PRECISION", "NEED_DGAMMA", "SPLIT")
 
 
 def record_forward_backward(arch: int, dtype: torch.dtype, t: int = 4096, d: int = 768,
@@ -914,8 +1084,10 @@ def record_forward_backward(arch: int, dtype: torch.dtype, t: int = 4096, d: int
 def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16, *,
                 recompute_preact: bool = False, all_configs: bool = True, **sizes) -> list:
     """Compile every launch of a forward + backward for CUDA `arch` exactly as launched (JIT
-    argument specialisation; each autotune config the arch keeps, or only the first with
-    all_configs=False). Returns `common.CompileResult`s; raises on a compile error."""
+    argument specialisation; each autotune config the arch keeps, or with all_configs=False
+    only the first of each SPLIT: the wgrad's split and unsplit code paths both compile).
+    Sizes: t (4096 runs only unsplit wgrad configs, t > 4096 the split ones too), d, h,
+    num_experts. Returns `common.CompileResult`s; raises on a compile error."""
     prunes = {_gemm: prune_gemm_configs, _wgrad: prune_wgrad_configs}
     results, seen = [], set()
     for rec in record_forward_backward(arch, dtype, recompute_preact=recompute_preact, **sizes):
@@ -926,10 +1098,17 @@ def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16, *,
         seen.add(key)
         prune = prunes.get(rec.kernel)
         if prune is not None and not all_configs:
-            prune = (lambda p: lambda cfgs, *a, **k: p(cfgs, *a, **k)[:1])(prune)
+            prune = (lambda p: lambda cfgs, *a, **k: _first_per_split(p(cfgs, *a, **k)))(prune)
         results += compile_launch(rec, arch, VARIANT_KEYS,
                                   None if prune is None else _element_size_prune(prune, rec))
     return results
+
+
+def _first_per_split(configs):
+    firsts = {}
+    for c in configs:
+        firsts.setdefault(c.kwargs.get("SPLIT", 1), c)
+    return list(firsts.values())
 
 
 def _element_size_prune(prune, rec):

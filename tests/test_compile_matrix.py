@@ -47,6 +47,9 @@ def test_compile_matrix(tmp_path):
     variants = {r["variant"].split()[0] for r in rows if r["kernel"] == "_grouped_gemm_kernel"}
     assert variants == {"EPILOGUE=0", "EPILOGUE=1", "EPILOGUE=2", "EPILOGUE=3"}
     assert any("RECOMPUTE=True" in r["variant"] for r in rows)
+    # The MoME weight gradient unsplit and with its rows split (T=16384's autotune bucket).
+    splits = {r["variant"].split()[-1] for r in rows if r["kernel"] == "_grouped_wgrad_kernel"}
+    assert splits == {"SPLIT=1", "SPLIT=2", "SPLIT=4"}
 
 
 # ----------------------------------------------------------------------------- roofline model

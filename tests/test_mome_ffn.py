@@ -165,6 +165,122 @@ def triton_next_pow2(n):
     return 1 << (n - 1).bit_length()
 
 
+# ---------------------------------------------------------------- split weight gradient
+def _offsets(counts):
+    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _wgrad_chunks(count, split, min_chunk):
+    """The documented policy: n = clamp(count // min_chunk, 1, SPLIT) chunks of ceil(count/n)."""
+    n = max(1, min(split, count // min_chunk))
+    rows = -(-count // n) if count else 0
+    return [(c * rows, min(count, (c + 1) * rows)) for c in range(n)]
+
+
+@pytest.fixture
+def wgrad_split(monkeypatch):
+    """Sets the interpreter's fixed wgrad SPLIT (rows split in chunks of >= 8 there)."""
+    from vlmo_fast.kernels import mome_ffn as K
+
+    def set_split(split):
+        monkeypatch.setattr(K, "_INTERP_WGRAD", dict(K._INTERP_BLOCKS, SPLIT=split))
+        return K
+    return set_split
+
+
+# Uneven experts: an empty one, one below the 8-row chunk minimum, one split in 2 and one in
+# 3 chunks (SPLIT=3), every expert split in 2 (the workspace bound min(E*SPLIT, T//8) is
+# tight), and one 2-row remainder chunk next to full ones.
+WGRAD_COUNTS = [[45, 0, 7], [0, 19, 33], [16, 16, 16], [26]]
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", WGRAD_COUNTS)
+def test_wgrad_split_matches_reference(wgrad_split, split, dtype, counts):
+    K = wgrad_split(split)
+    kd, nd = 40, 72  # ragged against the interpreter's 16 x 32 tiles
+    g = torch.Generator().manual_seed(sum(counts) + split)
+    x = torch.randn(sum(counts), kd, generator=g).to(dtype)
+    dy = torch.randn(sum(counts), nd, generator=g).to(dtype)
+    offsets = _offsets(counts)
+    out = K.grouped_wgrad_buffers(x, dy, offsets, len(counts), True, dtype)
+    assert out.dw.dtype == dtype and out.db.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for e, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        ref_w = x[a:b].double().T @ dy[a:b].double()
+        ref_b = dy[a:b].double().sum(0)
+        scale = max(1.0, ref_w.abs().max().item())
+        assert (out.dw[e].double() - ref_w).abs().max() <= tol * scale, (e, counts)
+        assert (out.db[e].double() - ref_b).abs().max() <= tol * scale, (e, counts)
+    assert not out.counters.any(), "the last chunk of each tile resets its counter"
+    if split == 1:
+        assert out.partials.numel() == 0
+
+
+@pytest.mark.parametrize("counts", WGRAD_COUNTS)
+def test_wgrad_split_sums_chunk_partials_in_order(wgrad_split, counts):
+    """Each split expert's partial slots hold x_c^T g_c of its chunks (the policy's row
+    ranges, slots packed over split experts), and dW is their fp32 sum in slot order, bit for
+    bit, whichever chunk arrived last; two runs agree bit for bit."""
+    K = wgrad_split(3)
+    kd, nd = 40, 72
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(sum(counts), kd, generator=g)
+    dy = torch.randn(sum(counts), nd, generator=g)
+    offsets = _offsets(counts)
+    out = K.grouped_wgrad_buffers(x, dy, offsets, len(counts), True, torch.float32)
+    again = K.grouped_wgrad_buffers(x, dy, offsets, len(counts), True, torch.float32)
+    assert torch.equal(out.dw, again.dw) and torch.equal(out.db, again.db)
+    slot = 0
+    for e, count in enumerate(counts):
+        start = offsets[e].item()
+        chunks = _wgrad_chunks(count, 3, K._INTERP_MIN_CHUNK)
+        if len(chunks) == 1:
+            continue
+        total_w, total_b = out.partials[slot].clone(), out.bias_partials[slot].clone()
+        for c, (lo, hi) in enumerate(chunks):
+            rows = slice(start + lo, start + hi)
+            torch.testing.assert_close(out.partials[slot + c], x[rows].T @ dy[rows],
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.bias_partials[slot + c], dy[rows].sum(0),
+                                       rtol=1e-5, atol=1e-5)
+            if c:
+                total_w += out.partials[slot + c]
+                total_b += out.bias_partials[slot + c]
+        assert torch.equal(out.dw[e], total_w) and torch.equal(out.db[e], total_b)
+        slot += len(chunks)
+    assert slot <= out.partials.shape[0] <= len(counts) * 3
+
+
+def test_triton_unsplit_wgrad_matches_reference(wgrad_split):
+    wgrad_split(1)
+    x, ids = inputs(53, 40, torch.float32)
+    assert_close_to_reference("triton", x, ids, make_weights(40, 72, 3, torch.float32),
+                              torch.randn(40), torch.rand(53))
+
+
+def test_wgrad_split_policy_is_a_function_of_the_autotune_bucket(monkeypatch):
+    """On CUDA the largest split (and so the workspace and the configs the autotuner may
+    time) depends on T only through the autotune key's bucket, and splits only where an
+    expert can hold two chunks; pruning keeps no split larger than the workspace holds."""
+    from vlmo_fast.kernels import mome_ffn as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    by_bucket = {}
+    for t in list(range(1, 70000, 97)) + [4096, 4097, 8192, 8193]:
+        split = K._wgrad_max_split(t)
+        assert by_bucket.setdefault(K._t_bucket(t), split) == split, t
+        assert split == 1 or t >= 2 * K.WGRAD_MIN_CHUNK, t
+    assert set(by_bucket.values()) == {1, max(K.WGRAD_SPLITS)}
+    configs = K._wgrad_configs()
+    for arch in (80, 90):
+        for size in (2, 4):
+            for max_split in (1, 2, 4):
+                kept = K.prune_wgrad_configs(configs, arch, size, MAX_SPLIT=max_split)
+                splits = {c.kwargs["SPLIT"] for c in kept}
+                assert splits == {s for s in (1,) + K.WGRAD_SPLITS if s <= max_split}
+
+
 def test_triton_inference_path_no_grad():
     x, ids = inputs(40, 32, torch.bfloat16)
     w = make_weights(32, 48, 3, torch.bfloat16)
