@@ -152,9 +152,11 @@ def _wgrad_tiles(counts, kd, nd, bm=128, bn=128, split: int = 1, min_rows: int =
 
 
 def _wgrad_partial_bytes(counts, kd, nd, split: int = 1, min_rows: int = 0) -> float:
-    """fp32 partial tiles of a split dW reduction: every chunk but the last-arriving one writes
-    its tile, the last one reads them back (the rest stays in registers)."""
-    return sum(max(len(_wgrad_chunks(c, split, min_rows)) - 1, 0) for c in counts) * kd * nd * 4.0 * 2
+    """fp32 partial tiles of a split dW reduction: every chunk of an expert split in n > 1
+    writes its tile (and db row) to the workspace, and the last-arriving chunk reads all n
+    back, its own included, summing them in slot order."""
+    slots = sum(n for n in (len(_wgrad_chunks(c, split, min_rows)) for c in counts) if n > 1)
+    return slots * (kd * nd + nd) * 4.0 * 2
 
 
 def mome_kernels(counts: List[int], d: int, h: int, dtype: str = "bf16", recompute: bool = False,
