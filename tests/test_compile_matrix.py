@@ -98,3 +98,23 @@ def test_wave_quantisation():
     # 133 equal tiles on 132 SMs take two waves: ~2x the ideal; 132 tiles take one.
     assert roofline._wave_factor([1.0] * 132, 132) == pytest.approx(1.0)
     assert roofline._wave_factor([1.0] * 133, 132) == pytest.approx(2 * 132 / 133)
+
+
+def test_roofline_models_the_kernels_dw_split():
+    """The model splits dW reductions as kernels/mome_ffn.py does (same constants, same
+    chunk rule), and charges the one-S-tile contrastive alternative its dI atomics."""
+    from vlmo_fast.kernels import mome_ffn
+    assert roofline.WGRAD_SPLITS == mome_ffn.WGRAD_SPLITS
+    assert roofline.WGRAD_MIN_CHUNK == mome_ffn.WGRAD_MIN_CHUNK
+    # 13,593 vision rows: 4 chunks at SPLIT=4 (2 at SPLIT=2); 2,760 language rows stay whole
+    assert roofline._wgrad_chunks(13593, 4, 2048) == [3399, 3399, 3399, 3396]
+    assert roofline._wgrad_chunks(13593, 2, 2048) == [6797, 6796]
+    assert roofline._wgrad_chunks(2760, 4, 2048) == [2760] and roofline._wgrad_chunks(0, 4, 2048) == []
+    kd, nd = 768, 3072
+    assert roofline._wgrad_partial_bytes([13593, 2760, 0], kd, nd, 4, 2048) == 4 * (kd * nd + nd) * 4 * 2
+    split, unsplit = (roofline._wave_factor(roofline._wgrad_tiles([13593, 2760, 0], kd, nd, split=s,
+                                                                  min_rows=2048), 132) for s in (4, 1))
+    assert split < 1.15 < 1.5 < unsplit
+    fused = roofline.contrastive_case(32768, 256, fused_backward=True)
+    (bwd,) = [k for k in fused.passes["fwd+bwd"] if k.name == "contrastive_bwd_fused"]
+    assert bwd.atomic_bytes == 32768 * 32768 / roofline.FUSED_BWD_BLOCK_N * 256 * 4
