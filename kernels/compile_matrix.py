@@ -14,6 +14,7 @@ holds.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -93,8 +94,9 @@ def cuda_rows(archs=(80, 90)) -> List[Row]:
     includes = [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include")]
     with open(src, "rb") as f:
         text = f.read()
-    with open(os.path.join(root, "csrc", "hard_negatives.h"), "rb") as f:
-        text += f.read()
+    for header in sorted(glob.glob(os.path.join(root, "csrc", "*.h"))):   # what the .cu includes
+        with open(header, "rb") as f:
+            text += f.read()
     key = hashlib.sha256(text + str(archs).encode() + torch.__version__.encode()).hexdigest()[:32]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                          "vlmo_fast", "nvcc", key + ".log")

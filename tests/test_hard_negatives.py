@@ -545,3 +545,77 @@ def test_portable_vector_build_draws_the_same_law():
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- CUDA scan logic
+# torch.ops.vlmo_fast._gumbel_scan runs the CUDA kernel's per-element decisions
+# (csrc/gumbel_scan.h: noise, skip of elements that cannot win, key order, merges over
+# threads and column chunks) on the CPU, so they are checked here without a GPU.
+
+def _gumbel_scan(logits, positive, mask=None, seed=0, chunks=1, threads=8, skip=True, row_offset=0):
+    return torch.ops.vlmo_fast._gumbel_scan(logits, positive, mask, seed, row_offset, 0, chunks,
+                                            threads, skip)
+
+
+def _scan_inputs(rows=48, n=700, scale=60.0, seed=0, dtype=torch.float32):
+    """ITC-like rows (scale x cosine): a wide logit range, so the skip fires often."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.nn.functional.normalize(torch.randn(rows + n, 16, generator=g), dim=-1)
+    logits = (scale * feats[:rows] @ feats[rows:].T).to(dtype)
+    positive = torch.randint(0, n, (rows,), generator=g)
+    mask = torch.rand(rows, n, generator=g) < 0.1
+    return logits, positive, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cuda_scan_skip_and_column_chunks_do_not_change_draws(dtype):
+    """Skipping elements whose logit + the noise bound cannot beat the best key, and splitting
+    the columns in chunks merged in order, give the same draws as the plain Gumbel-max scan,
+    row for row (including rows whose chunks hold only excluded / -inf columns)."""
+    logits, positive, mask = _scan_inputs(dtype=dtype)
+    logits[3, :400] = float("-inf")          # the first chunks of row 3 have no candidate
+    mask[5, 350:] = True                     # the last chunks of row 5 are all excluded
+    for seed in (0, 1, 2):
+        plain = _gumbel_scan(logits, positive, mask, seed, chunks=1, threads=1, skip=False)
+        assert (plain >= 0).all()
+        for chunks, threads in ((1, 8), (2, 8), (3, 32), (7, 256), (700, 1)):
+            got = _gumbel_scan(logits, positive, mask, seed, chunks=chunks, threads=threads, skip=True)
+            assert torch.equal(got, plain), (dtype, seed, chunks, threads)
+
+
+def test_cuda_scan_follows_the_softmax():
+    """The scan's draws follow softmax(logits) over the allowed columns (chi-square), with the
+    skip on, for a peaked ITC-like row (where most elements are skipped) and a flat one."""
+    g = torch.Generator().manual_seed(5)
+    for row in (40.0 * torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=-1)[:, 0],
+                torch.randn(60, generator=g)):
+        draws = 20000
+        logits = row.unsqueeze(0).expand(draws, -1)
+        pos = torch.full((draws,), 7, dtype=torch.int64)
+        out = _gumbel_scan(logits, pos, None, seed=11, chunks=2, threads=4)
+        counts = np.bincount(out.numpy(), minlength=60)
+        assert chi_square_p(counts, exact_probs(row, 7), draws) > P_MIN
+
+
+def test_cuda_scan_keeps_fp64_differences():
+    """fp64 keys: 1e10 + [0, 5, 0] (positive 2) draws column 1 with probability 0.9933; fp32
+    keys would see a tie."""
+    row = torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64) + 1e10
+    draws = 20000
+    out = _gumbel_scan(row.unsqueeze(0).expand(draws, -1), torch.full((draws,), 2), None, seed=3)
+    counts = np.bincount(out.numpy(), minlength=3)
+    assert chi_square_p(counts, exact_probs(row - 1e10, 2), draws) > P_MIN
+
+
+def test_cuda_scan_error_codes_survive_the_merge():
+    """NaN/+inf anywhere (in any chunk), no candidate, and a positive out of range give the
+    op's codes after the chunk merge, as the CUDA kernel reports them."""
+    logits, positive, _ = _scan_inputs(rows=4, n=64)
+    logits[0, 50] = float("nan")
+    logits[1, :] = float("-inf")
+    positive[2] = 64
+    logits[3, 1] = float("inf")
+    for chunks in (1, 4):
+        out = _gumbel_scan(logits, positive, None, chunks=chunks).tolist()
+        assert out == [-2, -1, -3, -2]
+        assert all(code in HARD_NEGATIVE_CODES for code in out)
