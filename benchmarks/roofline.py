@@ -241,14 +241,24 @@ def contrastive_kernels(n: int, D: int, dtype: str = "bf16", world: int = 1,
 # ----------------------------------------------------------------------------- hard negatives
 
 SAMPLER_INSTRUCTIONS_PER_ELEMENT = 75.0   # SASS per logit of the row kernel (hash + Gumbel)
+# An element whose logit + the noise bound cannot beat the warp's best key skips the hash:
+# load, convert, two compares, branch, plus the warp's key exchange amortised over 4 elements.
+SAMPLER_SKIPPED_INSTRUCTIONS = 14.0
+# Fraction of elements hashed, simulated for rows of N(0, sigma) logits (32 lanes exchanging
+# their best every 4 elements, 128 elements a lane): ~1.0 for sigma <= 1.4 (ITC logits at the
+# initial scale 1/0.07 and cosines spread ~0.1), 0.83 at sigma 5, 0.17 at 10 (scale ~100),
+# 0.04 at 20. The model's default is the worst case, every element hashed.
+SAMPLER_HASHED_FRACTION = 1.0
 
 
-def sampler_kernels(b: int, n: int, dtype: str = "fp32") -> List[Kernel]:
+def sampler_kernels(b: int, n: int, dtype: str = "fp32",
+                    hashed_fraction: float = SAMPLER_HASHED_FRACTION) -> List[Kernel]:
     """csrc/hard_negatives_cuda.cu's row kernel: one read of each logit, instruction-bound."""
     el = 4 if dtype == "fp32" else 2
+    per_element = (hashed_fraction * SAMPLER_INSTRUCTIONS_PER_ELEMENT
+                   + (1 - hashed_fraction) * SAMPLER_SKIPPED_INSTRUCTIONS)
     # Counted as ALU "ops" at 2 per instruction so that fp32_tflops (FMA = 2) gives 1 instr/lane/clk.
-    return [Kernel("gumbel_argmax_rows", bytes=float(b) * n * el,
-                   alu_ops=2 * SAMPLER_INSTRUCTIONS_PER_ELEMENT * b * n)]
+    return [Kernel("gumbel_argmax_rows", bytes=float(b) * n * el, alu_ops=2 * per_element * b * n)]
 
 
 # ----------------------------------------------------------------------------- cases
@@ -300,8 +310,8 @@ def contrastive_case(n: int, D: int, dtype: str = "bf16", **kw) -> Case:
     return c
 
 
-def sampler_case(b: int, n: int, dtype: str = "fp32") -> Case:
-    return Case("hardneg", f"B={b} N={n} {dtype}", {"sample": sampler_kernels(b, n, dtype)})
+def sampler_case(b: int, n: int, dtype: str = "fp32", **kw) -> Case:
+    return Case("hardneg", f"B={b} N={n} {dtype}", {"sample": sampler_kernels(b, n, dtype, **kw)})
 
 
 def all_cases(part: Optional[Part] = None) -> List[Case]:
@@ -433,6 +443,14 @@ def markdown(parts=(H100, A100)) -> str:
         lines.append(f"| {c.benchmark} | {c.case} | {c.floor_ms(part, p):.4g} | {m:.4g} | "
                      f"{tf:.4g} | {m / tf:.2f} |" if c.flop_floor else
                      f"| {c.benchmark} | {c.case} | {c.floor_ms(part, p):.4g} | {m:.4g} | - | - |")
+    lines += ["", f"## Hard-negative sampler, B=1024 N=32768 fp32, {part.name}", "",
+              "| elements hashed | when | modelled us | memory floor us |", "|---|---|---|---|"]
+    for frac, when in ((1.0, "every element (no skip; ITC logits at the initial scale)"),
+                       (0.83, "logits spread sigma 5"), (0.17, "sigma 10 (scale ~100)"),
+                       (0.04, "sigma 20")):
+        c = sampler_case(1024, 32768, hashed_fraction=frac)
+        lines.append(f"| {frac:.2f} | {when} | {1e3 * c.modelled_ms(part, 'sample'):.1f} | "
+                     f"{1e3 * c.floor_ms(part, 'sample'):.1f} |")
     lines += ["", "## Per kernel, MoME base pairs T=16k bf16 and contrastive N=32k D=256, "
               f"{part.name}", "", "| kernel | TFLOP | MB | floor ms | modelled ms |", "|---|---|---|---|---|"]
     for c in (mome_autotuned("base", "pairs", 16384, part)[0], contrastive_case(32768, 256)):
