@@ -857,7 +857,10 @@ def layernorm_backward_scatter(dz: Tensor, x: Tensor, dout: Tensor, perm: Tensor
            dz, x, dout, perm, offsets, weight, mean, rstd, dx, dw_part, db_part,
            t, d, dz.stride(0), x.stride(0), dout.stride(0), dx.stride(0), chunks,
            NUM_EXPERTS=num_experts, E_PAD=max(2, triton.next_power_of_2(num_experts)), ROWS=rows,
-           BLOCK_D=block_d, num_warps=_row_warps(block_d))
+           BLOCK_D=block_d, num_warps=2 * _row_warps(block_d))
+    # Twice the warps of the other row kernels: the per-expert dLN accumulators stay live
+    # across the chunk loop (T > ~4k), which at 4 warps took 253-255 registers (8 warps per
+    # SM for a memory-bound kernel); at 8 warps 128-145, no spills (compile matrix).
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
