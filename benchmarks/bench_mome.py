@@ -286,7 +286,8 @@ def autotune_choices() -> list:
             kw = cfg.kwargs
             lines.append(f"autotune {name} {tuple(k for k in key if not isinstance(k, str))}: "
                          f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_K')} "
-                         f"w{cfg.num_warps} s{cfg.num_stages}")
+                         f"w{cfg.num_warps} s{cfg.num_stages}"
+                         + (f" split{kw['SPLIT']}" if "SPLIT" in kw else ""))
     return lines
 
 
