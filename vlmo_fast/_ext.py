@@ -22,7 +22,7 @@ import torch
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 # Ops this package expects in torch.ops.vlmo_fast; a stale build that lacks one is rebuilt.
-REQUIRED_OPS = ("hard_negatives",)
+REQUIRED_OPS = ("hard_negatives", "_gumbel_scan")   # _gumbel_scan: the CUDA scan logic's CPU test hook
 
 
 class ExtensionUnavailable(RuntimeError):
