@@ -367,8 +367,8 @@ def targets(part: Part) -> List[Tuple[str, float, float, float, float]]:
     """(what, modelled ms, floor ms, modelled / floor, target ratio) for issue 16's targets:
     the kernels as they are, and the alternatives the model was used to decide on."""
     rows = []
-    for label, kw in (("MoME fwd+bwd base pairs T=16k, dW split unsplit (before)", {"wgrad_split": 1}),
-                      ("MoME fwd+bwd base pairs T=16k, dW split autotuned (as written)", None)):
+    for label, kw in (("MoME fwd+bwd base pairs T=16k, dW reduction unsplit (before)", {"wgrad_split": 1}),
+                      ("MoME fwd+bwd base pairs T=16k, dW row split autotuned (as written)", None)):
         if kw is None:
             c, split = mome_autotuned("base", "pairs", 16384, part)
             label += f" [SPLIT={split}]"
