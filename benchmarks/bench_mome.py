@@ -278,16 +278,17 @@ def stage_breakdown(res: Results, device, dtype, d, h, case: Case, reps: int, pe
 
 
 def autotune_choices() -> list:
-    """The block configs the autotuner picked, per kernel and key (for the next tuning pass)."""
+    """The block configs the autotuner picked, per kernel and key (for the next tuning pass),
+    with the weight gradient's row SPLIT (1 = unsplit)."""
     from vlmo_fast.kernels import mome_ffn as K
     lines = []
     for name, tuner in (("grouped_gemm", K._gemm), ("wgrad", K._wgrad)):
         for key, cfg in sorted(getattr(tuner, "cache", {}).items(), key=str):
             kw = cfg.kwargs
+            split = f" SPLIT={kw['SPLIT']}" if "SPLIT" in kw else ""
             lines.append(f"autotune {name} {tuple(k for k in key if not isinstance(k, str))}: "
                          f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_K')} "
-                         f"w{cfg.num_warps} s{cfg.num_stages}"
-                         + (f" split{kw['SPLIT']}" if "SPLIT" in kw else ""))
+                         f"w{cfg.num_warps} s{cfg.num_stages}{split}")
     return lines
 
 

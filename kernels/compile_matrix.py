@@ -34,6 +34,12 @@ ARCHS = (80, 86, 90)
 # config the launchers can choose may have: two registers' worth (an 8-byte spill on a 255-
 # register kernel costs nothing measurable; the issue's spilling configs moved kilobytes).
 SPILL_BUDGET_BYTES = 16
+# Registers the memory-bound row kernels may use: <= 160 leaves room for 3 blocks of 4 warps
+# per SM (latency is hidden by warps in flight); the issue's 255-register LN backward (fp32
+# partial sums of every expert carried across its row loop) fitted 2.
+ROW_KERNELS = ("_route_count_kernel", "_route_scatter_kernel", "_gather_ln_kernel",
+               "_gather_grad_kernel", "_ln_bwd_scatter_kernel")
+ROW_KERNEL_REGISTER_BUDGET = 160
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -46,8 +52,9 @@ class Row(NamedTuple):
 
 
 # MoME token counts: 4096, and the issue's base 16384, whose autotune bucket also times the
-# weight-gradient configs that split expert rows (T <= 4096 runs them unsplit). Rows of the
-# second shape that compile to the same result as the first's are not repeated.
+# weight-gradient configs that split expert rows (T <= 4096 runs them unsplit) and where the
+# reducing row kernels walk several row blocks per program (one at 4096). A result the second
+# shape compiles to as well is one row, its shape naming both token counts.
 MOME_TOKENS = (4096, 16384)
 
 
@@ -55,14 +62,18 @@ def mome_rows(archs, dtypes, all_configs: bool) -> List[Row]:
     rows = []
     for arch in archs:
         for dtype in dtypes:
-            seen = set()
+            seen = {}   # result -> (index of its row, token counts that compile to it)
             for t in MOME_TOKENS:
                 for recompute in (False, True):
                     for r in mome_ffn.compile_for(arch, dtype, recompute_preact=recompute,
                                                   all_configs=all_configs, t=t):
                         if r not in seen:
-                            seen.add(r)
-                            rows.append(Row("mome_ffn", DTYPE_NAMES[dtype], f"T={t} d=768 h=3072", r))
+                            seen[r] = (len(rows), [t])
+                            rows.append(Row("mome_ffn", DTYPE_NAMES[dtype], "", r))
+                        elif t not in seen[r][1]:
+                            seen[r][1].append(t)
+            for i, tokens in seen.values():
+                rows[i] = rows[i]._replace(shape=f"T={','.join(map(str, tokens))} d=768 h=3072")
     return rows
 
 
@@ -179,6 +190,9 @@ def problems(rows: List[Row]) -> List[str]:
             out.append(f"{where}: {r.shared} B shared memory > {ARCH_SHARED_MEMORY[r.arch]} B")
         if r.spill_bytes > SPILL_BUDGET_BYTES:
             out.append(f"{where}: {r.spill_bytes} B of spills > budget {SPILL_BUDGET_BYTES} B")
+        if r.kernel in ROW_KERNELS and r.registers > ROW_KERNEL_REGISTER_BUDGET:
+            out.append(f"{where}: {r.registers} registers > row-kernel budget "
+                       f"{ROW_KERNEL_REGISTER_BUDGET}")
         if row.estimate >= 0 and row.estimate < r.shared:
             out.append(f"{where}: shared-memory estimate {row.estimate} B < compiled {r.shared} B")
     return out
@@ -193,7 +207,10 @@ def markdown(rows: List[Row], full: bool) -> str:
              "specialisation, each autotune config the arch keeps after pruning, the contrastive "
              "config chosen from the arch's shared memory); the CUDA sampler with nvcc "
              "-Xptxas -v. `spill` = spill stores + loads (bytes), `smem` = shared memory (bytes) "
-             f"against the arch's opt-in limit. Spill budget: {SPILL_BUDGET_BYTES} B.", ""]
+             f"against the arch's opt-in limit. Spill budget: {SPILL_BUDGET_BYTES} B; registers of "
+             f"the memory-bound row kernels ({', '.join(ROW_KERNELS)}): <= "
+             f"{ROW_KERNEL_REGISTER_BUDGET}. A MoME row whose shape names several T compiles to "
+             "the same result at each.", ""]
     summary = {}
     for row in rows:
         r = row.result

@@ -404,7 +404,8 @@ def _grouped_wgrad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr,
 # --------------------------------------------------------------------------------------
 # Backward gather: dY[p] = dOut[perm[p]] * dps * gamma (sorted), and partial dgamma sums.
 # Each program walks CHUNKS blocks of ROWS rows so that the partial-sum buffers stay small
-# (<= ~1k programs) whatever T is.
+# (<= ~1k programs) whatever T is. Only dgamma's [BLOCK_D] sum is carried across blocks;
+# gamma is re-read per block (an L1 hit) rather than held, ~10 registers fewer in the loop.
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _gather_grad_kernel(dout_ptr, perm_ptr, gamma_ptr, dps_ptr, y_ptr, dy_ptr, dgamma_part_ptr,
@@ -414,8 +415,6 @@ def _gather_grad_kernel(dout_ptr, perm_ptr, gamma_ptr, dps_ptr, y_ptr, dy_ptr, d
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    if HAS_GAMMA:
-        gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dgamma = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for c in range(CHUNKS):
         rows = (pid * CHUNKS + c) * ROWS + tl.arange(0, ROWS)
@@ -431,7 +430,7 @@ def _gather_grad_kernel(dout_ptr, perm_ptr, gamma_ptr, dps_ptr, y_ptr, dy_ptr, d
                         mask=m, other=0.0).to(tl.float32)
             dgamma += tl.sum(g * y, axis=0)
         if HAS_GAMMA:
-            g = g * gamma[None, :]
+            g = g * tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(dy_ptr + rows.to(tl.int64)[:, None] * stride_dy + cols[None, :],
                  g.to(dy_ptr.dtype.element_ty), mask=m)
     if NEED_DGAMMA:
@@ -440,52 +439,54 @@ def _gather_grad_kernel(dout_ptr, perm_ptr, gamma_ptr, dps_ptr, y_ptr, dy_ptr, d
 
 # --------------------------------------------------------------------------------------
 # LayerNorm backward + residual, scattered back to token order; per-expert dLN partials.
+# Each program owns CHUNKS * ROWS consecutive sorted rows and walks them expert by expert
+# (sorted rows of one expert are contiguous), so one expert's LN weight row and two [BLOCK_D]
+# fp32 partial sums are live at a time, each row block is reduced to them as it is read, and
+# the partials are summed in a fixed order. (Holding [E, BLOCK_D] sums for every expert
+# across the row loop cost ~120 more registers once a program walked several blocks.)
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _ln_bwd_scatter_kernel(dz_ptr, x_ptr, dout_ptr, perm_ptr, offsets_ptr, w_ptr, mean_ptr,
                            rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
                            T, D, stride_dz, stride_x, stride_do, stride_dx, CHUNKS,
-                           NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           NUM_EXPERTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    experts = tl.arange(0, E_PAD)
-    # Per-expert partial sums of dz * xhat and dz: [E_PAD, BLOCK_D] (rows of a block are
-    # sorted by expert, so each row goes to exactly one of them).
-    dw_acc = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
-    db_acc = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
-    for c in range(CHUNKS):
-        rows = (pid * CHUNKS + c) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < T
-        m = row_ok[:, None] & col_ok[None, :]
-        tok = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        e = _expert_of_rows(rows, offsets_ptr, NUM_EXPERTS)
-        dz = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
-                     mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + tok[:, None] * stride_x + cols[None, :], mask=m,
-                    other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        w = tl.load(w_ptr + e[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        gx = dz * w
-        c1 = tl.sum(gx * xhat, axis=1) / D
-        c2 = tl.sum(gx, axis=1) / D
-        dx = (gx - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
-        dout = tl.load(dout_ptr + tok[:, None] * stride_do + cols[None, :], mask=m, other=0.0)
-        tl.store(dx_ptr + tok[:, None] * stride_dx + cols[None, :],
-                 (dout.to(tl.float32) + dx).to(dx_ptr.dtype.element_ty), mask=m)
-        for j in tl.static_range(NUM_EXPERTS):
-            sel = (e == j)[:, None] & m
-            pw = tl.sum(tl.where(sel, dz * xhat, 0.0), axis=0)
-            pb = tl.sum(tl.where(sel, dz, 0.0), axis=0)
-            dw_acc = tl.where((experts == j)[:, None], dw_acc + pw[None, :], dw_acc)
-            db_acc = tl.where((experts == j)[:, None], db_acc + pb[None, :], db_acc)
-    part = (pid * NUM_EXPERTS + experts[:, None]) * D + cols[None, :]
-    pm = (experts < NUM_EXPERTS)[:, None] & col_ok[None, :]
-    tl.store(dw_part_ptr + part, dw_acc, mask=pm)
-    tl.store(db_part_ptr + part, db_acc, mask=pm)
+    first = pid * CHUNKS * ROWS
+    last = tl.minimum(first + CHUNKS * ROWS, T)
+    for j in range(NUM_EXPERTS):
+        lo = tl.maximum(tl.load(offsets_ptr + j), first)
+        hi = tl.minimum(tl.load(offsets_ptr + j + 1), last)
+        w = tl.load(w_ptr + j * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for start in range(lo, hi, ROWS):
+            rows = start + tl.arange(0, ROWS)
+            row_ok = rows < hi
+            m = row_ok[:, None] & col_ok[None, :]
+            tok = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            dz = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
+                         mask=m, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + tok[:, None] * stride_x + cols[None, :], mask=m,
+                        other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+            # The dLN sums before dx: dz's tile dies at gx (summed after the dx store, dz,
+            # xhat, gx and dout were live together: 166-200 registers instead of 128-150).
+            dw += tl.sum(dz * xhat, axis=0)
+            db += tl.sum(dz, axis=0)
+            gx = dz * w[None, :]
+            c1 = tl.sum(gx * xhat, axis=1) / D
+            c2 = tl.sum(gx, axis=1) / D
+            dx = (gx - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+            dout = tl.load(dout_ptr + tok[:, None] * stride_do + cols[None, :], mask=m, other=0.0)
+            tl.store(dx_ptr + tok[:, None] * stride_dx + cols[None, :],
+                     (dout.to(tl.float32) + dx).to(dx_ptr.dtype.element_ty), mask=m)
+        part = (pid * NUM_EXPERTS + j) * D + cols   # zeros where the expert has no row here
+        tl.store(dw_part_ptr + part, dw, mask=col_ok)
+        tl.store(db_part_ptr + part, db, mask=col_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -856,11 +857,7 @@ def layernorm_backward_scatter(dz: Tensor, x: Tensor, dout: Tensor, perm: Tensor
     launch(_ln_bwd_scatter_kernel, (programs,),
            dz, x, dout, perm, offsets, weight, mean, rstd, dx, dw_part, db_part,
            t, d, dz.stride(0), x.stride(0), dout.stride(0), dx.stride(0), chunks,
-           NUM_EXPERTS=num_experts, E_PAD=max(2, triton.next_power_of_2(num_experts)), ROWS=rows,
-           BLOCK_D=block_d, num_warps=2 * _row_warps(block_d))
-    # Twice the warps of the other row kernels: the per-expert dLN accumulators stay live
-    # across the chunk loop (T > ~4k), which at 4 warps took 253-255 registers (8 warps per
-    # SM for a memory-bound kernel); at 8 warps 128-145, no spills (compile matrix).
+           NUM_EXPERTS=num_experts, ROWS=rows, BLOCK_D=block_d, num_warps=_row_warps(block_d))
     return dx, dw_part.sum(0), db_part.sum(0)
 
 

@@ -165,6 +165,109 @@ def triton_next_pow2(n):
     return 1 << (n - 1).bit_length()
 
 
+# ---------------------------------------------------------------- backward reductions, chunked
+# MAX_REDUCTION_PROGRAMS=3 with 4-row blocks: T=41..45 gives 3 programs of 4 blocks each (the
+# last one partial), so every program walks several blocks and expert boundaries fall inside
+# blocks and programs. (At real sizes T >= 8k does this with 1024 programs.)
+REDUCTION_COUNTS = [[13, 17, 11], [21, 0, 24], [0, 30, 15], [45, 0, 0], [2, 40, 3]]
+
+
+@pytest.fixture
+def chunked_reductions(monkeypatch):
+    """Kernel module with 3 reduction programs of 4-row blocks; float buffers the launchers
+    allocate start as NaN, so a partial-sum slot or output row left unwritten fails."""
+    from vlmo_fast.kernels import mome_ffn as K
+    monkeypatch.setattr(K, "MAX_REDUCTION_PROGRAMS", 3)
+    monkeypatch.setattr(K, "_row_block", lambda d: (4, triton_next_pow2(d)))
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_filled(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_filled(empty_like(*a, **k)))
+    return K
+
+
+def _sorted_problem(counts, d, dtype, seed):
+    """perm/offsets for `counts` rows per expert in a random token order, plus fresh data."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(counts)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    ids = ids[torch.randperm(t, generator=g)]
+    perm = torch.argsort(ids, stable=True).to(torch.int32)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return ids, perm, _offsets(counts), rand
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", REDUCTION_COUNTS)
+def test_ln_backward_scatter_over_chunked_programs(chunked_reductions, dtype, counts):
+    """dx = dout + LN_e'(dz) in token order and dLN weight/bias per expert (fp32 sums of
+    every expert's rows, zero for an empty expert) when programs walk several blocks; odd d;
+    two runs agree bit for bit (fixed order of partial sums)."""
+    K = chunked_reductions
+    d = 37
+    _, perm, offsets, rand = _sorted_problem(counts, d, dtype, seed=len(counts) + counts[0])
+    t, num_experts = sum(counts), len(counts)
+    x = (rand(t, d) * 2 + 0.5).to(dtype)
+    dout = rand(t, d).to(dtype)
+    dz = rand(t, d)                                 # the dgrad GEMM writes it in fp32
+    weight = (1 + 0.3 * rand(num_experts, d)).to(dtype)
+    xs = x[perm.long()].double()
+    mean = xs.mean(1)
+    rstd = (xs.var(1, unbiased=False) + 1e-6).rsqrt()
+    dx, dw, db = K.layernorm_backward_scatter(dz, x, dout, perm, offsets, weight,
+                                              mean.float(), rstd.float())
+    again = K.layernorm_backward_scatter(dz, x, dout, perm, offsets, weight, mean.float(),
+                                         rstd.float())
+    assert all(torch.equal(a, b) for a, b in zip((dx, dw, db), again))
+    assert dx.dtype == dtype and dw.dtype == db.dtype == torch.float32
+    # Reference in float64 on the same (rounded) inputs.
+    xhat = (xs - mean[:, None]) * rstd[:, None]
+    e = torch.repeat_interleave(torch.arange(num_experts), torch.tensor(counts))
+    gx = dz.double() * weight.double()[e]
+    dxs = (gx - gx.mean(1, keepdim=True) - xhat * (gx * xhat).mean(1, keepdim=True)) * rstd[:, None]
+    ref_dx = dout.double().clone()
+    ref_dx[perm.long()] += dxs
+    ref_dw = torch.zeros(num_experts, d, dtype=torch.float64).index_add_(0, e, dz.double() * xhat)
+    ref_db = torch.zeros(num_experts, d, dtype=torch.float64).index_add_(0, e, dz.double())
+    dx_tol = 2e-6 if dtype == torch.float32 else 1e-2
+    assert (dx.double() - ref_dx).abs().max() <= dx_tol * ref_dx.abs().max()
+    for got, ref in ((dw, ref_dw), (db, ref_db)):
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1.0)
+    for empty in (i for i, c in enumerate(counts) if c == 0):
+        assert not dw[empty].any() and not db[empty].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [[13, 17, 11], [0, 30, 15]])
+@pytest.mark.parametrize("gamma_dps", [True, False])
+def test_gather_grad_over_chunked_programs(chunked_reductions, dtype, counts, gamma_dps):
+    """dY = dout[perm] * dps * gamma (sorted) and dgamma = sum dout[perm] * dps * y (fp32)
+    when programs walk several blocks; odd d; bit-identical reruns."""
+    K = chunked_reductions
+    d = 37
+    _, perm, _, rand = _sorted_problem(counts, d, dtype, seed=counts[1])
+    t = sum(counts)
+    dout, y = rand(t, d).to(dtype), rand(t, d).to(dtype)
+    gamma = (0.5 + rand(d)).to(dtype) if gamma_dps else None
+    dps = 2 * torch.rand(t) if gamma_dps else None
+    dy, dgamma = K.gather_grad(dout, perm, gamma, dps, y)
+    dy2, dgamma2 = K.gather_grad(dout, perm, gamma, dps, y)
+    assert torch.equal(dy, dy2) and torch.equal(dgamma, dgamma2)
+    assert dy.dtype == dtype and dgamma.dtype == torch.float32
+    g = dout[perm.long()].double()
+    if gamma_dps:
+        g = g * dps[perm.long()].double()[:, None]
+    ref_dgamma = (g * y.double()).sum(0)
+    ref_dy = g * gamma.double() if gamma_dps else g
+    dy_tol = 2e-6 if dtype == torch.float32 else 1e-2
+    assert (dy.double() - ref_dy).abs().max() <= dy_tol * ref_dy.abs().max()
+    assert (dgamma.double() - ref_dgamma).abs().max() <= 1e-5 * ref_dgamma.abs().max()
+    dy_only, none = K.gather_grad(dout, perm, gamma, dps, None)
+    assert none is None and torch.equal(dy_only, dy)
+
+
 # ---------------------------------------------------------------- split weight gradient
 def _offsets(counts):
     return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
