@@ -240,10 +240,13 @@ def contrastive_kernels(n: int, D: int, dtype: str = "bf16", world: int = 1,
 
 # ----------------------------------------------------------------------------- hard negatives
 
-SAMPLER_INSTRUCTIONS_PER_ELEMENT = 75.0   # SASS per logit of the row kernel (hash + Gumbel)
-# An element whose logit + the noise bound cannot beat the warp's best key skips the hash:
-# load, convert, two compares, branch, plus the warp's key exchange amortised over 4 elements.
-SAMPLER_SKIPPED_INSTRUCTIONS = 14.0
+# SASS per logit of the row kernel, counted in the unrolled loop (cuobjdump, fp32, sm_90): 72
+# before the skip existed; the skip test adds ~3 to an element that is hashed.
+SAMPLER_INSTRUCTIONS_PER_ELEMENT = 75.0
+# An element whose logit + the noise bound cannot beat the best key skips the hash: ~18 SASS
+# counted for a per-thread skip, plus ~3 (estimated, 5 shuffles per 4 elements) for the warp's
+# key exchange. A warp saves only when all 32 lanes skip; the fractions below count elements.
+SAMPLER_SKIPPED_INSTRUCTIONS = 21.0
 # Fraction of elements hashed, simulated for rows of N(0, sigma) logits (32 lanes exchanging
 # their best every 4 elements, 128 elements a lane): ~1.0 for sigma <= 1.4 (ITC logits at the
 # initial scale 1/0.07 and cosines spread ~0.1), 0.83 at sigma 5, 0.17 at 10 (scale ~100),
