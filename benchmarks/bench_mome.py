@@ -111,11 +111,9 @@ def make_fn(impl: str, case: Case, w: dict):
     raise ValueError(impl)
 
 
-def run_case(res: Results, device, dtype, preset, d, h, case: Case, impls, reps, peak,
-             warmup: int = 3):
-    t = case.tokens
-    name = f"{case.mix} T={t} d={d} h={h} {str(dtype).replace('torch.', '')}"
-    gen = torch.Generator(device="cpu").manual_seed(0)
+def expert_weights(d: int, h: int, gen: torch.Generator, device, dtype=torch.float32):
+    """Three experts' LN/fc1/fc2 parameters drawn from the CPU generator `gen` (leaf tensors
+    needing grad) and gamma."""
     w = {"norm_weight": 1 + 0.1 * torch.randn(3, d, generator=gen),
          "norm_bias": 0.1 * torch.randn(3, d, generator=gen),
          "fc1_weight": 0.02 * torch.randn(3, d, h, generator=gen),
@@ -123,7 +121,15 @@ def run_case(res: Results, device, dtype, preset, d, h, case: Case, impls, reps,
          "fc2_weight": 0.02 * torch.randn(3, h, d, generator=gen),
          "fc2_bias": 0.02 * torch.randn(3, d, generator=gen)}
     w = {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in w.items()}
-    gamma = torch.full((d,), 0.1, device=device, dtype=dtype, requires_grad=True)
+    return w, torch.full((d,), 0.1, device=device, dtype=dtype, requires_grad=True)
+
+
+def run_case(res: Results, device, dtype, preset, d, h, case: Case, impls, reps, peak,
+             warmup: int = 3):
+    t = case.tokens
+    name = f"{case.mix} T={t} d={d} h={h} {str(dtype).replace('torch.', '')}"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w, gamma = expert_weights(d, h, gen, device, dtype)
     x = torch.randn(t, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     ids = torch.tensor(case.ids_list, device=device)
     grad_out = torch.randn(t, d, generator=gen).to(device=device, dtype=dtype)

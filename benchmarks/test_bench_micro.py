@@ -16,7 +16,7 @@ import pytest
 import torch
 from bench_contrastive import _backend_fn, _features, naive_loss
 from bench_hardneg import batched, ext
-from bench_mome import Case, make_fn
+from bench_mome import Case, expert_weights, make_fn
 
 from vlmo_fast import _ext
 
@@ -80,14 +80,7 @@ def test_mome_ffn(benchmark, impl):
     d, h = 128, 512
     case = Case("pairs", 1024)
     gen = torch.Generator().manual_seed(0)
-    w = {"norm_weight": 1 + 0.1 * torch.randn(3, d, generator=gen),
-         "norm_bias": 0.1 * torch.randn(3, d, generator=gen),
-         "fc1_weight": 0.02 * torch.randn(3, d, h, generator=gen),
-         "fc1_bias": 0.02 * torch.randn(3, h, generator=gen),
-         "fc2_weight": 0.02 * torch.randn(3, h, d, generator=gen),
-         "fc2_bias": 0.02 * torch.randn(3, d, generator=gen)}
-    w = {k: v.to(DEVICE).requires_grad_() for k, v in w.items()}
-    gamma = torch.full((d,), 0.1, device=DEVICE, requires_grad=True)
+    w, gamma = expert_weights(d, h, gen, DEVICE)
     x = torch.randn(case.tokens, d, generator=gen).to(DEVICE).requires_grad_()
     ids = torch.tensor(case.ids_list, device=DEVICE)
     grad_out = torch.randn(case.tokens, d, generator=gen).to(DEVICE)
