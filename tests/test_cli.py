@@ -18,6 +18,14 @@ from test_eval_runner import make_checkpoint, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def exit_status(argv) -> int:
+    """main's status: its return value, or the code of the SystemExit a user error raises."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", tiny_tokenizer())
@@ -56,14 +64,16 @@ def test_encode_index_search(ckpt, photos, tmp_path, capsys):
 
 def test_errors_exit_2_with_one_line(ckpt, tmp_path, capsys):
     common = ["--checkpoint", str(ckpt), "--no-progress"]
-    assert main(["encode", *common, "--images", str(tmp_path / "nope.png"), "--out", str(tmp_path / "a.npy")]) == 2
+    assert exit_status(["encode", *common, "--images", str(tmp_path / "nope.png"),
+                        "--out", str(tmp_path / "a.npy")]) == 2
     assert "image file not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["index", *common, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "i")]) == 2
+    assert exit_status(["index", *common, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "i")]) == 2
     assert "empty corpus" in capsys.readouterr().err
-    assert main(["search", *common, "--index", str(tmp_path / "empty"), "--text", "a"]) == 2
+    assert exit_status(["search", *common, "--index", str(tmp_path / "empty"), "--text", "a"]) == 2
     assert "not a retrieval index" in capsys.readouterr().err
-    assert main(["encode", "--checkpoint", str(tmp_path), "--texts", "a", "--out", str(tmp_path / "a.npy")]) == 2
+    assert exit_status(["encode", "--checkpoint", str(tmp_path), "--texts", "a",
+                        "--out", str(tmp_path / "a.npy")]) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["search", *common, "--index", "x", "--text", "a", "-k", "0"])
@@ -82,10 +92,10 @@ def test_convert_roundtrip(ckpt, tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v, msg=k)
     assert (tmp_path / "ours" / "vocab.txt").is_file()
-    assert main(["convert", "--from", str(tmp_path / "ref.pth"), "--to", str(tmp_path / "x")]) == 2
+    assert exit_status(["convert", "--from", str(tmp_path / "ref.pth"), "--to", str(tmp_path / "x")]) == 2
     model.config.replace(dim=32).to_json(tmp_path / "other.json")
-    assert main(["convert", "--from", str(tmp_path / "ref.pth"), "--to", str(tmp_path / "y"),
-                 "--config", str(tmp_path / "other.json")]) == 2   # shapes differ: nothing written
+    assert exit_status(["convert", "--from", str(tmp_path / "ref.pth"), "--to", str(tmp_path / "y"),
+                        "--config", str(tmp_path / "other.json")]) == 2   # shapes differ: nothing written
     assert not (tmp_path / "y").exists()
 
 

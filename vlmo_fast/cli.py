@@ -11,7 +11,8 @@ checkpoint conversion and export from the command line.
     vlmo-fast export   --checkpoint CKPT --onnx onnx/ [--hf hf_folder/]
 
 CKPT is a save_pretrained folder (config.json + model.safetensors, tokenizer vocab.txt beside
-them for texts). Errors in the input exit with status 2 and one line saying what is wrong.
+them for texts). Exit status (`vlmo_fast.errors`): 0 done; 2 bad input (argument, file or
+data), with one line `error: ...` on stderr; anything else is a bug and prints a traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from .errors import run_or_exit
 
 
 # -- encode ----------------------------------------------------------------------------------
@@ -40,15 +43,27 @@ def _read_texts(args) -> List[str]:
         path = Path(args.texts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--texts-file {path} not found")
-        return [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--texts-file {path}: not UTF-8 text ({e})") from None
+        if not texts:
+            raise ValueError(f"--texts-file {path} holds no text (one text per line)")
+        return texts
     return list(args.texts)
 
 
-def _encoder(args):
+def _encoder(args, texts: bool = False):
+    """The checkpoint's Encoder; texts=True: the queries are texts, so the tokenizer saved
+    beside the weights is required (checked before the weights load)."""
     from .inference import Encoder
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"--checkpoint {ckpt}: not a save_pretrained folder (no config.json)")
+    if texts and not (ckpt / "vocab.txt").is_file():
+        raise FileNotFoundError(f"--checkpoint {ckpt} has no vocab.txt: texts need the tokenizer the model "
+                                "was trained with, saved beside the weights (tokenizer.save(folder), or "
+                                "`vlmo-fast convert ... --vocab VOCAB`)")
     return Encoder.from_pretrained(ckpt, device=args.device, batch_size=args.batch_size,
                                    progress=not args.no_progress)
 
@@ -56,7 +71,12 @@ def _encoder(args):
 def cmd_encode(args) -> int:
     import numpy as np
     from .io import atomic_write, atomic_write_json
-    encoder = _encoder(args)
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out must end in .npy, got {out}")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give the path of a .npy file")
+    encoder = _encoder(args, texts=not args.images)
     if args.images:
         images, ids = _image_inputs(args.images)
         emb = encoder.embed_images(images)
@@ -65,9 +85,6 @@ def cmd_encode(args) -> int:
         ids = _read_texts(args)
         emb = encoder.embed_texts(ids)
         kind = "text"
-    out = Path(args.out)
-    if out.suffix != ".npy":
-        raise ValueError(f"--out must end in .npy, got {out}")
     data = emb.numpy()
 
     def write(tmp: str):
@@ -94,8 +111,8 @@ def cmd_index(args) -> int:
 
 def cmd_search(args) -> int:
     from .index import RetrievalIndex
-    encoder = _encoder(args)
-    index = RetrievalIndex.load(args.index, encoder=encoder)
+    encoder = _encoder(args, texts=bool(args.text))
+    index = RetrievalIndex.load(args.index, encoder=encoder, verify=not args.no_verify)
     if args.text:
         queries, hits = args.text, index.search_text(encoder, args.text, k=args.k)
     else:
@@ -141,6 +158,11 @@ def cmd_convert(args) -> int:
     if src.is_dir():   # ours -> reference
         if not (src / "config.json").is_file():
             raise FileNotFoundError(f"--from {src}: not a save_pretrained folder (no config.json)")
+        if dst.is_dir():
+            raise IsADirectoryError(f"--to {dst} is a folder; converting a save_pretrained folder writes one "
+                                    "reference checkpoint file: give a .pth path")
+        if dst.exists() and not args.overwrite:
+            raise FileExistsError(f"--to {dst} exists; pass --overwrite to replace it")
         model = VLMo.from_pretrained(src)
         state = export_reference_state_dict(model)
         atomic_write(dst, lambda tmp: torch.save({"state_dict": state}, tmp))
@@ -151,7 +173,13 @@ def cmd_convert(args) -> int:
     if (args.preset is None) == (args.config is None):
         raise ValueError("converting a reference checkpoint needs exactly one of --preset NAME or --config JSON "
                          "(the architecture is not stored in it)")
+    if args.config and not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config {args.config} not found")
     config = VLMoConfig.preset(args.preset) if args.preset else VLMoConfig.from_json(Path(args.config))
+    tokenizer = None
+    if args.vocab:   # read before the weights: a bad --vocab fails before any work
+        from .data import WordPieceTokenizer
+        tokenizer = WordPieceTokenizer.load(args.vocab)
     overrides = {}
     if args.img_size:
         overrides["img_size"] = args.img_size
@@ -165,9 +193,8 @@ def cmd_convert(args) -> int:
     from .export import staged_directory
     with staged_directory(dst, overwrite=args.overwrite) as stage:
         model.save_pretrained(stage)
-        if args.vocab:
-            from .data import WordPieceTokenizer
-            WordPieceTokenizer.load(args.vocab).save(stage)
+        if tokenizer is not None:
+            tokenizer.save(stage)
     print(f"{src} -> {dst} (preset {config.name})" +
           (f"; not in the checkpoint: {len(missing)}, ignored: {len(unexpected)}" if missing or unexpected else ""))
     return 0
@@ -237,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--image", nargs="+", help="image queries (files)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of the index's files (a trusted local index; sizes and "
+                        "shapes are still checked)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("evaluate", help="retrieval / vqa / nlvr2 / zeroshot evaluation of a checkpoint")
@@ -254,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", default=None, help="BERT vocab.txt (or tokenizer folder) to save beside the weights")
     p.add_argument("--non-strict", action="store_true", help="load the matching part, report the rest")
     p.add_argument("--trust-pickle", action="store_true", help="allow a full (unsafe) unpickle of the .pth")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --to folder or file")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="ONNX image/text towers and/or a Hugging Face-style folder")
@@ -269,18 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; returns 0 when done. Bad input raises SystemExit(2) after one line
+    on stderr (`vlmo_fast.errors.run_or_exit`), as argparse does for a bad flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "k", 1) < 1:
         parser.error(f"-k must be >= 1, got {args.k}")
-    from .checkpoint import CheckpointMismatchError
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, CheckpointMismatchError) as exc:
-        print(f"vlmo-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_or_exit(args.func, args)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,21 @@ On disk (a folder):
 - `embeddings-<token>.npy`: float32 [N, D] L2-normalised embeddings (numpy .npy, read with
   np.load(mmap_mode="r"), so corpora larger than RAM are searched chunk by chunk);
 - `index.json`: format version, the embeddings file's name, N, D, the ids (one per row),
-  the model's fingerprint (`vlmo_fast.inference.model_fingerprint`) and its config.
+  the model's fingerprint (`vlmo_fast.inference.model_fingerprint`) and its config, and
+  the integrity record: `files` (size and SHA-256 of every data file of the index, the
+  schema of `vlmo_fast.io` manifests) and `ids_sha256` (of the ids list).
 Both are written atomically (`vlmo_fast.io`), the embeddings first and index.json last:
 index.json is the commit point, so a build killed at any moment leaves either the previous
 index or the new one, never a half-written one (rebuilding writes a new embeddings file and
 removes the old one only after index.json points to the new one).
+
+Opening an index checks it (`check_index_files`, `check_ids`): every file index.json names
+must be a plain name that stays inside the folder (no `..`, absolute path or symlink out of
+it), exist, have the recorded size (always: catches truncation) and the recorded SHA-256
+(unless `load(..., verify=False)`, the fast path for a trusted local index); the ids must
+hash to `ids_sha256` (edited or reordered ids would label rows wrongly). Failures raise
+`CorruptFileError` naming the file. These functions take the parsed index.json, so another
+backend's files (e.g. a FAISS index) get the same checks by being listed in `files`.
 
 An index only answers queries embedded by the model that built it: loading or searching with
 an Encoder whose embedding size or fingerprint differs raises `IndexModelMismatchError`.
@@ -21,6 +31,7 @@ an Encoder whose embedding size or fingerprint differs raises `IndexModelMismatc
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import uuid
@@ -31,11 +42,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import TMP_PREFIX, atomic_write, atomic_write_json, remove_stale_temporaries
+from .io import (TMP_PREFIX, CorruptFileError, atomic_write, atomic_write_json, file_sha256,
+                 remove_stale_temporaries)
 
 INDEX_FILE = "index.json"
 FORMAT = "vlmo_fast.retrieval_index"
-VERSION = 1
+VERSION = 2   # 2: integrity record (files, ids_sha256); version 1 had none
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PathLike = Union[str, os.PathLike]
 
@@ -193,9 +205,10 @@ class RetrievalIndex:
 
         directory = Path(directory)
         _check_target(directory)
-        name = _write_embeddings(directory, fill)
-        _commit(directory, name, n, d, ids, encoder.fingerprint, encoder.config.to_dict())
-        return cls.load(directory, encoder=encoder)
+        name, entry = _write_embeddings(directory, fill)
+        _commit(directory, name, entry, n, d, ids, encoder.fingerprint, encoder.config.to_dict())
+        # hashed while writing: opening it again needs only the cheap checks
+        return cls.load(directory, encoder=encoder, verify=False)
 
     def save(self, directory: PathLike) -> Path:
         directory = Path(directory)
@@ -206,29 +219,37 @@ class RetrievalIndex:
             with open(tmp, "wb") as f:   # a file object: np.save would append ".npy" to a name
                 np.save(f, data)
 
-        name = _write_embeddings(directory, write)
-        _commit(directory, name, len(self), self.dim, self.ids, self.model_hash, self.model_config)
+        name, entry = _write_embeddings(directory, write)
+        _commit(directory, name, entry, len(self), self.dim, self.ids, self.model_hash, self.model_config)
         self.directory = directory
         return directory
 
     @classmethod
-    def load(cls, directory: PathLike, *, encoder=None, mmap: bool = True) -> "RetrievalIndex":
+    def load(cls, directory: PathLike, *, encoder=None, mmap: bool = True,
+             verify: bool = True) -> "RetrievalIndex":
+        """Open an index folder. Always checked: index.json's structure, that every file it
+        names stays inside the folder and has its recorded size, the array's shape and
+        dtype. verify=True (default) also checks the SHA-256 of every file (one read of the
+        embeddings) and of the ids; verify=False skips the hashes, for a trusted local
+        index. Damage raises CorruptFileError naming the file."""
         directory = Path(directory)
+        meta = read_index_meta(directory, verify=verify)
         meta_path = directory / INDEX_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a retrieval index (no {INDEX_FILE}); build one "
-                                    "with RetrievalIndex.build or `python -m vlmo_fast index`")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                             f"expected {FORMAT!r} version {VERSION}")
-        emb_path = directory / meta["embeddings_file"]
-        if not emb_path.is_file():
-            raise FileNotFoundError(f"{emb_path} (named by {meta_path}) is missing")
-        embeddings = np.load(emb_path, mmap_mode="r" if mmap else None)
+        check_index_files(directory, meta, verify=verify)
+        if verify:
+            check_ids(directory, meta)
+        emb_path = member_path(directory, meta["embeddings_file"])
+        if not emb_path.is_file():   # version 1 has no `files` record to have caught it
+            raise CorruptFileError(emb_path, f"missing (named by {INDEX_FILE})")
+        try:
+            embeddings = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CorruptFileError(emb_path, f"not a readable .npy array ({e})") from None
         if embeddings.shape != (meta["count"], meta["dim"]) or embeddings.dtype != np.float32:
-            raise ValueError(f"{emb_path} holds {embeddings.dtype} {embeddings.shape}, but {meta_path} "
-                             f"says float32 ({meta['count']}, {meta['dim']}): the index is corrupt")
+            raise CorruptFileError(emb_path, f"holds {embeddings.dtype} {embeddings.shape}, but "
+                                             f"{meta_path} says float32 ({meta['count']}, {meta['dim']})")
+        if not embeddings.flags.c_contiguous:   # a Fortran-order header would scramble the rows
+            raise CorruptFileError(emb_path, "is not a row-major (C-order) array")
         index = cls(embeddings, meta["ids"], meta["model_hash"], model_config=meta.get("model_config"),
                     directory=directory)
         if encoder is not None:
@@ -297,18 +318,149 @@ def _check_target(directory: Path) -> None:
                                   "refusing to write an index into it")
 
 
-def _write_embeddings(directory: Path, write_fn) -> str:
+def _write_embeddings(directory: Path, write_fn) -> Tuple[str, dict]:
+    """Write a new embeddings file; (its name, its `files` entry)."""
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory)   # what a killed build left behind
     name = f"embeddings-{uuid.uuid4().hex[:12]}.npy"
-    atomic_write(directory / name, write_fn)
-    return name
+    return name, write_index_file(directory / name, write_fn)
 
 
-def _commit(directory: Path, name: str, n: int, d: int, ids, model_hash: str, config) -> None:
+def _commit(directory: Path, name: str, entry: dict, n: int, d: int, ids, model_hash: str,
+            config) -> None:
+    ids = list(ids)
     atomic_write_json(directory / INDEX_FILE, {
         "format": FORMAT, "version": VERSION, "embeddings_file": name, "count": n, "dim": d,
-        "dtype": "float32", "model_hash": model_hash, "model_config": config, "ids": list(ids)})
+        "dtype": "float32", "model_hash": model_hash, "model_config": config, "ids": ids,
+        "ids_sha256": ids_sha256(ids), "files": {name: entry}})
     for old in directory.glob("embeddings-*.npy"):   # the previous build's file, now unreferenced
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+# -- integrity (shared by every index backend: each lists its data files in `files`) ----------
+def write_index_file(path: PathLike, write_fn) -> dict:
+    """write_fn(temp_path) writes a data file of an index; it is hashed and put at `path`
+    atomically. Returns its `files` entry {"bytes", "sha256"} for index.json, which is
+    written after every data file (the commit point)."""
+    entry = {}
+
+    def write_and_hash(tmp: str):
+        write_fn(tmp)
+        entry.update(bytes=os.path.getsize(tmp), sha256=file_sha256(tmp))
+
+    atomic_write(path, write_and_hash)
+    return entry
+
+
+def ids_sha256(ids: Sequence[str]) -> str:
+    """SHA-256 of the ids in their order (compact UTF-8 JSON list): an edited, removed,
+    added or reordered id changes it."""
+    text = json.dumps(list(ids), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def read_index_meta(directory: PathLike, verify: bool = True) -> dict:
+    """Parse `directory/index.json` and check its structure (fields and their types);
+    CorruptFileError naming it when it is not a valid index record. A version-1 index (no
+    integrity record) opens only with verify=False."""
+    directory = Path(directory)
+    meta_path = directory / INDEX_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a retrieval index (no {INDEX_FILE}); build one "
+                                "with RetrievalIndex.build or `vlmo-fast index`")
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(meta_path, f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptFileError(meta_path, f"not a {FORMAT} record (format "
+                                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    version = meta.get("version")
+    if version == 1 and verify:
+        raise CorruptFileError(meta_path, (
+            "index format version 1 records no hashes of its files, so it cannot be verified; rebuild "
+            "it (`vlmo-fast index` / RetrievalIndex.build), or open it unverified with "
+            "RetrievalIndex.load(..., verify=False) and .save() it to a new folder"))
+    if version not in (1, VERSION):
+        raise CorruptFileError(meta_path, f"index format version {version!r}; this vlmo_fast reads "
+                                          f"versions 1 (unverified) and {VERSION}")
+
+    def bad(what: str):
+        raise CorruptFileError(meta_path, f"{what}: the index record is damaged; rebuild the index")
+
+    for key, kind in (("embeddings_file", str), ("count", int), ("dim", int), ("model_hash", str),
+                      ("ids", list)):
+        if type(meta.get(key)) is not kind:
+            bad(f"field {key!r} must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
+    if meta["count"] < 1 or meta["dim"] < 1:
+        bad(f"count {meta['count']} and dim {meta['dim']} must be >= 1")
+    if meta.get("dtype", "float32") != "float32":
+        bad(f"dtype {meta.get('dtype')!r}, expected 'float32'")
+    ids = meta["ids"]
+    if len(ids) != meta["count"]:
+        bad(f"{len(ids)} ids for count {meta['count']}")
+    if not all(isinstance(i, str) for i in ids):
+        bad("every id must be a string")
+    if len(set(ids)) != len(ids):
+        bad("ids are not unique")
+    if version == 1:
+        meta = dict(meta, files={})
+    else:
+        files = meta.get("files")
+        if not isinstance(files, dict) or meta["embeddings_file"] not in files:
+            bad(f"'files' must record the embeddings file {meta['embeddings_file']!r}")
+        for name, entry in files.items():
+            if (not isinstance(entry, dict) or type(entry.get("bytes")) is not int
+                    or not _is_sha256(entry.get("sha256"))):
+                bad(f"malformed 'files' entry for {name!r} (expected bytes and sha256)")
+        if not _is_sha256(meta.get("ids_sha256")):
+            bad("'ids_sha256' is missing or not a SHA-256 hex digest")
+    return meta
+
+
+def member_path(directory: PathLike, name) -> Path:
+    """The path of a file index.json names, refusing a name that leaves the index folder: an
+    absolute path, a `..` component, or a symlink (of the file or a folder on its way) that
+    resolves outside. An index must never make a reader open files elsewhere."""
+    directory = Path(directory)
+    meta_path = directory / INDEX_FILE
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CorruptFileError(meta_path, f"names the file {name!r}: an index's files must be relative "
+                                          "names inside its folder (no absolute path, no '..')")
+    path = directory / name
+    root, real = directory.resolve(), path.resolve()
+    if real == root or root not in real.parents:
+        raise CorruptFileError(path, f"resolves to {real}, outside the index folder {root} (a symlink?): "
+                                     "refusing to read it")
+    return path
+
+
+def check_index_files(directory: PathLike, meta: dict, verify: bool = True) -> None:
+    """Every file in meta["files"]: inside the folder (`member_path`), present, of the
+    recorded size (always) and SHA-256 (verify=True). CorruptFileError naming the file."""
+    directory = Path(directory)
+    for name, entry in meta["files"].items():
+        path = member_path(directory, name)
+        if not path.is_file():
+            raise CorruptFileError(path, f"missing (named by {INDEX_FILE})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CorruptFileError(path, f"has {size} bytes, {INDEX_FILE} records {entry['bytes']} "
+                                         "(truncated or overwritten); rebuild the index")
+        if verify and file_sha256(path) != entry["sha256"]:
+            raise CorruptFileError(path, f"SHA-256 differs from the one recorded in {INDEX_FILE} "
+                                         "(corrupted, or modified after the index was built); rebuild "
+                                         "the index")
+
+
+def check_ids(directory: PathLike, meta: dict) -> None:
+    """The ids still hash to meta["ids_sha256"]; CorruptFileError naming index.json if not."""
+    if ids_sha256(meta["ids"]) != meta["ids_sha256"]:
+        raise CorruptFileError(Path(directory) / INDEX_FILE, (
+            "its ids do not match ids_sha256 (ids edited, removed or reordered after the index was "
+            "built, so rows would be served under the wrong ids); rebuild the index"))

@@ -1,11 +1,18 @@
 """WordPiece tokenizer with BERT conventions (HF `tokenizers`): lower-case BERT normaliser,
 BERT pre-tokeniser, [CLS] text [SEP], [PAD] = 0, [MASK]; loaded from a BERT `vocab.txt` or
 trained on a corpus (the embedded world's by default), saved next to a run atomically.
+
+`build_tokenizer(source)` takes a file for what it is: a vocabulary (one token per line,
+with the lines [CLS], [SEP], [MASK] and [PAD], whatever the file is called) is loaded;
+training a new vocabulary on a corpus is asked for explicitly, `train:corpus.txt`; any other
+file is an error that says which of the two to write (a vocabulary file trained on as if it
+were a corpus gives a useless ~200-token vocabulary without a word of warning).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import string
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -16,6 +23,9 @@ from ..io import CorruptFileError, atomic_write_json, atomic_write_text, remove_
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_NAME = "tokenizer_config.json"
+TRAIN_PREFIX = "train:"   # build_tokenizer("train:corpus.txt"): train a new vocabulary on a corpus
+# the lines that make a one-token-per-line file a vocabulary ([UNK] is checked when loading)
+VOCAB_MARKERS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
 
 
 def _build_backend(vocab: dict, lowercase: bool):
@@ -61,7 +71,10 @@ class WordPieceTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocab file {path} does not exist (expected a BERT vocab.txt, one token a line)")
-        tokens = path.read_text(encoding="utf-8").splitlines()
+        try:
+            tokens = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"vocab file {path} is not UTF-8 text ({e})") from None
         vocab = {}
         for line_no, token in enumerate(tokens, 1):
             token = token.rstrip("\r")
@@ -202,27 +215,89 @@ class WordPieceTokenizer:
         return f"WordPieceTokenizer(vocab_size={self.vocab_size}, lowercase={self.lowercase})"
 
 
+def vocab_file_check(path: Union[str, Path]) -> Optional[str]:
+    """None when `path` looks like a vocabulary: one token per line (no whitespace inside a
+    line) and the lines [CLS], [SEP], [MASK] and [PAD]; else why it does not. Stops at the
+    first line holding several words, so a large corpus costs one line."""
+    path = Path(path)
+    found = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                token = line.rstrip("\n")
+                if any(c.isspace() for c in token):
+                    return f"line {line_no} is not a single token ({token[:40]!r})"
+                if token in VOCAB_MARKERS:
+                    found.add(token)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"tokenizer source {path}: not UTF-8 text ({e})") from None
+    missing = [t for t in VOCAB_MARKERS if t not in found]
+    if missing:
+        return f"it has one token per line but no line {' / '.join(missing)}"
+    return None
+
+
+def resolve_tokenizer_source(source: Union[str, Path]) -> Tuple[str, Optional[Path]]:
+    """What `build_tokenizer(source)` will build, decided without building it (a job can
+    check its --tokenizer before starting): ("embedded", None), ("train", corpus path),
+    ("folder", saved tokenizer folder) or ("vocab", vocabulary file). A missing path raises
+    FileNotFoundError; a file that is neither a vocabulary nor asked to be trained on raises
+    ValueError saying what to write instead."""
+    hint = ("expected 'embedded', a vocabulary file (one token per line), a saved tokenizer folder, "
+            f"or {TRAIN_PREFIX}CORPUS to train a new vocabulary on a text corpus")
+    if isinstance(source, str):
+        if source == "embedded":
+            return "embedded", None
+        if source.startswith(TRAIN_PREFIX):
+            corpus = source[len(TRAIN_PREFIX):]
+            if not corpus:
+                raise ValueError(f"tokenizer source {source!r} names no corpus: write {TRAIN_PREFIX}corpus.txt")
+            if not Path(corpus).exists():
+                raise FileNotFoundError(f"tokenizer source {source!r}: corpus {corpus} does not exist")
+            return "train", Path(corpus)
+    elif not isinstance(source, os.PathLike):
+        raise TypeError(f"tokenizer source must be a str or a path, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer source {str(source)!r}: no such file or directory ({hint})")
+    if path.is_dir():
+        if (path / "vocab.txt").is_file():
+            return "folder", path
+        raise ValueError(f"tokenizer source {path}: a folder without vocab.txt is not a saved tokenizer; "
+                         f"to train a new vocabulary on the texts under it write {TRAIN_PREFIX}{path}")
+    if path.name in ("tokenizer.json", CONFIG_NAME):   # a file of a saved tokenizer folder
+        return "folder", path.parent
+    if path.name == "vocab.txt":   # by name; from_vocab_file says what is wrong with a bad one
+        return "vocab", path
+    why_not = vocab_file_check(path)
+    if why_not is None:
+        return "vocab", path
+    raise ValueError(f"tokenizer source {path} is not a vocabulary: {why_not} (a vocabulary has one token "
+                     f"per line, including {' '.join(SPECIAL_TOKENS)}); to train a new vocabulary on its "
+                     f"texts write {TRAIN_PREFIX}{path}")
+
+
 def build_tokenizer(source: Union[str, Path] = "embedded", vocab_size: int = 1000,
                     vocab_file: Optional[Union[str, Path]] = None, *, seed: int = 0,
                     num_documents: int = 2000, lowercase: bool = True) -> WordPieceTokenizer:
-    """source "embedded": train on the embedded world's captions + documents (seeded);
-    a vocab.txt path, a directory written by `save`, or vocab_file=... loads it instead;
-    any other file path (a .txt corpus, a manifest/Karpathy JSON) is trained on its texts."""
+    """source:
+    - "embedded": train on the embedded world's captions + documents (seeded);
+    - a vocabulary file (a BERT vocab.txt, whatever its name: one token per line with
+      [CLS]/[SEP]/[MASK]/[PAD]) or a folder written by `save` (or one of its files): load it;
+    - "train:PATH": train a new vocabulary (`vocab_size`) on the texts of PATH (a .txt
+      corpus or a folder of them, a manifest, a Karpathy JSON; `formats.read_texts`).
+    Any other file raises ValueError saying which to write. vocab_file=... loads that file
+    whatever `source` is."""
     if vocab_file is not None:
         return WordPieceTokenizer.from_vocab_file(vocab_file, lowercase=lowercase)
-    if isinstance(source, str) and source == "embedded":
+    kind, path = resolve_tokenizer_source(source)
+    if kind == "embedded":
         from .world import EmbeddedWorld
         texts = EmbeddedWorld(seed).corpus("train", num_documents)
         return WordPieceTokenizer.train(texts, vocab_size=vocab_size, lowercase=lowercase)
-    path = Path(source)
-    if path.is_dir() and (path / "vocab.txt").is_file():
+    if kind == "folder":
         return WordPieceTokenizer.load(path)
-    if path.name in ("vocab.txt", "tokenizer.json", CONFIG_NAME):
-        if path.name != "vocab.txt":   # a file of a saved tokenizer folder: load the folder
-            return WordPieceTokenizer.load(path.parent)
+    if kind == "vocab":
         return WordPieceTokenizer.from_vocab_file(path, lowercase=lowercase)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer source {source!r}: no such file or directory "
-                                f"(expected 'embedded', a vocab.txt, a saved tokenizer folder or a corpus)")
     from .formats import read_texts
     return WordPieceTokenizer.train(read_texts(path), vocab_size=vocab_size, lowercase=lowercase)
