@@ -9,8 +9,10 @@
 Images are file paths, PIL images, or a float tensor [N, 3, H, W] already normalised to
 [-1, 1] (mean = std = 0.5, the reference's normalisation) at the model's resolution. Files
 and PIL images go through the data layer's evaluation transform (RGB, shorter side resized
-bicubic, centre crop to the model's `img_size`); a missing or unreadable file raises
-`vlmo_fast.data.formats.DataError` (a ValueError) naming it.
+bicubic, centre crop to the model's `img_size`); a file that is missing or cannot be decoded
+(corrupt, over the pixel limit `VLMO_FAST_MAX_IMAGE_PIXELS`, a pixel format with no RGB
+reading) raises `vlmo_fast.data.formats.DataError` (a ValueError) with a one-line message
+naming the file and the reason.
 
 Texts longer than the model accepts (`config.max_text_len` tokens including [CLS]/[SEP])
 are TRUNCATED with a warning that says how many were cut (pass `on_long_text="error"` to
@@ -36,12 +38,13 @@ def load_image(image, img_size: int) -> Tensor:
     layer's evaluation transform (RGB, shorter side resized bicubic, centre crop)."""
     from PIL import Image
     from .data.formats import ImageRef
-    from .data.transforms import ImageTransform
+    from .data.transforms import ImageTransform, to_rgb
     transform = ImageTransform(img_size, train=False)
     if isinstance(image, (str, os.PathLike)):
-        array, _ = transform.load(ImageRef(str(image)), str(image))
+        array, _ = transform.load(ImageRef(str(image)))     # errors name the file already
     elif isinstance(image, Image.Image):
-        array, _ = transform(image.convert("RGB"))
+        # the data layer's conversion: 16-bit and float images scaled by their range, not clipped
+        array, _ = transform(to_rgb(image, f"a PIL image of mode {image.mode!r}"))
     else:
         raise TypeError(f"an image must be a path or a PIL image, got {type(image).__name__}")
     return torch.from_numpy(array)

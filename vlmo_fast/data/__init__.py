@@ -37,6 +37,10 @@ Additions to the contract:
   set_epoch(epoch + 1) or iterating again starts the next epoch; set_epoch(e) within epoch e
   is a no-op (a resumed run keeps its place). Rank 0's state_dict resumes every rank.
 - `RetrievalEvalSet.image_ids` and `.image_to_texts`.
+- `max_image_pixels=` (reader option of build_pretrain_loader / build_retrieval_eval_set,
+  argument of build_task_dataset; default 8192 x 8192, or VLMO_FAST_MAX_IMAGE_PIXELS):
+  larger images are unreadable samples (transforms.py). `loader.epoch_bad_samples`: the
+  errors of the samples skipped this epoch (the first 20), listed by the too-many-bad stop.
 - `build_zero_shot_eval_set("embedded" | class-folder path, split, attribute=...)`: images,
   labels, class_names, prompts for zero-shot classification.
 - `python -m vlmo_fast.data.export OUT --split test --format jsonl|karpathy|folder|tar`

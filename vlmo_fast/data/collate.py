@@ -29,7 +29,9 @@ class PretrainCollator:
     text:   text_ids, text_mask, mlm_ids, mlm_labels [B,L], mlm_positions [M]
     vl:     the text keys + images, image_ids [B], caption_ids [B]
     All stages: keys [B] (sampler keys, for debugging and resume checks) and
-    num_skipped [] (corrupt samples replaced while building this batch).
+    num_skipped [] (corrupt samples replaced while building this batch), plus
+    skipped_samples (list[str], the replaced samples' errors), which `Loader` takes out of
+    the batch to name the files when too many are bad.
     """
 
     def __init__(self, stage: str, tokenizer: WordPieceTokenizer, *, max_text_len: int = 40,
@@ -47,7 +49,8 @@ class PretrainCollator:
             raise ValueError("cannot collate an empty batch")
         gen = batch_generator(self.seed, self.stage, items[0]["key"])
         batch = {"keys": torch.tensor([it["key"] for it in items], dtype=torch.long),
-                 "num_skipped": torch.tensor(sum(it.get("skipped", 0) for it in items), dtype=torch.long)}
+                 "num_skipped": torch.tensor(sum(it.get("skipped", 0) for it in items), dtype=torch.long),
+                 "skipped_samples": [s for it in items for s in it.get("skipped_samples", ())]}
         if self.stage in ("vision", "vl"):
             batch["images"] = torch.from_numpy(np.stack([it["image"] for it in items]))
         if self.stage == "vision":

@@ -15,14 +15,26 @@ row / entry it is about.
   exact mid-epoch resume work as for any other source (the `webdataset` package is a
   streaming reader; it is not needed and not used).
 - VQAv2 questions + annotations JSON and NLVR2 JSONL (fine-tuning tasks).
+
+Typed fields, one rule for every reader (`text_field`, `path_field`, `id_field`,
+`int_field`): a caption / sentence / question and an image path must be JSON strings, an id a
+string or an integer. A number, boolean, NaN, null, object or list there is a DataError
+naming the file and the row when the file is read; such rows are not skipped and counted,
+because a wrong type comes from how the whole file was written, not from one damaged
+sample, and training on "12345" or "{'en': ...}" would be a silent wrong result. Text files
+must be UTF-8 (a leading byte-order mark is accepted); other bytes are a DataError naming
+the file and the line.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import json
+import math
 import pickle
 import re
+import reprlib
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -164,12 +176,119 @@ def _check_file(path: PathLike, what: str) -> Path:
     return path
 
 
+# -- text and typed fields ---------------------------------------------------------------------
+def _utf8_error(where: str, data: bytes, error: UnicodeDecodeError, first_line: int = 1) -> DataError:
+    start = error.start
+    line = first_line + data.count(b"\n", 0, start)
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    return DataError(f"{where} line {line}: not valid UTF-8 (byte 0x{data[start]:02x} at column {column}); "
+                     f"save the file as UTF-8")
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """UTF-8 bytes -> str (a leading byte-order mark dropped); DataError naming `where` and
+    the line of the first byte that is not UTF-8."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(where, data, e) from None
+
+
+def read_lines(path: Path):
+    """(line number, text with its line ending) of a UTF-8 text file, streamed (a leading
+    byte-order mark dropped). Lines end at \\n, \\r\\n or \\r, as with open(newline="").
+    A line that is not UTF-8 is a DataError naming the file and the line."""
+    n = 0
+    with open(path, "rb") as f:
+        for chunk in f:                       # binary lines end at b"\n" only
+            if n == 0 and chunk.startswith(codecs.BOM_UTF8):
+                chunk = chunk[len(codecs.BOM_UTF8):]
+            for raw in chunk.splitlines(keepends=True):
+                n += 1
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _utf8_error(str(path), raw, e, n) from None
+
+
 def _read_json(path: Path):
     """The parsed JSON of `path`, or a DataError naming the file and the line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(decode_text(path.read_bytes(), str(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def _describe(value) -> str:
+    """A value as it reads in the file, for errors: 'the number 12345', 'null', 'NaN'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, dict):
+        return f"an object {reprlib.repr(value)}"
+    if isinstance(value, list):
+        return f"a list {reprlib.repr(value)}"
+    if isinstance(value, str):
+        return f"the string {reprlib.repr(value)}"
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def text_field(value, origin: str, name: str, *, required: bool = True) -> str:
+    """A text field (caption, sentence, question) of a record, stripped. It must be a string:
+    anything else is a DataError naming `origin` (file and row) and the field `name`; so is
+    an empty one when `required`, and one that cannot be stored as UTF-8 (a lone surrogate
+    from a JSON escape such as "\\ud800")."""
+    if not isinstance(value, str):
+        raise DataError(f"{origin}: {name} must be a string, got {_describe(value)}")
+    text = value.strip()
+    if required and not text:
+        raise DataError(f"{origin}: empty {name}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{origin}: {name} holds {text[e.start]!r}, which is not a character (an unpaired "
+                        f"surrogate from a JSON escape)") from None
+    return text
+
+
+def path_field(value, origin: str, name: str) -> str:
+    """An image path field: a non-empty string without NUL bytes (else DataError)."""
+    path = text_field(value, origin, name)
+    if "\x00" in path:
+        raise DataError(f"{origin}: {name} contains a NUL byte, which no file path can hold")
+    return path
+
+
+def id_field(value, origin: str, name: str) -> str:
+    """An identity field (image id, NLVR2 directory): a string or an integer (not a boolean,
+    a float or NaN, which would silently merge or split images), returned as a string."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{origin}: {name} must be a string or an integer, got {_describe(value)}")
+    return text_field(str(value), origin, name)
+
+
+def int_field(value, origin: str, name: str) -> int:
+    """An integer field (VQA question / image id): an integer or a string of digits."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{origin}: {name} must be an integer, got {_describe(value)}")
+    return value
+
+
+def _object(value, origin: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{origin}: expected a JSON object, got {_describe(value)}")
+    return value
 
 
 def _resolve(base: Path, image: str) -> str:
@@ -182,34 +301,36 @@ def _manifest_rows(path: Path):
     """(origin, row dict) for JSONL / CSV / TSV / JSON-list files."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-                yield f"{path} line {n}", row
+        for n, line in read_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            yield f"{path} line {n}", _object(row, f"{path} line {n}")
     elif suffix in (".csv", ".tsv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
+        line_read = [0]      # the line csv last pulled (its own line_num lags on a parse error)
+
+        def lines():
+            for line_read[0], line in read_lines(path):
+                yield line
+        reader = csv.DictReader(lines(), delimiter="\t" if suffix == ".tsv" else ",")
+        try:
             if reader.fieldnames is None:
                 raise DataError(f"{path}: empty file (expected a header row)")
             for row in reader:
                 # DictReader gives None for missing trailing fields
-                yield f"{path} line {reader.line_num}", {k: v for k, v in row.items() if v is not None and k is not None}
+                yield f"{path} line {reader.line_num}", {k: v for k, v in row.items()
+                                                         if v is not None and k is not None}
+        except csv.Error as e:
+            raise DataError(f"{path} line {line_read[0]}: not valid {suffix[1:].upper()} ({e})") from None
     elif suffix == ".json":
         data = _read_json(path)
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects (or a Karpathy JSON with 'images')")
         for n, row in enumerate(data):
-            if not isinstance(row, dict):
-                raise DataError(f"{path} entry {n}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path} entry {n}", row
+            yield f"{path} entry {n}", _object(row, f"{path} entry {n}")
     else:
         raise DataError(f"{path}: unknown manifest type {suffix!r}; expected .jsonl, .csv, .tsv or .json")
 
@@ -220,7 +341,8 @@ def read_manifest(path: PathLike, *, image_key: str = "image", caption_key: str 
     """Image-caption pairs from a JSONL / CSV / TSV / JSON-list manifest.
 
     image_root: folder relative image paths resolve against (default: the manifest's folder).
-    A caption given as a list (ALBEF JSON) becomes one record per caption.
+    A caption given as a list (ALBEF JSON) becomes one record per caption. Types are checked
+    (module docstring); a null caption counts as none (an error when require_caption).
     check_files: stat every image now (errors name the row) instead of when it is loaded.
     """
     path = _check_file(path, "manifest")
@@ -230,24 +352,27 @@ def read_manifest(path: PathLike, *, image_key: str = "image", caption_key: str 
         if image_key not in row:
             raise DataError(f"{origin}: missing column {image_key!r} (columns: {sorted(row)}); "
                             f"set image_key= to the column holding the image path")
-        image = str(row[image_key]).strip()
-        if not image:
-            raise DataError(f"{origin}: empty image path in column {image_key!r}")
+        image = path_field(row[image_key], origin, f"image path {image_key!r}")
         captions = row.get(caption_key)
         if captions is None:
             if require_caption:
-                raise DataError(f"{origin}: missing column {caption_key!r} (columns: {sorted(row)}); "
-                                f"set caption_key= to the column holding the caption")
-            captions = ""
-        captions = captions if isinstance(captions, list) else [captions]
+                what = f"null caption in column {caption_key!r}" if caption_key in row else \
+                    f"missing column {caption_key!r} (columns: {sorted(row)})"
+                raise DataError(f"{origin}: {what}; set caption_key= to the column holding the caption")
+            captions = [""]
+        elif isinstance(captions, list):
+            if not captions and require_caption:
+                raise DataError(f"{origin}: caption {caption_key!r} is an empty list")
+            captions = [text_field(c, origin, f"caption {caption_key!r}[{k}]", required=require_caption)
+                        for k, c in enumerate(captions)] or [""]
+        else:
+            captions = [text_field(captions, origin, f"caption {caption_key!r}", required=require_caption)]
         resolved = _resolve(base, image)
         if check_files and not Path(resolved).is_file():
             raise DataError(f"{origin}: image file {resolved} does not exist")
-        key = str(row[id_key]) if id_key and row.get(id_key) not in (None, "") else resolved
+        has_id = id_key and row.get(id_key) is not None and row.get(id_key) != ""
+        key = id_field(row[id_key], origin, f"id {id_key!r}") if has_id else resolved
         for caption in captions:
-            caption = str(caption).strip()
-            if require_caption and not caption:
-                raise DataError(f"{origin}: empty caption in column {caption_key!r}")
             pairs.append(PairRecord(ImageRef(resolved), caption, key, origin))
     if not pairs:
         raise DataError(f"{path}: no rows")
@@ -262,7 +387,10 @@ KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("tes
 def read_karpathy(path: PathLike, split: str = "train", *, image_root: Optional[PathLike] = None) -> Records:
     """COCO / Flickr30k Karpathy-split JSON: one record per sentence of each image of `split`.
     Images live at image_root / filepath / filename (COCO) or image_root / filename (Flickr);
-    image_root defaults to the JSON's folder."""
+    image_root defaults to the JSON's folder. Every entry is checked, in every split: an
+    image object with string filename / filepath / split, an integer or string cocoid /
+    imgid, and a list of sentences, each a string or an object with a string "raw" or a
+    list of string "tokens"; a malformed entry is a DataError naming images[n]."""
     path = _check_file(path, "Karpathy JSON")
     if split not in KARPATHY_SPLITS:
         raise ValueError(f"split must be one of {sorted(KARPATHY_SPLITS)} for a Karpathy JSON, got {split!r}")
@@ -271,29 +399,47 @@ def read_karpathy(path: PathLike, split: str = "train", *, image_root: Optional[
         raise DataError(f"{path}: not a Karpathy JSON (expected an object with an 'images' list)")
     base = Path(image_root) if image_root is not None else path.parent
     wanted = KARPATHY_SPLITS[split]
-    pairs = []
+    pairs, splits = [], set()
     for n, img in enumerate(data["images"]):
         origin = f"{path} images[{n}]"
+        _object(img, origin)
         for key in ("filename", "sentences", "split"):
             if key not in img:
                 raise DataError(f"{origin}: missing key {key!r}")
-        if img["split"] not in wanted:
+        img_split = text_field(img["split"], origin, "'split'")
+        rel = Path(text_field(img.get("filepath", ""), origin, "'filepath'", required=False)) / \
+            path_field(img["filename"], origin, "'filename'")
+        id_name = "cocoid" if "cocoid" in img else "imgid"
+        ident = id_field(img[id_name], origin, repr(id_name)) if id_name in img else str(rel)
+        sentences = img["sentences"]
+        if not isinstance(sentences, list):
+            raise DataError(f"{origin}: 'sentences' must be a list of sentences, got {_describe(sentences)}")
+        captions = [_karpathy_sentence(sent, f"{origin} sentences[{k}]") for k, sent in enumerate(sentences)]
+        splits.add(img_split)
+        if img_split not in wanted:
             continue
-        rel = Path(img.get("filepath", "")) / img["filename"]
         image = str(base / rel)
-        ident = str(img.get("cocoid", img.get("imgid", rel)))
-        for k, sent in enumerate(img["sentences"]):
-            raw = sent.get("raw") if isinstance(sent, dict) else sent
-            if raw is None and isinstance(sent, dict) and "tokens" in sent:
-                raw = " ".join(sent["tokens"])
-            raw = str(raw or "").strip()
-            if not raw:
-                raise DataError(f"{origin} sentences[{k}]: empty caption")
-            pairs.append(PairRecord(ImageRef(image), raw, ident, f"{origin} sentences[{k}]"))
+        for k, caption in enumerate(captions):
+            pairs.append(PairRecord(ImageRef(image), caption, ident, f"{origin} sentences[{k}]"))
     if not pairs:
-        raise DataError(f"{path}: no images in split {split!r} (splits present: "
-                        f"{sorted({i.get('split') for i in data['images']})})")
+        raise DataError(f"{path}: no images in split {split!r} (splits present: {sorted(splits)})")
     return Records(pairs, str(path))
+
+
+def _karpathy_sentence(sent, origin: str) -> str:
+    """A Karpathy sentence: {"raw": str} (or {"tokens": [str, ...]} when raw is absent/null)
+    or a bare string."""
+    if not isinstance(sent, dict):
+        return text_field(sent, origin, "sentence")
+    if sent.get("raw") is None and "tokens" in sent:
+        tokens = sent["tokens"]
+        if not isinstance(tokens, list):
+            raise DataError(f"{origin}: 'tokens' must be a list of strings, got {_describe(tokens)}")
+        return text_field(" ".join(text_field(t, origin, f"'tokens'[{i}]") for i, t in enumerate(tokens)),
+                          origin, "'tokens'")
+    if "raw" not in sent:
+        raise DataError(f"{origin}: a sentence object needs 'raw' (or 'tokens'), got keys {sorted(sent)}")
+    return text_field(sent["raw"], origin, "'raw'")
 
 
 # -- image folders ----------------------------------------------------------------------------
@@ -318,7 +464,7 @@ def read_image_folder(directory: PathLike, *, require_caption: bool = True) -> R
                 raise DataError(f"{img}: no caption file {sidecar.name} beside it")
             pairs.append(PairRecord(ImageRef(str(img)), "", str(img), str(img)))
             continue
-        lines = [ln.strip() for ln in sidecar.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in decode_text(sidecar.read_bytes(), str(sidecar)).splitlines() if ln.strip()]
         if not lines and require_caption:
             raise DataError(f"{sidecar}: empty caption file")
         for n, line in enumerate(lines, 1):
@@ -344,10 +490,10 @@ def read_texts(path: PathLike, mode: str = "auto", *, caption_key: str = "captio
     if path.suffix.lower() in (".jsonl", ".csv", ".tsv"):
         return [p.caption for p in read_manifest(path, caption_key=caption_key).pairs]
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_json(path)
         recs = read_karpathy(path, "all") if isinstance(data, dict) else read_manifest(path, caption_key=caption_key)
         return [p.caption for p in recs.pairs]
-    text = path.read_text(encoding="utf-8")
+    text = decode_text(path.read_bytes(), str(path))
     blocks = re.split(r"\n\s*\n", text.strip())
     if mode == "paragraph" or (mode == "auto" and len(blocks) > 1):
         docs = [" ".join(b.split()) for b in blocks]
@@ -405,7 +551,7 @@ def read_tar_shards(spec: PathLike, *, caption_key: str = "caption", require_cap
                     if "." + ext in IMAGE_EXTENSIONS:
                         s["image"] = ImageRef(str(shard), member.offset_data, member.size)
                     elif ext in ("txt", "json", "cls"):
-                        s[ext] = tar.extractfile(member).read().decode("utf-8")
+                        s[ext] = decode_text(tar.extractfile(member).read(), f"{shard} member {member.name!r}")
         except tarfile.TarError as e:
             raise DataError(f"{shard}: not a readable tar file ({e})") from None
         for key, s in samples.items():
@@ -418,7 +564,11 @@ def read_tar_shards(spec: PathLike, *, caption_key: str = "caption", require_cap
                     meta = json.loads(s["json"])
                 except json.JSONDecodeError as e:
                     raise DataError(f"{origin}: its .json member is not valid JSON ({e.msg})") from None
-                caption = meta.get(caption_key, meta.get("text")) if isinstance(meta, dict) else None
+                _object(meta, f"{origin} .json member")
+                field = caption_key if caption_key in meta else "text"
+                if meta.get(field) is not None:
+                    caption = text_field(meta[field], origin, f"caption {field!r} of its .json member",
+                                         required=False)
             caption = (caption or "").strip()
             if require_caption and not caption:
                 raise DataError(f"{origin}: no caption (.txt member or {caption_key!r} in .json) or an empty one")
@@ -462,7 +612,7 @@ def read_vqav2(questions: PathLike, annotations: Optional[PathLike] = None, *,
     qdata = _read_json(qpath)
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
         raise DataError(f"{qpath}: expected an object with a 'questions' list (VQAv2 questions file)")
-    subtype = qdata.get("data_subtype", "")
+    subtype = text_field(qdata.get("data_subtype", ""), str(qpath), "'data_subtype'", required=False)
     base = Path(image_root) if image_root is not None else qpath.parent
     answers: Dict[int, Dict[str, int]] = {}
     if annotations is not None:
@@ -471,19 +621,29 @@ def read_vqav2(questions: PathLike, annotations: Optional[PathLike] = None, *,
         if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
             raise DataError(f"{apath}: expected an object with an 'annotations' list (VQAv2 annotations file)")
         for n, ann in enumerate(adata["annotations"]):
-            if "question_id" not in ann or not isinstance(ann.get("answers"), list):
-                raise DataError(f"{apath} annotations[{n}]: needs 'question_id' and an 'answers' list")
-            answers[int(ann["question_id"])] = dict(Counter(normalize_answer(a["answer"]) for a in ann["answers"]))
+            origin = f"{apath} annotations[{n}]"
+            if "question_id" not in _object(ann, origin) or not isinstance(ann.get("answers"), list):
+                raise DataError(f"{origin}: needs 'question_id' and an 'answers' list")
+            given = []
+            for k, a in enumerate(ann["answers"]):
+                where = f"{origin} answers[{k}]"
+                if "answer" not in _object(a, where):
+                    raise DataError(f"{where}: missing key 'answer'")
+                given.append(normalize_answer(text_field(a["answer"], where, "'answer'", required=False)))
+            answers[int_field(ann["question_id"], origin, "'question_id'")] = dict(Counter(given))
     out = []
     for n, q in enumerate(qdata["questions"]):
+        origin = f"{qpath} questions[{n}]"
         for key in ("question_id", "image_id", "question"):
-            if key not in q:
-                raise DataError(f"{qpath} questions[{n}]: missing key {key!r}")
-        qid = int(q["question_id"])
+            if key not in _object(q, origin):
+                raise DataError(f"{origin}: missing key {key!r}")
+        qid = int_field(q["question_id"], origin, "'question_id'")
         if annotations is not None and qid not in answers:
-            raise DataError(f"{qpath} questions[{n}]: question_id {qid} has no annotation in {annotations}")
-        image = base / image_pattern.format(subtype=subtype, image_id=int(q["image_id"]))
-        out.append(VQARecord(qid, ImageRef(str(image)), int(q["image_id"]), str(q["question"]), answers.get(qid, {})))
+            raise DataError(f"{origin}: question_id {qid} has no annotation in {annotations}")
+        image_id = int_field(q["image_id"], origin, "'image_id'")
+        image = base / image_pattern.format(subtype=subtype, image_id=image_id)
+        out.append(VQARecord(qid, ImageRef(str(image)), image_id, text_field(q["question"], origin, "'question'"),
+                             answers.get(qid, {})))
     return out
 
 
@@ -525,29 +685,31 @@ def read_nlvr2(path: PathLike, *, image_root: Optional[PathLike] = None) -> List
     path = _check_file(path, "NLVR2 JSONL")
     base = Path(image_root) if image_root is not None else path.parent
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            origin = f"{path} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{origin}: not valid JSON ({e.msg})") from None
-            for key in ("identifier", "sentence", "label"):
-                if key not in row:
-                    raise DataError(f"{origin}: missing key {key!r}")
-            label = str(row["label"]).strip().lower()
-            if label not in ("true", "false", "1", "0"):
-                raise DataError(f"{origin}: label must be True/False, got {row['label']!r}")
-            if "left_image" in row and "right_image" in row:
-                left, right = _resolve(base, row["left_image"]), _resolve(base, row["right_image"])
-            else:
-                prefix = str(row["identifier"]).rsplit("-", 1)[0]
-                folder = base / str(row["directory"]) if "directory" in row else base
-                left, right = str(folder / f"{prefix}-img0.png"), str(folder / f"{prefix}-img1.png")
-            out.append(NLVR2Record(str(row["identifier"]), ImageRef(left), ImageRef(right), str(row["sentence"]),
-                                   int(label in ("true", "1"))))
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        origin = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{origin}: not valid JSON ({e.msg})") from None
+        for key in ("identifier", "sentence", "label"):
+            if key not in _object(row, origin):
+                raise DataError(f"{origin}: missing key {key!r}")
+        identifier = id_field(row["identifier"], origin, "'identifier'")
+        # JSON booleans, 0 / 1, or the strings "True" / "False" / "1" / "0" of the official files
+        label = str(row["label"]).strip().lower() if isinstance(row["label"], (bool, int, str)) else ""
+        if label not in ("true", "false", "1", "0"):
+            raise DataError(f"{origin}: label must be True/False, got {_describe(row['label'])}")
+        if "left_image" in row and "right_image" in row:
+            left = _resolve(base, path_field(row["left_image"], origin, "'left_image'"))
+            right = _resolve(base, path_field(row["right_image"], origin, "'right_image'"))
+        else:
+            prefix = identifier.rsplit("-", 1)[0]
+            folder = base / id_field(row["directory"], origin, "'directory'") if "directory" in row else base
+            left, right = str(folder / f"{prefix}-img0.png"), str(folder / f"{prefix}-img1.png")
+        out.append(NLVR2Record(identifier, ImageRef(left), ImageRef(right),
+                               text_field(row["sentence"], origin, "'sentence'"), int(label in ("true", "1"))))
     if not out:
         raise DataError(f"{path}: no rows")
     return out

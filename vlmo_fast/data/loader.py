@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .formats import DataError
+
 log = logging.getLogger(__name__)
+_MAX_LISTED = 20   # unreadable samples a loader remembers per epoch, to name them when it stops
 
 
 class ShardedBatchSampler(Sampler):
@@ -81,6 +84,12 @@ class Loader:
     position reads (epoch, len(loader)); then either set_epoch(epoch + 1) or simply iterating
     again starts the next epoch. set_epoch(e) is a no-op while already in epoch e, so a
     resumed run may call it with the resumed epoch without losing its place.
+
+    Unreadable samples (the datasets replace them and report them in each batch's
+    num_skipped / skipped_samples; this class takes skipped_samples out of the batch) are
+    counted per epoch; past max_bad_fraction of this rank's samples the loader stops with a
+    TooManyBadSamples (a DataError: the jobs exit 2 with it) that lists them (file, reason,
+    record; the first 20 of the epoch).
     """
 
     def __init__(self, dataset: Dataset, collate_fn, batch_size: int, *, rank: int = 0, world: int = 1,
@@ -101,6 +110,7 @@ class Loader:
         self.description = description
         self.num_skipped = 0          # corrupt samples replaced so far (this rank, all epochs)
         self.epoch_skipped = 0        # ... in the current epoch (what max_bad_fraction limits)
+        self.epoch_bad_samples: List[str] = []   # their errors (file, reason, record), the first _MAX_LISTED
         self._loader: Optional[DataLoader] = None
 
     # -- position --------------------------------------------------------------------------
@@ -125,7 +135,7 @@ class Loader:
                 "num_samples": s.num_samples, "batch_size": s.batch_size, "rank": s.rank,
                 "world": s.world, "shuffle": s.shuffle, "drop_last": s.drop_last,
                 "num_skipped": self.num_skipped, "epoch_skipped": self.epoch_skipped,
-                "description": self.description}
+                "epoch_bad_samples": list(self.epoch_bad_samples), "description": self.description}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.sampler
@@ -142,6 +152,7 @@ class Loader:
         s.epoch, s.start_batch = epoch, index
         self.num_skipped = int(state.get("num_skipped", 0))
         self.epoch_skipped = int(state.get("epoch_skipped", 0)) if index > 0 else 0
+        self.epoch_bad_samples = [str(x) for x in state.get("epoch_bad_samples", ())][:_MAX_LISTED] if index > 0 else []
 
     # -- iteration -------------------------------------------------------------------------
     def _dataloader(self) -> DataLoader:
@@ -165,12 +176,14 @@ class Loader:
             s.epoch, s.start_batch = s.epoch + 1, 0
         if s.start_batch == 0:
             self.epoch_skipped = 0
+            self.epoch_bad_samples = []
         epoch = s.epoch
         for batch in self._dataloader():
             s.start_batch += 1
+            bad = batch.pop("skipped_samples", None) or []
             skipped = int(batch.get("num_skipped", 0))
             if skipped:
-                self._count_skipped(skipped)
+                self._count_skipped(skipped, bad)
             yield batch
             if s.epoch != epoch:  # set_epoch() / load_state_dict() called mid-iteration
                 return
@@ -180,18 +193,27 @@ class Loader:
         # the position stays "epoch finished" (batch_index == len): a trainer that calls
         # set_epoch(epoch + 1) next and one that just iterates again both get the next epoch
 
-    def _count_skipped(self, n: int) -> None:
+    def _count_skipped(self, n: int, errors: List[str]) -> None:
         self.num_skipped += n
         self.epoch_skipped += n
+        self.epoch_bad_samples.extend(errors[:_MAX_LISTED - len(self.epoch_bad_samples)])
         # the same broken file is met again every epoch: the limit is per epoch, over the
         # samples this rank reads in one
         per_rank = -(-len(self.dataset) // self.sampler.world)
         if self.epoch_skipped > self.max_bad_fraction * per_rank:
-            raise RuntimeError(
+            listed = self.epoch_bad_samples
+            more = self.epoch_skipped - len(listed)
+            raise TooManyBadSamples(
                 f"{self.description or 'loader'}: {self.epoch_skipped} samples were unreadable and skipped in "
                 f"epoch {self.sampler.epoch}, more than max_bad_fraction={self.max_bad_fraction:g} of the "
-                f"{per_rank} samples this rank reads per epoch; fix the data or raise max_bad_fraction "
-                f"(each failure was logged as a warning naming its file)")
+                f"{per_rank} samples this rank reads per epoch; fix the data or raise max_bad_fraction. "
+                f"The unreadable samples:" + "".join(f"\n  {e}" for e in listed)
+                + (f"\n  ... and {more} more (each was logged as a warning)" if more > 0 else ""))
+
+
+class TooManyBadSamples(DataError):
+    """More than the allowed fraction of an epoch's samples could not be read (bad data, not a
+    bug: a user error under vlmo_fast.errors, exit code 2)."""
 
 
 def _worker_init(worker_id: int) -> None:

@@ -1,16 +1,19 @@
 """Datasets over real files (any reader of `formats.py`) and the dispatch from a path to one.
 
-Bad data at load time: an image that is missing or corrupt when an item is read is replaced
-by another record (chosen deterministically from the key, so every worker count and a resumed
-run pick the same one), the item carries `skipped` = how many it replaced, the loader adds
-them up, logs them and stops with a clear error past `max_bad_fraction` of the dataset. With
-skip_bad=False the DataError (naming file and record) is raised instead.
+Bad data at load time: an image that cannot be decoded when an item is read (missing,
+truncated, not an image, over the pixel limit, a pixel format with no RGB reading: see
+transforms.py) is replaced by another record (chosen deterministically from the key, so every
+worker count and a resumed run pick the same one), the item carries `skipped` = how many it
+replaced and `skipped_samples` = their one-line errors (file, reason, record); the loader adds
+them up, logs them and stops past `max_bad_fraction` of the dataset with an error that lists
+them. With skip_bad=False the DataError (naming file and record) is raised instead.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,11 +34,12 @@ class FilePairsDataset(Dataset):
 
     def __init__(self, records: Records, stage: str = "vl", *, img_size: int = 224, seed: int = 0,
                  train: bool = True, flip: bool = False, scale: Tuple[float, float] = (0.5, 1.0),
-                 skip_bad: bool = True, unique_images: Optional[bool] = None):
+                 skip_bad: bool = True, unique_images: Optional[bool] = None,
+                 max_image_pixels: Optional[int] = None):
         if stage not in ("vl", "vision"):
             raise ValueError(f"FilePairsDataset serves stages 'vl' and 'vision', got {stage!r}")
         self.records, self.stage, self.seed, self.skip_bad = records, stage, int(seed), bool(skip_bad)
-        self.transform = ImageTransform(img_size, train, flip=flip, scale=scale)
+        self.transform = ImageTransform(img_size, train, flip=flip, scale=scale, max_pixels=max_image_pixels)
         # the image-only stream visits each image once per epoch, not once per caption
         if unique_images is None:
             unique_images = stage == "vision"
@@ -62,23 +66,22 @@ class FilePairsDataset(Dataset):
         key = int(key)
         n = len(self.rows)
         index = key % n
-        skipped = 0
+        skipped: List[str] = []
         for attempt in range(_MAX_SUBSTITUTES + 1):
             row = int(self.rows[index])
             try:
                 item = self._load(row, key)
-                item.update(key=key, skipped=skipped)
+                item.update(key=key, skipped=len(skipped), skipped_samples=skipped)
                 return item
             except DataError as e:
                 if not self.skip_bad:
                     raise
-                skipped += 1
-                last_error = e
+                skipped.append(str(e))
                 log.warning("skipping unreadable sample: %s", e)
                 # a deterministic substitute: a pseudo-random other index derived from the key
                 index = int(item_rng(self.seed, key, 100 + attempt).integers(n))
-        raise DataError(f"{self.records.source}: {skipped} unreadable images in a row for item {key % n} and its "
-                        f"substitutes (last: {last_error}); the data looks broken")
+        raise DataError(f"{self.records.source}: {len(skipped)} unreadable images in a row for item {key % n} and "
+                        f"its substitutes (last: {skipped[-1]}); the data looks broken")
 
 
 class TextDataset(Dataset):
@@ -118,9 +121,10 @@ def detect_format(path: PathLike) -> str:
     if suffix in (".jsonl", ".ndjson", ".csv", ".tsv"):
         return "manifest"
     if suffix == ".json":
-        with open(p, encoding="utf-8") as f:
-            head = f.read(4096).lstrip()
-        return "karpathy" if head.startswith("{") else "manifest"
+        # bytes: a non-UTF-8 file gets the reader's error (naming the line), a BOM is allowed
+        with open(p, "rb") as f:
+            head = f.read(4096)
+        return "karpathy" if head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"{") else "manifest"
     if suffix == ".txt":
         return "text"
     raise DataError(f"{spec}: cannot tell the format from the suffix {suffix!r} (expected .jsonl, .csv, .tsv, "
@@ -156,8 +160,10 @@ def _limit(records: Records, num_samples: Optional[int]) -> Records:
 def open_pretrain_dataset(source: PathLike, stage: str, *, split: str = "train", img_size: int = 224,
                           seed: int = 0, num_samples: Optional[int] = None, flip: bool = False,
                           scale: Tuple[float, float] = (0.5, 1.0), skip_bad: bool = True,
-                          text_mode: str = "auto", **reader_options) -> Dataset:
-    """The Dataset behind build_pretrain_loader(path, ...). num_samples: use the first n records."""
+                          text_mode: str = "auto", max_image_pixels: Optional[int] = None,
+                          **reader_options) -> Dataset:
+    """The Dataset behind build_pretrain_loader(path, ...). num_samples: use the first n records;
+    max_image_pixels: larger images are skipped as unreadable (default: transforms.max_image_pixels())."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fmt = reader_options.pop("fmt", None) or detect_format(source)
@@ -173,13 +179,15 @@ def open_pretrain_dataset(source: PathLike, stage: str, *, split: str = "train",
     if stage == "vision" and fmt == "image_folder":
         reader_options.setdefault("require_caption", False)
     records = _limit(open_records(source, split=split, fmt=fmt, **reader_options), num_samples)
-    return FilePairsDataset(records, stage, img_size=img_size, seed=seed, flip=flip, scale=scale, skip_bad=skip_bad)
+    return FilePairsDataset(records, stage, img_size=img_size, seed=seed, flip=flip, scale=scale, skip_bad=skip_bad,
+                            max_image_pixels=max_image_pixels)
 
 
 def open_retrieval_records(source: PathLike, *, split: str = "test", img_size: int = 224,
-                           num_images: Optional[int] = None, **reader_options):
+                           num_images: Optional[int] = None, max_image_pixels: Optional[int] = None,
+                           **reader_options):
     """(images [Ni,3,S,S], captions, text_to_image, image_ids) decoded with the eval
-    transform; a missing or corrupt image raises DataError naming the file and record."""
+    transform; an image that cannot be decoded raises DataError naming the file and record."""
     records = open_records(source, split=split, **reader_options)
     images, captions, text_to_image, keys, origins = group_by_image(records)
     if num_images is not None:
@@ -187,7 +195,7 @@ def open_retrieval_records(source: PathLike, *, split: str = "test", img_size: i
         pairs = [(c, t) for c, t in zip(captions, text_to_image) if t < keep]
         captions, text_to_image = [c for c, _ in pairs], [t for _, t in pairs]
         images, keys, origins = images[:keep], keys[:keep], origins[:keep]
-    transform = ImageTransform(img_size, train=False)
+    transform = ImageTransform(img_size, train=False, max_pixels=max_image_pixels)
     arrays = np.empty((len(images), 3, img_size, img_size), dtype=np.float32)
     for i, (ref, origin) in enumerate(zip(images, origins)):
         arrays[i] = transform.load(ref, origin)[0]

@@ -14,11 +14,13 @@ Batches (`build_task_loader`):
   scores over the answer vocabulary of A answers), answer_ids long [B] (best answer, -1 when
   none of the annotators' answers is in the vocabulary), question_ids long [B].
 - nlvr2: images_left, images_right [B,3,H,W], text_ids / text_mask [B,L], labels long [B].
-Every batch also has keys [B] and num_skipped [] as the pretraining batches.
+Every batch also has keys [B] and num_skipped [] as the pretraining batches (and, from the
+collator, skipped_samples, which the Loader takes out: see collate.PretrainCollator).
 """
 from __future__ import annotations
 
 import abc
+import logging
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -34,6 +36,7 @@ from .tokenizer import WordPieceTokenizer
 from .transforms import ImageTransform
 from .world import SPLITS, EmbeddedWorld, WorldConfig
 
+log = logging.getLogger(__name__)
 TASKS = ("vqa", "nlvr2")
 _MAX_SUBSTITUTES = 16
 
@@ -84,8 +87,8 @@ class _FileTaskDataset(Dataset, abc.ABC):
 
     records: list
 
-    def __init__(self, img_size: int, train: bool, seed: int, skip_bad: bool):
-        self.transform = ImageTransform(img_size, train)
+    def __init__(self, img_size: int, train: bool, seed: int, skip_bad: bool, max_image_pixels: Optional[int] = None):
+        self.transform = ImageTransform(img_size, train, max_pixels=max_image_pixels)
         self.train, self.seed, self.skip_bad = bool(train), int(seed), bool(skip_bad)
 
     def __len__(self) -> int:
@@ -101,18 +104,20 @@ class _FileTaskDataset(Dataset, abc.ABC):
 
     def __getitem__(self, key: int) -> dict:
         key, n = int(key), len(self.records)
-        index, skipped = key % n, 0
+        index, skipped = key % n, []
         for attempt in range(_MAX_SUBSTITUTES + 1):
             try:
                 item = self._load(index, key)
-                item.update(key=key, skipped=skipped)
+                item.update(key=key, skipped=len(skipped), skipped_samples=skipped)
                 return item
-            except DataError:
+            except DataError as e:
                 if not self.skip_bad:
                     raise
-                skipped += 1
+                skipped.append(str(e))
+                log.warning("skipping unreadable sample: %s", e)
                 index = int(item_rng(self.seed, key, 100 + attempt).integers(n))
-        raise DataError(f"{skipped} unreadable images in a row around item {key % n}; the data looks broken")
+        raise DataError(f"{len(skipped)} unreadable images in a row around item {key % n} (last: {skipped[-1]}); "
+                        f"the data looks broken")
 
 
 class VQAv2Dataset(_FileTaskDataset):
@@ -120,8 +125,8 @@ class VQAv2Dataset(_FileTaskDataset):
 
     def __init__(self, records: Sequence[VQARecord], answer_vocab: Optional[Sequence[str]] = None, *,
                  img_size: int = 224, train: bool = True, seed: int = 0, skip_bad: bool = True,
-                 min_answer_count: int = 9):
-        super().__init__(img_size, train, seed, skip_bad)
+                 min_answer_count: int = 9, max_image_pixels: Optional[int] = None):
+        super().__init__(img_size, train, seed, skip_bad, max_image_pixels)
         if not records:
             raise DataError("VQAv2: no questions")
         self.answer_vocab = list(answer_vocab) if answer_vocab is not None else \
@@ -141,8 +146,8 @@ class VQAv2Dataset(_FileTaskDataset):
 
 class NLVR2FileDataset(_FileTaskDataset):
     def __init__(self, records: Sequence[NLVR2Record], *, img_size: int = 224, train: bool = True,
-                 seed: int = 0, skip_bad: bool = True):
-        super().__init__(img_size, train, seed, skip_bad)
+                 seed: int = 0, skip_bad: bool = True, max_image_pixels: Optional[int] = None):
+        super().__init__(img_size, train, seed, skip_bad, max_image_pixels)
         if not records:
             raise DataError("NLVR2: no rows")
         self.records = PackedList(records)
@@ -169,7 +174,8 @@ class TaskCollator:
         if not items:
             raise ValueError("cannot collate an empty batch")
         batch = {"keys": torch.tensor([it["key"] for it in items], dtype=torch.long),
-                 "num_skipped": torch.tensor(sum(it.get("skipped", 0) for it in items), dtype=torch.long)}
+                 "num_skipped": torch.tensor(sum(it.get("skipped", 0) for it in items), dtype=torch.long),
+                 "skipped_samples": [s for it in items for s in it.get("skipped_samples", ())]}
         if self.task == "vqa":
             batch["images"] = torch.from_numpy(np.stack([it["image"] for it in items]))
             ids, mask = self.tokenizer.encode_batch([it["question"] for it in items], self.max_text_len)
@@ -195,10 +201,11 @@ def build_task_dataset(task: str, source: Union[str, Path] = "embedded", split: 
                        world_config: Optional[WorldConfig] = None, train: Optional[bool] = None,
                        annotations: Optional[Union[str, Path]] = None, image_root: Optional[Union[str, Path]] = None,
                        answer_vocab: Optional[Sequence[str]] = None, min_answer_count: int = 9,
-                       skip_bad: bool = True) -> Dataset:
+                       skip_bad: bool = True, max_image_pixels: Optional[int] = None) -> Dataset:
     """"embedded": the world's `split` ("train", "val", "test", "test_comp"); a path: VQAv2
     questions JSON (+ annotations=...) or an NLVR2 JSONL. train (default: split == "train")
-    picks the random-crop transform for file images. Datasets of "vqa" have .answer_vocab."""
+    picks the random-crop transform for file images. Datasets of "vqa" have .answer_vocab.
+    max_image_pixels: larger file images are unreadable (default: transforms.max_image_pixels())."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if isinstance(source, str) and source == "embedded":
@@ -212,11 +219,11 @@ def build_task_dataset(task: str, source: Union[str, Path] = "embedded", split: 
         records = read_vqav2(source, annotations, image_root=image_root)
         ds = VQAv2Dataset(records if num_samples is None else records[:num_samples], answer_vocab,
                           img_size=img_size, train=train, seed=seed, skip_bad=skip_bad,
-                          min_answer_count=min_answer_count)
+                          min_answer_count=min_answer_count, max_image_pixels=max_image_pixels)
     else:
         records = read_nlvr2(source, image_root=image_root)
         ds = NLVR2FileDataset(records if num_samples is None else records[:num_samples], img_size=img_size,
-                              train=train, seed=seed, skip_bad=skip_bad)
+                              train=train, seed=seed, skip_bad=skip_bad, max_image_pixels=max_image_pixels)
     return ds
 
 
