@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmo_fast.eval import NLVR2Model
-from vlmo_fast.finetune import NLVR2Step, RetrievalStep, VQAStep, finetune_param_groups, layer_id
+from vlmo_fast.training.finetune import NLVR2Step, RetrievalStep, VQAStep, finetune_param_groups, layer_id
 from vlmo_fast.losses import contrastive_loss_reference
 from vlmo_fast.model import VLMo
 
@@ -92,7 +92,7 @@ def test_finetune_jobs_end_to_end(tmp_path, capsys):
     pytest.importorskip("vlmo_fast.training.engine")   # the pretraining machinery (branch pretrain)
     import json
     from test_eval_runner import make_checkpoint, tiny_tokenizer
-    from vlmo_fast.finetune import main
+    from vlmo_fast.training.finetune import main
     init = make_checkpoint(tmp_path / "pre", tiny_tokenizer())
     common = ["--init", str(init), "--batch-size", "4", "--log-every", "1", "--eval-items", "6",
               "--no-progress"]
@@ -101,7 +101,8 @@ def test_finetune_jobs_end_to_end(tmp_path, capsys):
     final = tmp_path / "vqa" / "final"
     assert {p.name for p in final.iterdir()} >= {"DONE", "config.json", "model.safetensors", "vocab.txt",
                                                   "answer_vocab.json"}
-    rows = [json.loads(line) for line in (tmp_path / "vqa" / "metrics.jsonl").read_text().splitlines()]
+    from vlmo_fast.training.logs import read_metrics
+    rows = read_metrics(tmp_path / "vqa" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all("vqa_score" in r for r in rows)
     assert rows[0]["lr"] > rows[-1]["lr"] > 0          # warmup 1 step, then linear decay
     assert (tmp_path / "vqa" / "curves.png").is_file()

@@ -152,6 +152,10 @@ def test_config_json_round_trip_and_validation(tmp_path):
     ("classify_on_image", RuntimeError, "no classification head"),
     ("mlm_on_image", ValueError, "mlm_logits needs"),
     ("resize_zero", ValueError, "positive multiple of the patch size"),
+    ("mask_without_token", ValueError, "patch_mask and mask_token go together"),
+    ("patch_mask_shape", ValueError, r"patch_mask must have shape \[batch, num_patches\] = \(3, 4\)"),
+    ("mask_token_size", ValueError, "mask_token must hold dim = 64 values"),
+    ("checkpointing_flag", TypeError, "enable must be a bool"),
 ])
 def test_bad_model_inputs(tiny, case, exc, match):
     images, text_ids, text_mask = batch(tiny)
@@ -185,6 +189,16 @@ def test_bad_model_inputs(tiny, case, exc, match):
             tiny.mlm_logits(tiny.encode_image(images))
         elif case == "resize_zero":
             tiny.resize_image(0)
+        elif case == "mask_without_token":
+            tiny.encode_image(images, patch_mask=torch.zeros(3, 4, dtype=torch.bool))
+        elif case == "patch_mask_shape":
+            tiny.encode_image(images, patch_mask=torch.zeros(3, 5, dtype=torch.bool),
+                              mask_token=torch.zeros(c.dim))
+        elif case == "mask_token_size":
+            tiny.encode_image(images, patch_mask=torch.zeros(3, 4, dtype=torch.bool),
+                              mask_token=torch.zeros(1, 1, c.dim + 1))
+        elif case == "checkpointing_flag":
+            tiny.set_grad_checkpointing("yes")
 
 
 def test_resize_image_interpolates_positions(tiny):
@@ -221,3 +235,94 @@ def test_save_and_from_pretrained(tiny, tmp_path):
                                tiny.encode_pair(text_ids, images, text_mask).hidden, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="not a vlmo_fast checkpoint"):
         VLMo.from_pretrained(tmp_path)
+
+
+def test_masked_image_input_replaces_exactly_the_masked_patches(tiny):
+    images, _, _ = batch(tiny)
+    c = tiny.config
+    patch_mask = torch.tensor([[True, False, False, True], [False] * 4, [True] * 4])
+    mask_token = torch.randn(1, 1, c.dim)
+    x = tiny.embed_image(images, patch_mask, mask_token)
+    plain = tiny.embed_image(images)
+    # a masked patch holds the mask token + the image type embedding (tiny: relative positions)
+    expect = (mask_token + tiny.token_type_embeddings.weight[1]).expand(3, 4, c.dim)
+    torch.testing.assert_close(x[:, 1:][patch_mask], expect[patch_mask])
+    torch.testing.assert_close(x[:, 1:][~patch_mask], plain[:, 1:][~patch_mask])
+    torch.testing.assert_close(x[:, 0], plain[:, 0])
+    out = tiny.encode_image(images, patch_mask=patch_mask, mask_token=mask_token)
+    torch.testing.assert_close(out.hidden[1], tiny.encode_image(images[1:2]).hidden[0])
+    assert not torch.allclose(out.hidden[0], tiny.encode_image(images[:1]).hidden[0], atol=1e-3)
+
+
+# -- activation checkpointing (timm's set_grad_checkpointing) ----------------------------------
+
+def _pass_loss(model, which, images, text_ids, text_mask):
+    """A loss touching every output of one pass (both ITC branches where there are two)."""
+    if which == "image":
+        out = model.encode_image(images, return_vl=True)
+        return (out.features * torch.linspace(-1, 1, out.features.shape[-1])).sum() + out.vl_features[:, 0].sum()
+    if which == "text":
+        out = model.encode_text(text_ids, text_mask, return_vl=True)
+        return (out.features * torch.linspace(-1, 1, out.features.shape[-1])).sum() + out.vl_features[:, 0].sum()
+    if which == "pair":
+        out = model.encode_pair(text_ids, images, text_mask)
+        return model.itm_logits(out)[:, 1].sum() + model.mlm_logits(out).logsumexp(-1).mean()
+    out = model.encode_packed(images, text_ids, text_mask, text_ids[:2], images[:2], text_mask[:2],
+                              return_vl=True)
+    return (out.image_features[:, :3].sum() + out.text_features[:, 1:4].sum() + out.pair_pooled[:, 0].sum()
+            + out.image_vl_features[:, 2].sum() + out.text_vl_features[:, 5].sum())
+
+
+@pytest.mark.parametrize("which", ["image", "text", "pair", "packed"])
+def test_grad_checkpointing_gives_the_same_gradients(which):
+    """fp32, training mode with drop path (checkpointing replays the RNG): same loss and
+    gradients, and each block runs twice (forward, then again in backward)."""
+    grads, calls = [], []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = VLMo.from_preset("tiny", drop_path_rate=0.3).train()
+        model.set_grad_checkpointing(enable)
+        assert model.grad_checkpointing is enable
+        counter = [0]
+        for blk in model.blocks:
+            blk.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+        torch.manual_seed(1)
+        loss = _pass_loss(model, which, *batch(model))
+        forward_calls = counter[0]
+        loss.backward()
+        calls.append((forward_calls, counter[0]))
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss0, g0), (loss1, g1) = grads
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and "rel_pos_bias.relative_position_bias_table" in g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-6, msg=n)
+    (plain_fwd, plain_total), (ckpt_fwd, ckpt_total) = calls
+    assert plain_fwd == plain_total == ckpt_fwd and ckpt_total == 2 * ckpt_fwd
+
+
+def test_grad_checkpointing_only_while_recording_and_keeps_state_dict_names(monkeypatch):
+    import vlmo_fast.model as model_module
+    model = VLMo.from_preset("tiny", drop_path_rate=0.0).eval()
+    names = list(model.state_dict())
+    images, text_ids, text_mask = batch(model)
+    reference = model.encode_pair(text_ids, images, text_mask).hidden.detach()
+    seen = []
+
+    def recording_checkpoint(fn, *args, use_reentrant, **kwargs):
+        assert use_reentrant is False
+        seen.append(fn)
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(model_module, "checkpoint", recording_checkpoint)
+    model.set_grad_checkpointing()
+    assert list(model.state_dict()) == names
+    with torch.no_grad():
+        out = model.encode_pair(text_ids, images, text_mask)
+    assert seen == []                                  # nothing to recompute without autograd
+    torch.testing.assert_close(out.hidden, reference, rtol=0, atol=0)
+    model.encode_pair(text_ids, images, text_mask)
+    assert seen == list(model.blocks)
+    model.set_grad_checkpointing(False)
+    seen.clear()
+    model.encode_pair(text_ids, images, text_mask)
+    assert seen == []

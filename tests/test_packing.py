@@ -215,3 +215,43 @@ def test_gpu_vlmo_base_packed_step_equals_separate_passes():
     torch.testing.assert_close(packed.pair_pooled.float(), pair.pooled.float(), **tol)
     rel_err = (packed_grad - table.grad).norm() / table.grad.norm()
     assert rel_err < 5e-2, f"bias-table gradient relative error {rel_err:.3g}"
+
+
+@pytest.mark.parametrize("with_pairs", [False, True])
+def test_vlmo_encode_packed_return_vl_equals_single_passes(tiny, with_pairs):
+    """return_vl=True: each image's / text's itc_vl features (and their gradients, through
+    the shared bias table too) equal encode_image / encode_text(return_vl=True) of that
+    sequence alone; pairs in the pack are left out of the VL re-run and keep their result."""
+    images, text, text_mask, pair_text, pair_images, pair_mask = _inputs(tiny.config)
+    pairs = (pair_text, pair_images, pair_mask) if with_pairs else (None, None, None)
+    packed = tiny.encode_packed(images, text, text_mask, *pairs, return_vl=True)
+    plain = tiny.encode_packed(images, text, text_mask, *pairs)
+    assert plain.image_vl_features is None and plain.text_vl_features is None
+    torch.testing.assert_close(packed.hidden, plain.hidden, rtol=0, atol=0)
+    table = tiny.rel_pos_bias.relative_position_bias_table
+    g = torch.Generator().manual_seed(7)
+    w_img, w_txt = torch.randn(packed.image_vl_features.shape, generator=g), \
+        torch.randn(packed.text_vl_features.shape, generator=g)
+    (packed_grad,) = torch.autograd.grad((packed.image_vl_features * w_img).sum()
+                                         + (packed.text_vl_features * w_txt).sum(), table)
+    img = tiny.encode_image(images, return_vl=True)
+    for i in range(text.shape[0]):          # each text alone, without its padding
+        n = int(text_mask[i].sum())
+        txt_i = tiny.encode_text(text[i:i + 1, :n], return_vl=True)
+        torch.testing.assert_close(packed.text_vl_features[i], txt_i.vl_features[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(packed.text_features[i], txt_i.features[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed.image_vl_features, img.vl_features, rtol=1e-4, atol=1e-5)
+    txt = tiny.encode_text(text, text_mask, return_vl=True)
+    torch.testing.assert_close(packed.text_vl_features, txt.vl_features, rtol=1e-4, atol=1e-5)
+    (single_grad,) = torch.autograd.grad((img.vl_features * w_img).sum() + (txt.vl_features * w_txt).sum(), table)
+    torch.testing.assert_close(packed_grad, single_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_vlmo_encode_packed_return_vl_without_a_vl_branch():
+    model = VLMo.from_preset("tiny", itc_vl_head=False).eval()
+    images, text, text_mask, pair_text, pair_images, pair_mask = _inputs(model.config)
+    out = model.encode_packed(images, text, text_mask, return_vl=True)
+    assert out.image_vl_features is None and out.text_vl_features is None
+    out = VLMo.from_preset("tiny").eval().encode_packed(pair_text_ids=pair_text, pair_images=pair_images,
+                                                        pair_text_mask=pair_mask, return_vl=True)
+    assert out.image_vl_features is None and out.text_vl_features is None and out.pair_pooled.shape[0] == 2

@@ -59,7 +59,8 @@ def ok(proc):
 
 
 def rows(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    from vlmo_fast.training.logs import read_metrics
+    return read_metrics(path)   # each step once (a resumed run's restart markers resolved)
 
 
 def weights(directory):

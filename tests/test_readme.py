@@ -25,3 +25,25 @@ def test_readme_has_python_blocks():
 def test_readme_block_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)          # a block that writes files writes them here
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_ddp_block_trains_two_steps_under_ddp(tmp_path, monkeypatch):
+    """The StepModule block, as written, under a 1-process gloo DDP: DDP stops at the second
+    step's forward when a parameter got no gradient in the first, so two steps prove that
+    the step uses every parameter."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    (code,) = [block.values[0] for block in python_blocks() if "StepModule(" in block.values[0]]
+    monkeypatch.chdir(tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        scope = {"__name__": "__readme__"}
+        exec(compile(code, str(README), "exec"), scope)
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(scope["step"], DistributedDataParallel)
+    model, optimizer = scope["model"], scope["optimizer"]
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in model.parameters())

@@ -4,6 +4,7 @@ the schedule, checkpoint pruning and the CLI's up-front argument checks."""
 import json
 
 import pytest
+from pathlib import Path
 import torch
 
 from vlmo_fast.config import VLMoConfig
@@ -314,21 +315,35 @@ def test_shipped_configs_are_accepted():
     assert stages == {"zero1": 1, "zero2": 2, "zero3": 3, "cpu": 2}
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    from vlmo_fast.training.pretrain import _enable_activation_checkpointing
-    grads = []
+@pytest.mark.parametrize("stage, layout", [("vision", "padded"), ("text", "packed"), ("vl", "packed")])
+def test_activation_checkpointing_gives_the_same_gradients(stage, layout):
+    """`model.set_grad_checkpointing()` reaches every block pass of the step (it calls the
+    model's passes, never its blocks): each block runs again in backward, and the loss and
+    gradients are those without checkpointing (training mode, drop path replayed)."""
+    results = []
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        model = tiny_model(drop_path_rate=0.0)
-        prepare_stage(model, "vl")
-        if checkpointed:
-            _enable_activation_checkpointing(model)
-        step = PretrainStep(model, "vl", generator=torch.Generator().manual_seed(0))
-        step(vl_batch())["loss"].backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+        model = tiny_model(drop_path_rate=0.2).train()
+        prepare_stage(model, stage)
+        model.set_grad_checkpointing(checkpointed)
+        calls = [0]
+        for blk in model.blocks:
+            blk.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        step = PretrainStep(model, stage, layout=layout, generator=torch.Generator().manual_seed(0))
+        batch = vl_batch()
+        batch["patch_mask"] = torch.arange(4).expand(6, 4) % 2 == 0
+        torch.manual_seed(1)
+        out = step(batch)
+        forward_calls = calls[0]
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+        results.append((out["loss"].detach(), grads, forward_calls, calls[0]))
+    (loss0, g0, fwd0, total0), (loss1, g1, fwd1, total1) = results
+    assert fwd0 == total0 == fwd1 and total1 == 2 * fwd1
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_init_beit_loads_the_vision_side(tmp_path):
@@ -340,7 +355,36 @@ def test_init_beit_loads_the_vision_side(tmp_path):
                 use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, num_classes=0)
     path = tmp_path / "beit.pth"
     torch.save({"model": beit.state_dict()}, path)
-    job = SimpleNamespace(args=SimpleNamespace(init_beit=str(path)))
+    job = SimpleNamespace(args=SimpleNamespace(init_beit=str(path), trust_pickle=False))
     model = Job.build_model(job, "text", VLMoConfig.preset("tiny", vocab_size=VOCAB), None)
     assert torch.equal(model.blocks[2].attn.qkv.weight, beit.blocks[2].attn.qkv.weight)
     assert torch.equal(model.cls_token, beit.cls_token)
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that creates a file when loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_init_beit_never_unpickles_code_without_trust_pickle(tmp_path):
+    """issue 20 item 1: `--init-beit evil.pth` used torch.load(weights_only=False) and ran the
+    file's code. Now it is read as plain tensors, refused with a message naming --trust-pickle."""
+    from types import SimpleNamespace
+    from vlmo_fast.training.pretrain import Job
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"cls_token": torch.zeros(1)}, "payload": _RunsCodeWhenUnpickled(marker)}, evil)
+    job = SimpleNamespace(args=SimpleNamespace(init_beit=str(evil), trust_pickle=False))
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        Job.build_model(job, "text", VLMoConfig.preset("tiny", vocab_size=VOCAB), None)
+    assert not marker.exists()
+    # the opt-in unpickles (and so runs the payload): the flag is the only way to get there
+    job.args.trust_pickle = True
+    with pytest.raises(Exception):   # the payload's state_dict is not a BEiT's
+        Job.build_model(job, "text", VLMoConfig.preset("tiny", vocab_size=VOCAB), None)
+    assert marker.exists()

@@ -6,14 +6,14 @@ exact resume, logs and curves of the pretraining machinery), then evaluate it.
     deepspeed --num_gpus 8 train/finetune.py --task retrieval --init ckpt --output-dir runs/ret \
         --deepspeed_config train/configs/zero2.json --img-size 384 --itm
 
-The code lives in vlmo_fast/finetune.py.
+The code lives in vlmo_fast/training/finetune.py (on the training loop of training/loop.py).
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlmo_fast.finetune import main  # noqa: E402
+from vlmo_fast.training.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

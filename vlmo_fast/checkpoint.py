@@ -121,6 +121,33 @@ class LoadResult(NamedTuple):
 
 
 # -- input handling ---------------------------------------------------------------------------
+def read_state_file(path, argument: str = "path", trust_pickle: bool = False):
+    """What a checkpoint FILE holds, without running code from it: `.safetensors` through
+    safetensors, anything else through `torch.load(weights_only=True)` (tensors, containers,
+    numbers, strings). A legacy pickle that needs more is refused with a message naming
+    `argument` and the `--trust-pickle` opt-in; `trust_pickle=True` then unpickles it fully
+    (which runs whatever code the file carries: only for files you trust)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument} {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise ValueError(f"{argument} {path}: not a readable safetensors file ({exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not trust_pickle:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise ValueError(f"{argument} {path} could not be read as plain tensors ({type(exc).__name__}: "
+                             f"{first}); if you trust the file, pass --trust-pickle to unpickle it "
+                             f"fully (that runs code stored in the file)") from None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def unwrap_state_dict(obj: Mapping) -> Dict[str, Tensor]:
     """Accept a raw state_dict or one wrapped as {'state_dict'|'module'|'model': ...};
     strip a DeepSpeed/DDP 'module.' prefix."""

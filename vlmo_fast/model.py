@@ -6,6 +6,8 @@ Three ways through the same blocks (see docs/ARCHITECTURE.md):
   VL layer (the reference's second ITC branch, "itc_vl").
 - `encode_pair`: fusion encoder over [text ; image]; below the VL layers each token goes to
   its modality's expert, in the VL layers every token goes to the VL expert.
+- `encode_packed`: any mix of the above as one pack without padding (`return_vl` as well).
+Every pass goes through `_run`, the one block loop (activation checkpointing lives there).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .block import MoMEBlock
 from .config import VLMoConfig
@@ -45,6 +48,8 @@ class PackedEncoderOutput:
     text_features: Optional[Tensor] = None   # [num_texts, embed]
     pair_pooled: Optional[Tensor] = None     # [num_pairs, dim] pooler(CLS) for ITM / classification
     pair_text_lengths: Tuple[int, ...] = ()  # real text tokens at the start of each pair sequence
+    image_vl_features: Optional[Tensor] = None  # [num_images, embed] itc_vl features (return_vl=True)
+    text_vl_features: Optional[Tensor] = None   # [num_texts, embed]
 
     def sequences(self) -> List[Tensor]:
         """Per-sequence hidden states [L_i, dim] (views)."""
@@ -77,8 +82,10 @@ class VLMo(nn.Module):
     max_text_len, [CLS] first); text_mask 1 = real token.
 
     Training under DDP / FSDP / DeepSpeed: every parameter is used by a step that runs the
-    three passes and the heads it trains; run the whole step inside one `forward` (see
+    three passes (the dual ones with `return_vl=True`) and the heads it trains (leave out or
+    freeze a head it does not train); run the whole step inside one `forward` (see
     `StepModule`) so the wrapper sees all of it.
+    `set_grad_checkpointing()` recomputes each block in backward (timm's switch).
 
     Args:
         config: the sizes and switches (`VLMoConfig`).
@@ -118,6 +125,7 @@ class VLMo(nn.Module):
         self.itm_head = nn.Linear(c.dim, 2)
         self.mlm_head = MLMHead(c.dim, c.vocab_size, c.text_layer_norm_eps)
         self.classifier = ClassificationHead(c.dim, c.num_classes) if c.num_classes > 0 else None
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     # -- construction ----------------------------------------------------------------------
@@ -173,6 +181,15 @@ class VLMo(nn.Module):
     def num_layers(self) -> int:
         return self.config.depth
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing, as timm models switch it: while enabled and autograd is
+        recording, every pass keeps only each block's input and recomputes the block in
+        backward (`torch.utils.checkpoint`, non-reentrant; RNG state is replayed, so drop
+        path draws the same). Gradients are unchanged; parameter names are unchanged."""
+        if not isinstance(enable, bool):
+            raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+        self.grad_checkpointing = enable
+
     def no_weight_decay(self) -> set:
         """Parameter names that AdamW should not decay (positions, CLS, scales, norms, biases,
         the experts' stacked norms and biases), as timm models report them."""
@@ -184,8 +201,24 @@ class VLMo(nn.Module):
         return {n for n in names if n in present} | {n for n, p in present.items() if p.dim() <= 1}
 
     # -- embeddings ------------------------------------------------------------------------
-    def embed_image(self, images: Tensor) -> Tensor:
+    def embed_image(self, images: Tensor, patch_mask: Optional[Tensor] = None,
+                    mask_token: Optional[Tensor] = None) -> Tensor:
+        """[B, 1 + P, dim]: CLS + patch embeddings (+ positions) + the image type embedding.
+        patch_mask [B, P] (True / 1 = masked) with mask_token [dim]: masked patches are
+        replaced by mask_token before positions are added (BEiT-style masked image modelling)."""
         patches = self.patch_embed(images)
+        if (patch_mask is None) != (mask_token is None):
+            raise ValueError("patch_mask and mask_token go together (masked image modelling): "
+                             "pass both or neither")
+        if patch_mask is not None:
+            if tuple(patch_mask.shape) != tuple(patches.shape[:2]):
+                raise ValueError(f"patch_mask must have shape [batch, num_patches] = "
+                                 f"{tuple(patches.shape[:2])}, got {tuple(patch_mask.shape)}")
+            if mask_token.numel() != patches.shape[-1]:
+                raise ValueError(f"mask_token must hold dim = {patches.shape[-1]} values, got shape "
+                                 f"{tuple(mask_token.shape)}")
+            w = patch_mask.to(patches.dtype)[..., None]
+            patches = patches * (1 - w) + mask_token.reshape(1, 1, -1).to(patches.dtype) * w
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
@@ -217,13 +250,18 @@ class VLMo(nn.Module):
              packing: Optional[PackedSequences] = None):
         """Blocks [start, end); returns (x, hidden state at the input of block keep_at)."""
         end = self.config.depth if end is None else end
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         kept = None
         for i in range(start, end):
             if i == keep_at:
                 kept = x
             ids = ids_vl if i >= self.config.vl_start else ids_below
-            x = self.blocks[i](x, ids, key_padding_mask=key_padding_mask, attn_bias=biases[i],
-                               packing=packing)
+            if recompute:
+                x = checkpoint(self.blocks[i], x, ids, key_padding_mask=key_padding_mask,
+                               attn_bias=biases[i], packing=packing, use_reentrant=False)
+            else:
+                x = self.blocks[i](x, ids, key_padding_mask=key_padding_mask, attn_bias=biases[i],
+                                   packing=packing)
         return x, kept
 
     # -- encoders --------------------------------------------------------------------------
@@ -248,9 +286,12 @@ class VLMo(nn.Module):
         return EncoderOutput(hidden=hidden, features=features, vl_features=vl_features,
                              text_len=length if modality == LANGUAGE else 0)
 
-    def encode_image(self, images: Tensor, return_vl: bool = False) -> EncoderOutput:
-        """Image-only pass (vision expert in every layer)."""
-        x = self.embed_image(images)
+    def encode_image(self, images: Tensor, return_vl: bool = False, *,
+                     patch_mask: Optional[Tensor] = None,
+                     mask_token: Optional[Tensor] = None) -> EncoderOutput:
+        """Image-only pass (vision expert in every layer). patch_mask / mask_token: masked
+        image modelling input (see `embed_image`)."""
+        x = self.embed_image(images, patch_mask, mask_token)
         is_text = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
         positions = torch.arange(x.shape[1], device=x.device)
         return self._encode_single(x, VISION, None, is_text, positions,
@@ -292,7 +333,8 @@ class VLMo(nn.Module):
     def encode_packed(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
                       text_mask: Optional[Tensor] = None, pair_text_ids: Optional[Tensor] = None,
                       pair_images: Optional[Tensor] = None,
-                      pair_text_mask: Optional[Tensor] = None) -> PackedEncoderOutput:
+                      pair_text_mask: Optional[Tensor] = None,
+                      return_vl: bool = False) -> PackedEncoderOutput:
         """Image-only, text-only and image-text sequences of one step in ONE pass.
 
         The sequences are packed back to back (images, then texts, then pairs) without their
@@ -301,8 +343,10 @@ class VLMo(nn.Module):
         Routing per sequence as in those passes: images and texts use their modality's expert
         in every layer (dual encoder), pairs the modality experts below the VL layers and the
         VL expert above. Text masks (1 = real token) say which tokens are packed; a token keeps
-        its original position. The `return_vl` re-run of the single-modality passes is not
-        part of the packed pass (run encode_image/encode_text(return_vl=True) for it).
+        its original position. `return_vl=True` also re-runs the VL layers with the VL
+        expert for the images and texts, as `encode_image/encode_text(return_vl=True)` do:
+        from the input of the first VL layer, on the same pack (its image and text part),
+        giving `image_vl_features` / `text_vl_features` (None when the model has no itc_vl).
         """
         parts: List[_PackedPart] = []
         kinds, pair_lens = [], ()
@@ -364,17 +408,44 @@ class VLMo(nn.Module):
             cat(f) for f in ("tokens", "ids_below", "ids_vl", "is_text", "positions"))
         packing = PackedSequences.from_lengths(lengths, device, is_text, positions)
         biases = self._layer_biases(is_text, positions)
-        out, _ = self._run(x[None], ids_below[None], ids_vl[None], None, biases, packing=packing)
+        counts = {k: kinds.count(k) for k in ("image", "text", "pair")}
+        num_dual = counts["image"] + counts["text"]
+        vl_start = self.config.vl_start
+        want_vl = return_vl and self.itc_vl is not None and vl_start < self.config.depth and num_dual > 0
+        out, kept = self._run(x[None], ids_below[None], ids_vl[None], None, biases,
+                              keep_at=vl_start if want_vl else None, packing=packing)
         hidden = self.norm(out)[0]
         cls = hidden.index_select(0, packing.starts)
-        counts = {k: kinds.count(k) for k in ("image", "text", "pair")}
         cls_img, cls_txt, cls_pair = torch.split(cls, [counts["image"], counts["text"], counts["pair"]])
+        image_vl = text_vl = None
+        if want_vl:
+            cls_vl = self._packed_vl_rerun(kept, lengths[:num_dual], packing, biases, is_text, positions)
+            image_vl = self.itc_vl.image_features(cls_vl[:counts["image"]]) if counts["image"] else None
+            text_vl = self.itc_vl.text_features(cls_vl[counts["image"]:]) if counts["text"] else None
         return PackedEncoderOutput(
             hidden=hidden, packing=packing, kinds=tuple(kinds), cls=cls,
             image_features=self.itc.image_features(cls_img) if counts["image"] else None,
             text_features=self.itc.text_features(cls_txt) if counts["text"] else None,
             pair_pooled=self.pooler(cls_pair[:, None]) if counts["pair"] else None,
-            pair_text_lengths=pair_lens)
+            pair_text_lengths=pair_lens, image_vl_features=image_vl, text_vl_features=text_vl)
+
+    def _packed_vl_rerun(self, kept: Tensor, dual_lengths: List[int], packing: PackedSequences,
+                         biases: list, is_text: Tensor, positions: Tensor) -> Tensor:
+        """CLS [num_dual, dim] of the VL layers re-run with the VL expert over the image and text
+        sequences at the front of a pack, from `kept` (the pack at the input of the first VL
+        layer). Pairs already went through the VL expert there: they are left out."""
+        if len(dual_lengths) == packing.num_sequences:
+            dual_packing, dual_biases, x = packing, biases, kept
+        else:
+            n_tok = sum(dual_lengths)
+            dual_packing = PackedSequences.from_lengths(dual_lengths, kept.device, is_text[:n_tok],
+                                                        positions[:n_tok])
+            dual_biases = self._layer_biases(is_text[:n_tok], positions[:n_tok])
+            x = kept[:, :n_tok]
+        vl_ids = torch.full(x.shape[:2], VISION_LANGUAGE, dtype=torch.long, device=x.device)
+        out, _ = self._run(x, vl_ids, vl_ids, None, dual_biases, start=self.config.vl_start,
+                           packing=dual_packing)
+        return self.norm(out)[0].index_select(0, dual_packing.starts)
 
     # -- heads -----------------------------------------------------------------------------
     @staticmethod

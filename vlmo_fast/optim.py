@@ -35,17 +35,21 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float = 1e-5,
                               skip: Iterable[str] = ()) -> List[Dict]:
     """[{params: no-decay, weight_decay: 0}, {params: decay, weight_decay}] for AdamW.
 
-    No decay for: parameters with ndim <= 1, names ending in ".bias", names listed by any
-    submodule's `no_weight_decay()`, and names in `skip` (full names, as timm's
+    No decay (`is_decayed`): parameters with ndim <= 1, names ending in ".bias", names listed
+    by any submodule's `no_weight_decay()`, and names in `skip` (full names, as timm's
     `no_weight_decay_list`). Frozen parameters (requires_grad False) are left out."""
     skip = set(skip) | no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (decay if is_decayed(name, param, skip) else no_decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0},
             {"params": decay, "weight_decay": weight_decay}]
+
+
+def is_decayed(name: str, param: nn.Parameter, no_decay: set) -> bool:
+    """THE weight-decay rule (timm's): no decay for parameters with ndim <= 1, names ending in
+    ".bias" and the names in `no_decay` (`no_weight_decay_names` of the model). Every optimizer
+    grouping in vlmo_fast (pretraining, fine-tuning with layer-wise lr decay) asks this."""
+    return not (param.ndim <= 1 or name.endswith(".bias") or name in no_decay)

@@ -342,15 +342,6 @@ def table_main(argv=None) -> str:
     return table
 
 
-def run_or_exit(run_fn, args):
-    """The command-line contract of our jobs: bad input (ValueError, FileNotFoundError) ends
-    the process with one line on stderr and exit status 2, not a traceback."""
-    try:
-        return run_fn(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv=None) -> Dict:
+    from ..errors import run_or_exit
     return run_or_exit(run, build_parser().parse_args(argv))

@@ -9,7 +9,8 @@
   the frozen set at initialize; a group of only frozen parameters crashes ZeRO-1/2). Under
   ZeRO-3 parameters used outside their owner's forward are registered as external parameters
   of the step module; the expert banks need not be leaf modules (see `build_engine`).
-- `gathered_state_dict()`: the plain VLMo state_dict on rank 0 (ZeRO-3 parameters gathered).
+- `gathered_state_dict()`: the plain VLMo state_dict on rank 0 (ZeRO-3 parameters gathered);
+  `gathered_fp32_state()` the same for any submodule (e.g. a fine-tuning head).
 """
 from __future__ import annotations
 
@@ -155,23 +156,52 @@ def build_engine(step_module: nn.Module, ds_config: Dict, *, lr: float, weight_d
     return engine
 
 
-def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
-    """The plain VLMo state_dict (CPU fp32) on rank 0, None elsewhere. Collective.
+def gathered_fp32_state(engine, module: nn.Module, rank: int) -> Optional[Dict[str, torch.Tensor]]:
+    """`module`'s state_dict (CPU fp32) on rank 0, None elsewhere; `module` is any submodule
+    of the engine's step module. Collective.
 
     Trained parameters come from the optimizer's fp32 master copy (`safe_get_full_fp32_param`:
     under bf16 the module holds only a rounded copy), frozen ones and buffers from the module
     (ZeRO-3 partitions gathered)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    model = engine.module.model
     values = {}
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             master = safe_get_full_fp32_param(p) if p.requires_grad else None
             values[name] = (master if master is not None else p).detach().float().cpu().clone()
-        for name, t in model.state_dict().items():
+        for name, t in module.state_dict().items():
             if name not in values:
                 values[name] = t.detach().cpu().clone()
-    if rank != 0:
-        return None
-    return export_state_dict(model, values)
+    return values if rank == 0 else None
+
+
+def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
+    """The plain VLMo state_dict (CPU fp32, any stage's FFN layout exported back to the stacked
+    experts) of the step module's `model` on rank 0, None elsewhere. Collective."""
+    model = engine.module.model
+    values = gathered_fp32_state(engine, model, rank)
+    return None if values is None else export_state_dict(model, values)
+
+
+def resolve_bf16(precision: str, device: torch.device) -> bool:
+    """--precision auto|bf16|fp32 -> whether the run trains in bf16 (auto: bf16 on CUDA)."""
+    bf16 = device.type == "cuda" if precision == "auto" else precision == "bf16"
+    if bf16 and device.type != "cuda":
+        raise ValueError("--precision bf16 needs CUDA; this run is on the CPU (use fp32)")
+    return bf16
+
+
+def engine_from_args(step_module: nn.Module, args, *, lr: float, total_steps: int, bf16: bool,
+                     param_groups: Optional[List[Dict]] = None):
+    """The job's engine from the shared training flags (training.args): DeepSpeed config from
+    --deepspeed_config + batch/accumulation/clipping/precision, AdamW, warmup (default 10 % of
+    the steps) + decay schedule. Returns (engine, ds_config)."""
+    from .resume import schedule_spec
+    spec = schedule_spec(args, total_steps)
+    ds_config = build_ds_config(load_ds_config(args.deepspeed_config), micro_batch=args.batch_size,
+                                grad_accum=args.grad_accum, clip=args.clip, bf16=bf16)
+    engine = build_engine(step_module, ds_config, lr=lr, weight_decay=args.weight_decay,
+                          betas=tuple(args.betas), total_steps=spec["total"], warmup_steps=spec["warmup"],
+                          schedule=spec["schedule"], min_lr_ratio=spec["min_ratio"], param_groups=param_groups)
+    return engine, ds_config

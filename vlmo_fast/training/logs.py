@@ -2,17 +2,25 @@
 
 Losses stay on the device between log points; `StepBuffer.flush()` turns the buffered steps
 into floats with ONE host sync every `log_every` steps.
+
+metrics.jsonl is append-only: a run never truncates or rewrites it. A run that starts where
+the file already has lines (a resume, or a restart after a killed first save) first appends
+a marker {"event": "restart", "at_step": S, "from": <checkpoint or null>, "time": ...}; the
+rows of steps after S that are above it belong to the interrupted run and are superseded by
+the rows the new run writes for the same steps. `read_metrics` (and `MetricsLogger.read`)
+return the effective rows: each step once, as the latest run wrote it; `raw=True` returns
+every line. A torn last line (killed mid-append) is cut before the next append.
 """
 from __future__ import annotations
 
-import json
 import math
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from ..io import atomic_write, atomic_write_text
+from ..io import append_jsonl, atomic_write, read_jsonl
 
 
 class StepBuffer:
@@ -51,10 +59,39 @@ def nonfinite(row: Dict[str, float], names=("loss",)) -> bool:
     return any(k in row and not math.isfinite(row[k]) for k in names)
 
 
-class MetricsLogger:
-    """JSONL (one object per logged step) + TensorBoard scalars under `directory`."""
+RESTART_EVENT = "restart"
 
-    def __init__(self, directory, stage: str, enabled: bool = True, resume_step: int = 0):
+
+def effective_rows(records: List[Dict]) -> List[Dict]:
+    """The metric rows of an append-only log, each step once: a restart marker at step S
+    drops the earlier rows of steps after S (the interrupted run's, replayed after it)."""
+    rows: List[Dict] = []
+    for r in records:
+        if r.get("event") == RESTART_EVENT:
+            at = int(r.get("at_step", 0))
+            rows = [x for x in rows if x.get("step", 0) <= at]
+        elif "event" not in r:
+            rows.append(r)
+    return rows
+
+
+def read_metrics(path, raw: bool = False) -> List[Dict]:
+    """The rows of a metrics.jsonl (effective rows, or every line with raw=True)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = read_jsonl(path)
+    return records if raw else effective_rows(records)
+
+
+class MetricsLogger:
+    """JSONL (one object per logged step, append-only) + TensorBoard scalars under `directory`.
+
+    resume_step: the step this run starts from; resumed_from: the checkpoint it resumed from
+    (recorded in the restart marker)."""
+
+    def __init__(self, directory, stage: str, enabled: bool = True, resume_step: int = 0,
+                 resumed_from: Optional[str] = None):
         self.enabled = enabled
         self.directory = Path(directory)
         self.stage = stage
@@ -63,27 +100,26 @@ class MetricsLogger:
         if not enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        # a resumed run replays steps after its checkpoint: drop their old lines
-        kept = [r for r in self.read() if r.get("step", 0) <= resume_step] if resume_step else []
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        restarting = bool(self.read(raw=True))
+        if restarting:  # lines of an earlier run are kept; the marker says which are superseded
+            append_jsonl(self.path, {"event": RESTART_EVENT, "at_step": int(resume_step),
+                                     "from": resumed_from, "time": time.time()})
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.directory / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            # purge_step: TensorBoard hides the interrupted run's events from that step on
+            self.tb = SummaryWriter(str(self.directory / "tensorboard"),
+                                    purge_step=resume_step + 1 if restarting or resume_step else None)
         except ImportError:  # tensorboard is a declared dependency; keep logging without it
             self.tb = None
 
-    def read(self) -> List[Dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    def read(self, raw: bool = False) -> List[Dict]:
+        return read_metrics(self.path, raw=raw)
 
     def log(self, rows: List[Dict]) -> None:
         if not self.enabled or not rows:
             return
-        with open(self.path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
+        for i, r in enumerate(rows):
+            append_jsonl(self.path, r, fsync=i == len(rows) - 1)  # one fsync per flush
         if self.tb is not None:
             for r in rows:
                 for k, v in r.items():

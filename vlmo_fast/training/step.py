@@ -31,37 +31,16 @@ import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import all_gather_rows, world_and_rank
 from ..hard_negatives import sample_global_hard_negatives
 from ..losses import contrastive_loss
-from ..mome import LANGUAGE, VISION, VISION_LANGUAGE
-from ..packing import PackedSequences
 
 HARD_NEGATIVE_MODES = ("global", "local", "none")
 LAYOUTS = ("auto", "packed", "padded")
 DEFAULT_LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "mlm": 0.25}
-
-
-# --------------------------------------------------------------------------- distributed helpers
-
-def world_and_rank() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def all_gather_rows(x: Tensor) -> Tensor:
-    """[n, ...] on every rank -> [world * n, ...] in rank order, without autograd."""
-    world, _ = world_and_rank()
-    if world == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- MIM
@@ -77,6 +56,10 @@ class MIMHead(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=init_std)
         nn.init.trunc_normal_(self.decoder.weight, std=init_std)
         nn.init.zeros_(self.decoder.bias)
+
+    def no_weight_decay(self) -> set:
+        """The mask embedding is a learned input, like the CLS token: not decayed."""
+        return {"mask_token"}
 
 
 def patch_targets(images: Tensor, patch_size: int) -> Tensor:
@@ -125,53 +108,11 @@ def mlm_loss_and_accuracy(model, hidden_at: Tensor, labels: Tensor) -> Tuple[Ten
 
 # --------------------------------------------------------------------------- encoders
 
-def _single_modality_biases(model, is_text: Tensor, positions: Tensor):
-    if model.rel_pos_bias is None:
-        return [None] * model.config.depth
-    return model.rel_pos_bias.layer_biases(is_text, positions)
-
-
 def packed_dual_encode(model, images: Tensor, text_ids: Tensor, text_mask: Tensor, return_vl: bool):
     """Images and texts (dual encoder) in ONE packed pass, plus the itc_vl re-run of the VL
-    layers (VL expert, from the input of the first VL layer) on the same pack.
-
-    Same result as `encode_image`/`encode_text(return_vl=...)` per sequence; built from the
-    model's public pieces (embeddings, blocks, norm, heads). One host sync (the lengths)."""
-    cfg = model.config
-    x_img = model.embed_image(images)
-    x_txt = model.embed_text(text_ids)
-    bi, li, _ = x_img.shape
-    bt, lt, _ = x_txt.shape
-    device = x_img.device
-    keep = text_mask.bool()
-    lengths = [li] * bi + keep.sum(1).tolist()
-    tokens = torch.cat([x_img.flatten(0, 1), x_txt[keep]], 0)
-    n_img_tok = bi * li
-    is_text = torch.ones(tokens.shape[0], dtype=torch.bool, device=device)
-    is_text[:n_img_tok] = False
-    positions = torch.cat([torch.arange(li, device=device).repeat(bi),
-                           torch.arange(lt, device=device).expand(bt, lt)[keep]])
-    packing = PackedSequences.from_lengths(lengths, device, is_text, positions)
-    ids = torch.where(is_text, LANGUAGE, VISION)[None]
-    biases = _single_modality_biases(model, is_text, positions)
-    want_vl = return_vl and model.itc_vl is not None and cfg.vl_start < cfg.depth
-    x, kept = tokens[None], None
-    for i, blk in enumerate(model.blocks):
-        if i == cfg.vl_start:
-            kept = x
-        x = blk(x, ids, attn_bias=biases[i], packing=packing)
-    starts = packing.starts
-    cls = model.norm(x)[0].index_select(0, starts)
-    out = [model.itc.image_features(cls[:bi]), model.itc.text_features(cls[bi:]), None, None]
-    if want_vl:
-        vl_ids = torch.full_like(ids, VISION_LANGUAGE)
-        x = kept
-        for i in range(cfg.vl_start, cfg.depth):
-            x = model.blocks[i](x, vl_ids, attn_bias=biases[i], packing=packing)
-        cls_vl = model.norm(x)[0].index_select(0, starts)
-        out[2] = model.itc_vl.image_features(cls_vl[:bi])
-        out[3] = model.itc_vl.text_features(cls_vl[bi:])
-    return tuple(out)
+    layers on the same pack (`VLMo.encode_packed(return_vl=...)`). One host sync (the lengths)."""
+    out = model.encode_packed(images=images, text_ids=text_ids, text_mask=text_mask, return_vl=return_vl)
+    return out.image_features, out.text_features, out.image_vl_features, out.text_vl_features
 
 
 def padded_dual_encode(model, images: Tensor, text_ids: Tensor, text_mask: Tensor, return_vl: bool):
@@ -273,20 +214,8 @@ class PretrainStep(nn.Module):
     def _vision(self, batch):
         m, head = self.model, self.mim_head
         images, patch_mask = batch["images"], batch["patch_mask"]
-        patches = m.patch_embed(images)
-        w = patch_mask.to(patches.dtype)[..., None]
-        patches = patches * (1 - w) + head.mask_token.to(patches.dtype) * w
-        x = torch.cat([m.cls_token.expand(patches.shape[0], -1, -1), patches], 1)
-        if m.pos_embed is not None:
-            x = x + m.pos_embed
-        x = x + m.token_type_embeddings.weight[1]
-        length = x.shape[1]
-        is_text = torch.zeros(length, dtype=torch.bool, device=x.device)
-        biases = _single_modality_biases(m, is_text, torch.arange(length, device=x.device))
-        ids = torch.full(x.shape[:2], VISION, dtype=torch.long, device=x.device)
-        for i, blk in enumerate(m.blocks):
-            x = blk(x, ids, attn_bias=biases[i])
-        pred = head.decoder(m.norm(x)[:, 1:]).float()
+        hidden = m.encode_image(images, patch_mask=patch_mask, mask_token=head.mask_token).hidden
+        pred = head.decoder(hidden[:, 1:]).float()
         target = patch_targets(images.float(), head.patch_size)
         per_patch = (pred - target).pow(2).mean(-1)
         weight = patch_mask.float()
