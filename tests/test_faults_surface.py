@@ -312,3 +312,32 @@ def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setenv("VLMO_FAST_TRACEBACK", "1")   # debugging: user errors keep theirs too
     with pytest.raises(ValueError):
         run_or_exit(_raise, ValueError("bad"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"image": None}, "must be a string"),
+    ({"image": ["a.png", "b.png"]}, "must be a string"),
+    ({"image": "b.png", "id": True}, "must be a string or an integer"),
+    ({"image": "b.png", "id": {"x": 1}}, "must be a string or an integer"),
+])
+def test_index_manifest_fields_are_typed(tmp_path, row, message):
+    """`vlmo-fast index --images manifest.jsonl`: a null/list path or a boolean/dict id was
+    str()-ed into 'None' / "['a.png', ...]" / 'True' (issue 20 item 6, for the index's reader)."""
+    from vlmo_fast.data.formats import DataError
+    from vlmo_fast.index import read_image_manifest
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_image_manifest(manifest)
+
+
+def test_index_manifest_not_utf8_names_the_file(tmp_path):
+    from vlmo_fast.data.formats import DataError
+    from vlmo_fast.index import read_image_manifest
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"\xef\xbb\xbfimage,id\na.png,caf\xe9\n")
+    with pytest.raises(DataError, match="m.csv.*UTF-8"):
+        read_image_manifest(manifest)

@@ -31,6 +31,7 @@ an Encoder whose embedding size or fingerprint differs raises `IndexModelMismatc
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .io import (TMP_PREFIX, CorruptFileError, atomic_write, atomic_write_json, file_sha256,
-                 remove_stale_temporaries)
+                 remove_stale_temporaries, verify_files)
 
 INDEX_FILE = "index.json"
 FORMAT = "vlmo_fast.retrieval_index"
@@ -71,6 +72,11 @@ def list_image_folder(folder: PathLike) -> Tuple[List[Path], List[str]]:
 _PATH_KEYS = ("image", "image_path", "filepath", "path", "file")
 
 
+def _manifest_text(manifest: Path) -> str:
+    from .data.formats import decode_text
+    return decode_text(manifest.read_bytes(), str(manifest))
+
+
 def read_image_manifest(manifest: PathLike) -> Tuple[List[Path], List[str]]:
     """Image paths and ids from a manifest. Relative paths are relative to its folder.
 
@@ -79,26 +85,29 @@ def read_image_manifest(manifest: PathLike) -> Tuple[List[Path], List[str]]:
       file) and optionally `id`;
     - .jsonl: one object per line, .json: a list of objects (ALBEF-style
       [{"image": ..., "caption": ...}]), with the same keys.
-    Repeated images (one row per caption) are kept once, in first-seen order."""
+    Repeated images (one row per caption) are kept once, in first-seen order. Paths must be
+    strings and ids strings or integers (the data layer's field rules); the file must be UTF-8
+    (a byte-order mark is fine): a DataError names the file and row otherwise."""
+    from .data.formats import id_field, path_field
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest not found: {manifest}")
     suffix = manifest.suffix.lower()
     rows: List[dict] = []
     if suffix == ".txt":
-        rows = [{"image": line.strip()} for line in manifest.read_text().splitlines() if line.strip()]
+        rows = [{"image": line.strip()} for line in _manifest_text(manifest).splitlines() if line.strip()]
     elif suffix in (".csv", ".tsv"):
-        with open(manifest, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        rows = list(csv.DictReader(io.StringIO(_manifest_text(manifest), newline=""),
+                                   delimiter="\t" if suffix == ".tsv" else ","))
     elif suffix == ".jsonl":
-        for n, line in enumerate(manifest.read_text().splitlines(), 1):
+        for n, line in enumerate(_manifest_text(manifest).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{manifest}:{n}: not valid JSON: {exc}") from None
     elif suffix == ".json":
-        data = json.loads(manifest.read_text())
+        data = json.loads(_manifest_text(manifest))
         if not isinstance(data, list):
             raise ValueError(f"{manifest}: expected a JSON list of objects with an image path")
         rows = data
@@ -109,17 +118,17 @@ def read_image_manifest(manifest: PathLike) -> Tuple[List[Path], List[str]]:
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"{manifest}: row {n} is not an object: {row!r}")
-        key = next((k for k in _PATH_KEYS if row.get(k)), None)
+        key = next((k for k in _PATH_KEYS if k in row), None)
         if key is None:
             raise ValueError(f"{manifest}: row {n} has no image path (expected one of the keys "
                              f"{_PATH_KEYS}); got keys {sorted(row)}")
-        raw = str(row[key])
+        raw = path_field(row[key], f"{manifest} row {n}", key)
         if raw in seen:
             continue
         seen.add(raw)
         path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
         paths.append(path)
-        ids.append(str(row.get("id", raw)))
+        ids.append(id_field(row.get("id", raw), f"{manifest} row {n}", "id"))
     if not paths:
         raise ValueError(f"empty corpus: the manifest {manifest} lists no images")
     missing = [str(p) for p in paths if not p.is_file()]
@@ -443,19 +452,8 @@ def member_path(directory: PathLike, name) -> Path:
 def check_index_files(directory: PathLike, meta: dict, verify: bool = True) -> None:
     """Every file in meta["files"]: inside the folder (`member_path`), present, of the
     recorded size (always) and SHA-256 (verify=True). CorruptFileError naming the file."""
-    directory = Path(directory)
-    for name, entry in meta["files"].items():
-        path = member_path(directory, name)
-        if not path.is_file():
-            raise CorruptFileError(path, f"missing (named by {INDEX_FILE})")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CorruptFileError(path, f"has {size} bytes, {INDEX_FILE} records {entry['bytes']} "
-                                         "(truncated or overwritten); rebuild the index")
-        if verify and file_sha256(path) != entry["sha256"]:
-            raise CorruptFileError(path, f"SHA-256 differs from the one recorded in {INDEX_FILE} "
-                                         "(corrupted, or modified after the index was built); rebuild "
-                                         "the index")
+    verify_files(directory, meta["files"], verify_hashes=verify, recorded_in=INDEX_FILE, locate=member_path,
+                 advice="rebuild the index")
 
 
 def check_ids(directory: PathLike, meta: dict) -> None:

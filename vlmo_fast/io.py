@@ -313,18 +313,30 @@ def verify_manifest(directory: PathLike, verify_hashes: bool = True,
     (verify_hashes=True). Returns the manifest; raises CorruptFileError naming the file."""
     directory = Path(directory)
     manifest = read_manifest(directory, name)
-    for rel, entry in manifest["files"].items():
-        p = directory / rel
+    verify_files(directory, manifest["files"], verify_hashes=verify_hashes, recorded_in=name)
+    return manifest
+
+
+def verify_files(directory: PathLike, entries: Dict[str, Dict[str, Any]], *, verify_hashes: bool = True,
+                 recorded_in: str = MANIFEST_NAME, locate: Optional[Callable[[Path, str], Path]] = None,
+                 advice: str = "") -> None:
+    """Check files against their recorded {"bytes", "sha256"} entries (a manifest's "files"):
+    present, recorded size (always), SHA-256 (verify_hashes=True). `locate(directory, name)`
+    turns a name into a path (default directory / name; e.g. a check that it stays inside the
+    folder); `advice` is appended to every message. Raises CorruptFileError naming the file."""
+    directory = Path(directory)
+    tail = f"; {advice}" if advice else ""
+    for rel, entry in entries.items():
+        p = locate(directory, rel) if locate is not None else directory / rel
         if not p.is_file():
-            raise CorruptFileError(p, f"missing (listed in {name})")
+            raise CorruptFileError(p, f"missing (listed in {recorded_in}){tail}")
         size = p.stat().st_size
         if size != entry["bytes"]:
-            raise CorruptFileError(p, f"has {size} bytes, {name} records {entry['bytes']} "
-                                      "(truncated or overwritten)")
+            raise CorruptFileError(p, f"has {size} bytes, {recorded_in} records {entry['bytes']} "
+                                      f"(truncated or overwritten){tail}")
         if verify_hashes and file_sha256(p) != entry["sha256"]:
-            raise CorruptFileError(p, f"SHA-256 differs from the one recorded in {name} "
-                                      "(corrupted, or modified after it was written)")
-    return manifest
+            raise CorruptFileError(p, f"SHA-256 differs from the one recorded in {recorded_in} "
+                                      f"(corrupted, or modified after it was written){tail}")
 
 
 # -- append-only JSON-lines logs ---------------------------------------------------------------

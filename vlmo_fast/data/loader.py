@@ -76,7 +76,64 @@ class ShardedBatchSampler(Sampler):
             yield keys[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
 
-class Loader:
+class BadSampleLimit:
+    """The skip-and-count machinery every loader shares: unreadable samples are counted per
+    epoch (`num_skipped`, `epoch_skipped`, the first errors in `epoch_bad_samples`), and past
+    `max_bad_fraction` of the samples this rank reads per epoch the loader stops with a
+    TooManyBadSamples that lists them. Subclasses say how many samples that is
+    (`_rank_epoch_samples`; None while a streaming loader does not know it yet: the check
+    then waits until it does) and which epoch they are in (`epoch`)."""
+
+    def _init_bad_limit(self, max_bad_fraction: float, description: str) -> None:
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.description = description
+        self.num_skipped = 0          # unreadable samples skipped so far (this rank, all epochs)
+        self.epoch_skipped = 0        # ... in the current epoch (what max_bad_fraction limits)
+        self.epoch_bad_samples: List[str] = []   # their errors (file, reason, record), the first _MAX_LISTED
+
+    def _reset_epoch_bad(self) -> None:
+        self.epoch_skipped = 0
+        self.epoch_bad_samples = []
+
+    def _bad_state(self) -> dict:
+        return {"num_skipped": self.num_skipped, "epoch_skipped": self.epoch_skipped,
+                "epoch_bad_samples": list(self.epoch_bad_samples)}
+
+    def _load_bad_state(self, state: dict, mid_epoch: bool) -> None:
+        self.num_skipped = int(state.get("num_skipped", 0))
+        self.epoch_skipped = int(state.get("epoch_skipped", 0)) if mid_epoch else 0
+        self.epoch_bad_samples = [str(x) for x in state.get("epoch_bad_samples", ())][:_MAX_LISTED] if mid_epoch else []
+
+    def _rank_epoch_samples(self) -> Optional[int]:
+        """Samples this rank reads per epoch (the limit's denominator); None: not known yet."""
+        raise NotImplementedError
+
+    def _rank_epoch_samples_phrase(self, n: int) -> str:
+        return f"the {n} samples this rank reads per epoch"
+
+    def _count_skipped(self, n: int, errors: List[str]) -> None:
+        self.num_skipped += n
+        self.epoch_skipped += n
+        self.epoch_bad_samples.extend(errors[:_MAX_LISTED - len(self.epoch_bad_samples)])
+        self._check_bad_limit()
+
+    def _check_bad_limit(self) -> None:
+        # the same broken file is met again every epoch: the limit is per epoch, over the
+        # samples this rank reads in one
+        per_rank = self._rank_epoch_samples()
+        if per_rank is None or self.epoch_skipped <= self.max_bad_fraction * per_rank:
+            return
+        listed = self.epoch_bad_samples
+        more = self.epoch_skipped - len(listed)
+        raise TooManyBadSamples(
+            f"{self.description or 'loader'}: {self.epoch_skipped} samples were unreadable and skipped in "
+            f"epoch {self.epoch}, more than max_bad_fraction={self.max_bad_fraction:g} of "
+            f"{self._rank_epoch_samples_phrase(per_rank)}; fix the data or raise max_bad_fraction. "
+            f"The unreadable samples:" + "".join(f"\n  {e}" for e in listed)
+            + (f"\n  ... and {more} more (each was logged as a warning)" if more > 0 else ""))
+
+
+class Loader(BadSampleLimit):
     """An iterable of batches with set_epoch / state_dict / load_state_dict / len.
 
     Iterating yields this rank's remaining batches of the current epoch; breaking out early
@@ -106,11 +163,7 @@ class Loader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.prefetch_factor = prefetch_factor
-        self.max_bad_fraction = float(max_bad_fraction)
-        self.description = description
-        self.num_skipped = 0          # corrupt samples replaced so far (this rank, all epochs)
-        self.epoch_skipped = 0        # ... in the current epoch (what max_bad_fraction limits)
-        self.epoch_bad_samples: List[str] = []   # their errors (file, reason, record), the first _MAX_LISTED
+        self._init_bad_limit(max_bad_fraction, description)
         self._loader: Optional[DataLoader] = None
 
     # -- position --------------------------------------------------------------------------
@@ -134,11 +187,14 @@ class Loader:
         return {"epoch": s.epoch, "batch_index": s.start_batch, "seed": s.seed,
                 "num_samples": s.num_samples, "batch_size": s.batch_size, "rank": s.rank,
                 "world": s.world, "shuffle": s.shuffle, "drop_last": s.drop_last,
-                "num_skipped": self.num_skipped, "epoch_skipped": self.epoch_skipped,
-                "epoch_bad_samples": list(self.epoch_bad_samples), "description": self.description}
+                **self._bad_state(), "description": self.description}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.sampler
+        if state.get("kind", "indexed") != "indexed":
+            raise ValueError(f"loader state_dict is the position of a {state['kind']!r} loader; this loader reads "
+                             f"an indexed source: resume with the same data source, or start the data position "
+                             f"afresh")
         # rank is not compared: in synchronous training every rank has consumed the same number
         # of batches, so rank 0's state (the one a checkpoint usually keeps) resumes every rank
         for name in ("seed", "num_samples", "batch_size", "world", "shuffle", "drop_last"):
@@ -150,9 +206,7 @@ class Loader:
         if not 0 <= index <= len(s):
             raise ValueError(f"loader state_dict: batch_index {index} outside [0, {len(s)}]")
         s.epoch, s.start_batch = epoch, index
-        self.num_skipped = int(state.get("num_skipped", 0))
-        self.epoch_skipped = int(state.get("epoch_skipped", 0)) if index > 0 else 0
-        self.epoch_bad_samples = [str(x) for x in state.get("epoch_bad_samples", ())][:_MAX_LISTED] if index > 0 else []
+        self._load_bad_state(state, mid_epoch=index > 0)
 
     # -- iteration -------------------------------------------------------------------------
     def _dataloader(self) -> DataLoader:
@@ -175,8 +229,7 @@ class Loader:
         if s.start_batch >= len(s):
             s.epoch, s.start_batch = s.epoch + 1, 0
         if s.start_batch == 0:
-            self.epoch_skipped = 0
-            self.epoch_bad_samples = []
+            self._reset_epoch_bad()
         epoch = s.epoch
         for batch in self._dataloader():
             s.start_batch += 1
@@ -193,22 +246,8 @@ class Loader:
         # the position stays "epoch finished" (batch_index == len): a trainer that calls
         # set_epoch(epoch + 1) next and one that just iterates again both get the next epoch
 
-    def _count_skipped(self, n: int, errors: List[str]) -> None:
-        self.num_skipped += n
-        self.epoch_skipped += n
-        self.epoch_bad_samples.extend(errors[:_MAX_LISTED - len(self.epoch_bad_samples)])
-        # the same broken file is met again every epoch: the limit is per epoch, over the
-        # samples this rank reads in one
-        per_rank = -(-len(self.dataset) // self.sampler.world)
-        if self.epoch_skipped > self.max_bad_fraction * per_rank:
-            listed = self.epoch_bad_samples
-            more = self.epoch_skipped - len(listed)
-            raise TooManyBadSamples(
-                f"{self.description or 'loader'}: {self.epoch_skipped} samples were unreadable and skipped in "
-                f"epoch {self.sampler.epoch}, more than max_bad_fraction={self.max_bad_fraction:g} of the "
-                f"{per_rank} samples this rank reads per epoch; fix the data or raise max_bad_fraction. "
-                f"The unreadable samples:" + "".join(f"\n  {e}" for e in listed)
-                + (f"\n  ... and {more} more (each was logged as a warning)" if more > 0 else ""))
+    def _rank_epoch_samples(self) -> int:
+        return -(-len(self.dataset) // self.sampler.world)
 
 
 class TooManyBadSamples(DataError):
