@@ -266,7 +266,7 @@ def test_run_or_exit_passes_results_through():
 
 
 @pytest.mark.parametrize("exc", [
-    ValueError("bad --lr -1"), FileNotFoundError("no such file: x.json"), TypeError("dim must be an int"),
+    ValueError("bad --lr -1"), FileNotFoundError("no such file: x.json"),
     FileExistsError("out exists"), IsADirectoryError("out is a folder"), NotADirectoryError("not a folder"),
     PermissionError("cannot read x"),
 ], ids=lambda e: type(e).__name__)
@@ -289,6 +289,19 @@ def test_package_error_types_are_user_errors(capsys):
             run_or_exit(_raise, exc)
         assert info.value.code == 2
         assert capsys.readouterr().err == f"error: {exc}\n"
+
+
+def test_type_errors_of_checks_are_user_errors_but_bugs_keep_their_traceback(capsys):
+    """A TypeError from one of the package's checks (a wrongly typed config value) exits 2 with
+    one line; a TypeError from a failed operation (a call with a missing argument, as a bug in
+    a job would raise) is not reported as the user's fault: its traceback goes through."""
+    from vlmo_fast.config import VLMoConfig
+    from vlmo_fast.training.common import to_device
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(VLMoConfig.preset, "tiny", dim="x")
+    assert info.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        run_or_exit(to_device, {})
 
 
 def test_multiline_message_is_one_line(capsys):

@@ -18,9 +18,11 @@ What counts as a user error (`is_user_error`), and why:
   file-level errors built on it: the data layer's `DataError` (bad rows, undecodable
   images), `vlmo_fast.io.CorruptFileError` (truncated, tampered or half-written files),
   `IndexModelMismatchError`, json's `JSONDecodeError`, `UnicodeDecodeError`.
-- TypeError: the package's checks raise it for a wrongly typed value read from a user's
-  file (a config.json field, a .pth that holds no state_dict). A TypeError from a bug lands
-  here too; `VLMO_FAST_TRACEBACK=1` shows the traceback of any user error.
+- TypeError raised by one of the package's own checks (a `raise` statement in vlmo_fast: a
+  wrongly typed value read from a user's file, a config.json field, a .pth that holds no
+  state_dict). A TypeError from an operation (a call with the wrong arguments, an
+  unsupported operand) is a bug and keeps its traceback. `VLMO_FAST_TRACEBACK=1` shows the
+  traceback of any user error.
 - FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
   PermissionError: a path the user named is missing, taken, of the wrong kind or not
   readable. Other OSErrors (disk full, I/O errors) are not input errors: traceback.
@@ -59,6 +61,8 @@ def is_user_error(exc: BaseException) -> bool:
     """Bad input rather than a bug (see the module docstring for the set and the reasons)."""
     if isinstance(exc, NonFiniteLoss):
         return False
+    if type(exc) is TypeError and not _raised_by_a_check(exc):
+        return False
     if isinstance(exc, USER_ERRORS):
         return True
     for module_name, class_name in _LAZY_USER_ERRORS:
@@ -66,6 +70,23 @@ def is_user_error(exc: BaseException) -> bool:
         if isinstance(cls, type) and isinstance(exc, cls):
             return True
     return False
+
+
+def _raised_by_a_check(exc: BaseException) -> bool:
+    """Whether a TypeError came from one of vlmo_fast's own input checks (a `raise`
+    statement in the package) rather than from an operation that failed: a call with the
+    wrong arguments or an unsupported operand is a bug and keeps its traceback."""
+    import linecache
+    tb = exc.__traceback__
+    if tb is None:
+        return True     # raised and reported without a traceback: nothing says it is a bug
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    package = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.abspath(filename).startswith(package + os.sep):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def exit_code(exc: BaseException) -> Optional[int]:
