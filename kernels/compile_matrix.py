@@ -2,6 +2,13 @@
 at the dtypes that run, compiled offline exactly as launched (see common.compile_launch), plus
 the CUDA sampler with `nvcc -Xptxas -v`. No GPU needed; run without TRITON_INTERPRET.
 
+This module also holds the budgets the kernels are held to (spills, registers of the row
+kernels, the register and shared-memory model of a GEMM tile config, which
+kernels/mome_ffn.py prunes its autotune tables with, so no config over budget is ever timed)
+and the offline compile of each op (record its launches on meta tensors, compile each one).
+The kernel files are imported only when a compile runs: mome_ffn.py imports the tile model
+from here at import time.
+
     python -m vlmo_fast.kernels.compile_matrix [--full] [--out FILE.md] [--json FILE]
 
 Default (CI) subset: each variant's first config (the MoME wgrad's first of each row split)
@@ -16,7 +23,6 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -25,9 +31,9 @@ import tempfile
 from typing import List, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
-from . import contrastive, mome_ffn
-from .common import ARCH_SHARED_MEMORY, CompileResult
+from .common import ARCH_SHARED_MEMORY, CompileResult, arch_facts, compile_launch, record_launches
 
 ARCHS = (80, 86, 90)
 # Spill budget (bytes of spill stores + loads per thread, as ptxas reports them) that any
@@ -58,6 +64,139 @@ class Row(NamedTuple):
 MOME_TOKENS = (4096, 16384)
 
 
+# ----------------------------------------------------------------------------- tile budgets
+# Register budget for the fp32 tiles one thread keeps live in a GEMM epilogue: accumulator
+# registers per thread x live tiles. Beyond it the 255-register file spills (measured by this
+# matrix, benchmarks/results/compile-matrix.md): 128 for 16-bit inputs, 32 for the 3-pass
+# TF32 split (its hi/lo operand fragments take most of the rest). On sm_8x (mma.sync keeps
+# operand fragments in registers too) one accumulator may also hold at most 64.
+TILE_REGISTER_BUDGET = {"16bit": 128, "tf32x3": 32}
+SM8X_ACCUMULATOR_CAP = 64
+# Shared memory assumed for an arch missing from common.ARCH_SHARED_MEMORY (its smallest).
+UNKNOWN_ARCH_SHARED_MEMORY = 101376
+
+
+def tile_registers(cfg) -> int:
+    """fp32 accumulator registers per thread of a [BLOCK_M, BLOCK_N] tile (triton.Config)."""
+    kw = cfg.kwargs
+    return kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * cfg.num_warps)
+
+
+def operand_shared_memory(cfg, element_size: int) -> int:
+    """Shared memory of the pipelined A and B tiles (the dominant term)."""
+    kw = cfg.kwargs
+    return cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+
+
+def within_tile_budgets(cfg, arch: int, element_size: int, live_tiles: int) -> bool:
+    """Whether a GEMM tile config compiles on `arch` without spilling (its `live_tiles` fp32
+    epilogue tiles within TILE_REGISTER_BUDGET, element_size 4 = the 3-pass TF32 split, and the
+    sm_8x accumulator cap) and with its operand tiles within the arch's shared memory."""
+    registers = tile_registers(cfg)
+    budget = TILE_REGISTER_BUDGET["tf32x3" if element_size == 4 else "16bit"]
+    cap = SM8X_ACCUMULATOR_CAP if arch < 90 else budget
+    limit = ARCH_SHARED_MEMORY.get(arch, UNKNOWN_ARCH_SHARED_MEMORY)
+    return (registers * live_tiles <= budget and registers <= cap
+            and operand_shared_memory(cfg, element_size) <= limit)
+
+
+# ----------------------------------------------------------------------------- offline compile
+# Record what an op's launchers launch for an arch (on meta tensors, at the dtypes that run)
+# and compile each launch with Triton's bundled ptxas. Run in a process without
+# TRITON_INTERPRET (the interpreter replaces the jit functions when a kernel file is imported).
+
+MOME_VARIANT_KEYS = ("EPILOGUE", "HAS_BIAS", "STORE_AUX", "RECOMPUTE", "HAS_GAMMA", "HAS_DPS",
+                     "DOT_PRECISION", "NEED_DGAMMA", "SPLIT")
+CONTRASTIVE_VARIANT_KEYS = ("TRACK_MAX", "FP32_INPUTS", "COMPUTE_DSCALE", "SCALE_G", "RESIDENT")
+
+
+def record_mome_launches(arch: int, dtype: torch.dtype, t: int = 4096, d: int = 768,
+                         h: int = 3072, num_experts: int = 3, recompute_preact: bool = False):
+    """The launches of one MoME FFN forward + backward (every gradient, gamma and drop path
+    on), as they would run on `arch`, recorded on meta tensors."""
+    from . import mome_ffn
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(t, d, **meta)
+    ids = torch.empty(t, device="meta", dtype=torch.int64)
+    nw, nb = torch.empty(num_experts, d, **meta), torch.empty(num_experts, d, **meta)
+    w1, b1 = torch.empty(num_experts, d, h, **meta), torch.empty(num_experts, h, **meta)
+    w2, b2 = torch.empty(num_experts, h, d, **meta), torch.empty(num_experts, d, **meta)
+    gamma = torch.empty(d, **meta)
+    dps = torch.empty(t, device="meta", dtype=torch.float32)
+    with record_launches(arch_facts(arch)) as launches:
+        out, *saved = mome_ffn.mome_ffn_forward(x, ids, nw, nb, w1, b1, w2, b2, gamma, dps, 1e-6,
+                                                not recompute_preact, True)
+        mome_ffn.mome_ffn_backward(torch.empty_like(x), x, *saved, nw, w1, b1, w2, gamma, dps,
+                                   recompute_preact, True, True, True, True)
+    return launches
+
+
+def compile_mome(arch: int = 90, dtype: torch.dtype = torch.bfloat16, *,
+                 recompute_preact: bool = False, all_configs: bool = True, **sizes) -> list:
+    """Compile every launch of a MoME FFN forward + backward for CUDA `arch` exactly as
+    launched (JIT argument specialisation; each autotune config the arch keeps, or with
+    all_configs=False only the first of each SPLIT: the wgrad's split and unsplit code paths
+    both compile). Sizes: t (4096 runs only unsplit wgrad configs, t > 4096 the split ones
+    too), d, h, num_experts. Returns `common.CompileResult`s; raises on a compile error."""
+    from . import mome_ffn
+    results, seen = [], set()
+    for rec in record_mome_launches(arch, dtype, recompute_preact=recompute_preact, **sizes):
+        key = (id(rec.kernel), tuple(sorted((k, str(v)) for k, v in rec.kwargs.items())),
+               tuple(str(a.dtype) for a in rec.args if isinstance(a, Tensor)))
+        if key in seen:
+            continue
+        seen.add(key)
+        prune = mome_ffn.AUTOTUNE_PRUNES.get(rec.kernel)
+        if prune is not None and not all_configs:
+            prune = (lambda p: lambda cfgs, *a, **k: _first_per_split(p(cfgs, *a, **k)))(prune)
+        results += compile_launch(rec, arch, MOME_VARIANT_KEYS,
+                                  None if prune is None else _element_size_prune(prune, rec))
+    return results
+
+
+def _first_per_split(configs):
+    firsts = {}
+    for c in configs:
+        firsts.setdefault(c.kwargs.get("SPLIT", 1), c)
+    return list(firsts.values())
+
+
+def _element_size_prune(prune, rec):
+    element_size = next(a for a in rec.args if isinstance(a, Tensor)).element_size()
+    return lambda configs, arch, **kwargs: prune(configs, arch, element_size, **kwargs)
+
+
+def record_contrastive_launches(arch: int, dtype: torch.dtype, n: int = 4096, D: int = 256):
+    """The launches of one contrastive forward + backward (stats on, every gradient) on
+    `arch`, recorded on meta tensors."""
+    from .contrastive import contrastive_backward_operand, contrastive_forward
+    meta = dict(device="meta", dtype=dtype)
+    x, y = torch.empty(n, D, **meta), torch.empty(n, D, **meta)
+    ls = torch.empty(1, device="meta", dtype=torch.float32)
+    f32 = torch.empty(n, device="meta", dtype=torch.float32)
+    with record_launches(arch_facts(arch)) as launches:
+        contrastive_forward(x, y, ls, track_max=True)
+        contrastive_backward_operand(x, y, ls, f32, f32, f32, f32, compute_dscale=True)
+        contrastive_backward_operand(y, x, ls, f32, f32, f32, f32)
+    return launches
+
+
+def compile_contrastive(arch: int = 90, dtype: torch.dtype = torch.bfloat16, *, D: int = 256,
+                        n: int = 4096) -> list:
+    """Compile the launches of a contrastive forward + backward for CUDA `arch` exactly as
+    launched there (config chosen from the arch's shared memory; JIT argument
+    specialisation). Returns `common.CompileResult`s; raises on a compile error."""
+    results, seen = [], set()
+    for rec in record_contrastive_launches(arch, dtype, n=n, D=D):
+        key = (id(rec.kernel), tuple(sorted((k, str(v)) for k, v in rec.kwargs.items())))
+        if key not in seen:
+            seen.add(key)
+            results += compile_launch(rec, arch, CONTRASTIVE_VARIANT_KEYS)
+    return results
+
+
+# ----------------------------------------------------------------------------- the matrix
+
 def mome_rows(archs, dtypes, all_configs: bool) -> List[Row]:
     rows = []
     for arch in archs:
@@ -65,8 +204,8 @@ def mome_rows(archs, dtypes, all_configs: bool) -> List[Row]:
             seen = {}   # result -> (index of its row, token counts that compile to it)
             for t in MOME_TOKENS:
                 for recompute in (False, True):
-                    for r in mome_ffn.compile_for(arch, dtype, recompute_preact=recompute,
-                                                  all_configs=all_configs, t=t):
+                    for r in compile_mome(arch, dtype, recompute_preact=recompute,
+                                        all_configs=all_configs, t=t):
                         if r not in seen:
                             seen[r] = (len(rows), [t])
                             rows.append(Row("mome_ffn", DTYPE_NAMES[dtype], "", r))
@@ -78,7 +217,8 @@ def mome_rows(archs, dtypes, all_configs: bool) -> List[Row]:
 
 
 def contrastive_rows(plan) -> List[Row]:
-    from .common import arch_facts, offline_target
+    from . import contrastive
+    from .common import offline_target
     rows = []
     for arch, dtype, d in plan:
         fp32, size = dtype == torch.float32, torch.empty((), dtype=dtype).element_size()
@@ -88,7 +228,7 @@ def contrastive_rows(plan) -> List[Row]:
                     contrastive.forward_config(d, dtype, torch.device("meta")), size, False, arch, fp32),
                 "_contrastive_bwd_kernel": contrastive.estimate_shared_memory(
                     contrastive.backward_config(d, dtype, torch.device("meta")), size, True, arch, fp32)}
-        for r in contrastive.compile_for(arch, dtype, D=d):
+        for r in compile_contrastive(arch, dtype, D=d):
             rows.append(Row("contrastive", DTYPE_NAMES[dtype], f"N=4096 D={d}", r,
                             estimates[r.kernel]))
     return rows

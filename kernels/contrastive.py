@@ -25,7 +25,8 @@ per arch family) -> launchers (contrastive_forward -> ForwardStats, contrastive_
 every launch through common.launch, inside the tensors' CUDA device) -> the two passes as
 torch.library custom ops (vlmo_fast::contrastive_fwd/bwd, with fake implementations) ->
 ContrastiveFunction (autograd; single process or a rank of a process group) ->
-fused_contrastive (what vlmo_fast.losses.contrastive calls) -> compile_for (offline compile).
+fused_contrastive (what vlmo_fast.losses.contrastive calls). The offline compile of exactly
+what the launchers launch is in kernels/compile_matrix.py.
 
 fp16: the gradient tile G is rounded to the input dtype for the second GEMM; fp16's exponent
 range would flush G ~ 1e-9 (N = 32k) to zero, so it is scaled by a power of two first.
@@ -45,9 +46,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vlmo_fast.distributed import (all_gather_rows, all_reduce, all_reduce_logsumexp,
+                                   reduce_scatter_rows)
 from vlmo_fast.env import KERNEL_FLOAT_DTYPES, triton_interpret
 
-from .common import arch_facts, compile_launch, device_facts, launch, record_launches
+from .common import device_facts, launch
 
 # Base-2 units inside the kernels: S2 = S * LOG2E, and LSE = LSE2 * LN2 back in natural units.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -583,34 +586,33 @@ class ContrastiveFunction(torch.autograd.Function):
 
     apply(img [n, D], txt [n, D], logit_scale, dctx, want_stats) -> (share, row_lse [n],
     local col_lse [n], i2t accuracy, t2i accuracy). dctx: None (single process; traceable by
-    torch.compile) or vlmo_fast.losses.contrastive's process-group context, whose collectives
-    this Function then calls: only the text features are all-gathered, column LSEs are merged
-    with an all-reduce, and d(texts) is reduce-scattered back to the owners.
+    torch.compile) or the `vlmo_fast.distributed.GroupInfo` to span, through whose collectives
+    only the text features are all-gathered, column LSEs are merged with an all-reduce, and
+    d(texts) is reduce-scattered back to the owners.
     """
 
     @staticmethod
     def forward(ctx, img: Tensor, txt: Tensor, logit_scale: Tensor, dctx, want_stats: bool):
-        coll = _collectives() if dctx is not None else None
         n = img.shape[0]
         world, rank = (dctx.world, dctx.rank) if dctx is not None else (1, 0)
         total, offset = n * world, rank * n
-        txt_all = coll.all_gather_rows(txt, dctx) if dctx is not None else txt
+        txt_all = all_gather_rows(txt, dctx.group) if dctx is not None else txt
         fwd = ForwardStats(*torch.ops.vlmo_fast.contrastive_fwd(img, txt_all, logit_scale, offset,
                                                                want_stats))
         col_lse = fwd.col_lse
         if dctx is not None:
-            col_lse = coll.all_reduce_logsumexp(col_lse, dctx)
+            col_lse = all_reduce_logsumexp(col_lse, dctx.group)
         local_col_lse = col_lse[offset:offset + n].clone()
         share = (fwd.row_lse.sum() + local_col_lse.sum() - 2 * fwd.diag.sum()) / (2 * total)
         if want_stats:
             col_max = fwd.col_max
             if dctx is not None:
-                col_max = coll.all_reduce_max(col_max, dctx)
+                col_max = all_reduce(col_max, "max", dctx.group)
             # diag comes from the very tile the maxima saw, so a correct row compares equal.
             hits = torch.stack([(fwd.diag >= fwd.row_max).sum(),
                                 (fwd.diag >= col_max[offset:offset + n]).sum()]).float()
             if dctx is not None:
-                hits = coll.all_reduce_sum(hits, dctx)
+                hits = all_reduce(hits, "sum", dctx.group)
             i2t_acc, t2i_acc = hits[0] / total, hits[1] / total
         else:
             i2t_acc, t2i_acc = share.new_zeros(()), share.new_zeros(())
@@ -623,7 +625,6 @@ class ContrastiveFunction(torch.autograd.Function):
     def backward(ctx, grad_share: Tensor, *_unused):
         img, txt_all, logit_scale, row_lse, col_lse = ctx.saved_tensors
         dctx, total, offset = ctx.dctx, ctx.total, ctx.offset
-        coll = _collectives() if dctx is not None else None
         n = img.shape[0]
         g = grad_share.reshape(1).float()
         # dL/dS_ij = w_row_i (p_row - [target]) + w_col_j (p_col - [target]), where each weight
@@ -632,7 +633,7 @@ class ContrastiveFunction(torch.autograd.Function):
         if dctx is None:
             col_weight = (g / (2 * total)).expand(total)
         else:
-            col_weight = (coll.all_gather_rows(g, dctx) / (2 * total)).repeat_interleave(n)
+            col_weight = (all_gather_rows(g, dctx.group) / (2 * total)).repeat_interleave(n)
         need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
         d_img = d_txt = d_scale = None
         if need_img or need_scale:
@@ -646,34 +647,9 @@ class ContrastiveFunction(torch.autograd.Function):
             d_txt_all, _ = torch.ops.vlmo_fast.contrastive_bwd(
                 txt_all, img, logit_scale, col_lse, row_lse, col_weight, row_weight, -offset,
                 False, dctx is not None)
-            d_txt = (coll.reduce_scatter_rows(d_txt_all, dctx).to(img.dtype) if dctx is not None
+            d_txt = (reduce_scatter_rows(d_txt_all, dctx.group).to(img.dtype) if dctx is not None
                      else d_txt_all)
         return (d_img if need_img else None), d_txt, d_scale, None, None
-
-
-class _Collectives(NamedTuple):
-    all_gather_rows: object
-    reduce_scatter_rows: object
-    all_reduce_logsumexp: object
-    all_reduce_max: object
-    all_reduce_sum: object
-
-
-def _collectives() -> _Collectives:
-    """The process-group helpers of vlmo_fast.losses.contrastive (distributed runs only)."""
-    import torch.distributed as dist
-
-    from vlmo_fast.losses import contrastive as loss_module
-
-    def all_reduce(op):
-        def reduce(t: Tensor, dctx) -> Tensor:
-            dist.all_reduce(t, op=op, group=dctx.group)
-            return t
-        return reduce
-
-    return _Collectives(loss_module._all_gather_rows, loss_module._reduce_scatter_rows,
-                        loss_module._all_reduce_logsumexp, all_reduce(dist.ReduceOp.MAX),
-                        all_reduce(dist.ReduceOp.SUM))
 
 
 def fused_contrastive(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx=None,
@@ -681,36 +657,3 @@ def fused_contrastive(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx=None,
     """Entry point of the loss module: ContrastiveFunction on contiguous features."""
     return ContrastiveFunction.apply(img.contiguous(), txt.contiguous(), logit_scale, dctx,
                                      want_stats)
-
-
-# ----------------------------------------------------------------------------- offline compile
-
-VARIANT_KEYS = ("TRACK_MAX", "FP32_INPUTS", "COMPUTE_DSCALE", "SCALE_G", "RESIDENT")
-
-
-def record_loss(arch: int, dtype: torch.dtype, n: int = 4096, D: int = 256):
-    """The launches of one forward + backward (stats on, every gradient) on `arch`, recorded
-    on meta tensors."""
-    meta = dict(device="meta", dtype=dtype)
-    x, y = torch.empty(n, D, **meta), torch.empty(n, D, **meta)
-    ls = torch.empty(1, device="meta", dtype=torch.float32)
-    f32 = torch.empty(n, device="meta", dtype=torch.float32)
-    with record_launches(arch_facts(arch)) as launches:
-        contrastive_forward(x, y, ls, track_max=True)
-        contrastive_backward_operand(x, y, ls, f32, f32, f32, f32, compute_dscale=True)
-        contrastive_backward_operand(y, x, ls, f32, f32, f32, f32)
-    return launches
-
-
-def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16, *, D: int = 256,
-                n: int = 4096) -> list:
-    """Compile the launches of a forward + backward for CUDA `arch` exactly as launched there
-    (config chosen from the arch's shared memory; JIT argument specialisation). Returns
-    `common.CompileResult`s; raises on a compile error."""
-    results, seen = [], set()
-    for rec in record_loss(arch, dtype, n=n, D=D):
-        key = (id(rec.kernel), tuple(sorted((k, str(v)) for k, v in rec.kwargs.items())))
-        if key not in seen:
-            seen.add(key)
-            results += compile_launch(rec, arch, VARIANT_KEYS)
-    return results

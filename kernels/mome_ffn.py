@@ -21,13 +21,15 @@ that spills or overflows shared memory is ever timed) -> launchers (route, gathe
 grouped_gemm, ...; every launch through common.launch, inside the tensors' CUDA device) ->
 the forward and backward passes as torch.library custom ops (vlmo_fast::mome_ffn_fwd/bwd, with
 fake implementations, so torch.compile(fullgraph=True) traces through them) -> MoMEFFNFunction
-(autograd) -> mome_ffn_triton (the entry point vlmo_fast.mome forwards to) -> compile_for
-(offline compile of exactly what the launchers launch, for the compile matrix).
+(autograd) -> mome_ffn_triton (the entry point vlmo_fast.mome forwards to). The register and
+shared-memory budgets the pruning applies, and the offline compile of exactly what these
+launchers launch (through `mome_ffn_forward` / `mome_ffn_backward` and AUTOTUNE_PRUNES), live
+in kernels/compile_matrix.py, which measures the compiled kernels against those budgets.
 
 Triton APIs used exist in 3.6 and 3.8: tl.dot(acc=, input_precision=), tl.erf, tl.cumsum,
 constexpr globals, masked loads/stores (cache_modifier=".cg"), tl.atomic_add(sem=, scope=),
-tl.debug_barrier, triton.autotune(prune_configs_by=). Offline compiling (compile_for) uses 3.8
-internals and runs only where the compile matrix runs. With TRITON_INTERPRET=1 the kernels
+tl.debug_barrier, triton.autotune(prune_configs_by=). Offline compiling (compile_matrix) uses
+3.8 internals and runs only where the compile matrix runs. With TRITON_INTERPRET=1 the kernels
 run on the CPU (tests) with fixed small blocks; on CUDA the GEMMs are autotuned. fp32 inputs
 use the 3-pass TF32 split on tensor cores (~fp32 accuracy; plain TF32 when
 torch.backends.cuda.matmul.allow_tf32 is set).
@@ -44,7 +46,8 @@ from torch import Tensor
 
 from vlmo_fast.env import env_flag, triton_interpret
 
-from .common import arch_facts, compile_launch, device_facts, launch, record_launches
+from .common import device_facts, launch
+from .compile_matrix import operand_shared_memory, tile_registers, within_tile_budgets
 
 # The interpreter is chosen when triton.jit decorates, i.e. at import time of this module.
 INTERPRET = triton_interpret()
@@ -534,15 +537,6 @@ def _config_key(cfg: triton.Config) -> tuple:
     return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
 
 
-# Register budget for the fp32 tiles one thread keeps live in a GEMM epilogue: accumulator
-# registers per thread x live tiles. Beyond it the 255-register file spills (measured by the
-# compile matrix, benchmarks/results/compile-matrix.md): 128 for 16-bit inputs, 32 for the
-# 3-pass TF32 split (its hi/lo operand fragments take most of the rest). On sm_8x (mma.sync
-# keeps operand fragments in registers too) one accumulator may also hold at most 64.
-TILE_REGISTER_BUDGET = {"16bit": 128, "tf32x3": 32}
-SM8X_ACCUMULATOR_CAP = 64
-
-
 def _live_tiles(epilogue: int) -> int:
     """fp32 [BLOCK_M, BLOCK_N] tiles live at once in the epilogue: dGELU holds the gradient
     accumulator and H (a second accumulator when recomputed, a loaded tile otherwise); GELU
@@ -550,36 +544,21 @@ def _live_tiles(epilogue: int) -> int:
     return 2 if epilogue in (EPI_DGELU, EPI_GELU) else 1
 
 
-def _tile_registers(cfg: triton.Config) -> int:
-    kw = cfg.kwargs
-    return kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * cfg.num_warps)
-
-
-def _operand_smem(cfg: triton.Config, element_size: int) -> int:
-    """Shared memory of the pipelined A and B tiles (the dominant term)."""
-    kw = cfg.kwargs
-    return cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
-
-
-_KNOWN_ARCHS = (80, 86, 87, 89, 90, 100, 120)
-
-
 def _prune(configs, arch: int, element_size: int, live_tiles: int) -> List[triton.Config]:
+    """The table for the input width (16-bit or the fp32 split), then the configs within the
+    register and shared-memory budgets of compile_matrix; never empty (the smallest tile)."""
     fp32 = element_size == 4
     fp32_keys = set(_FP32_TABLE)
     pool = [c for c in configs if (_config_key(c) in fp32_keys) == fp32] or list(configs)
-    budget = TILE_REGISTER_BUDGET["tf32x3" if fp32 else "16bit"]
-    limit = arch_facts(arch).shared_memory if arch in _KNOWN_ARCHS else 101376
-    cap = SM8X_ACCUMULATOR_CAP if arch < 90 else budget
-    kept = [c for c in pool if _tile_registers(c) * live_tiles <= budget
-            and _tile_registers(c) <= cap and _operand_smem(c, element_size) <= limit]
-    return kept or [min(pool, key=lambda c: (_tile_registers(c), _operand_smem(c, element_size)))]
+    kept = [c for c in pool if within_tile_budgets(c, arch, element_size, live_tiles)]
+    return kept or [min(pool, key=lambda c: (tile_registers(c),
+                                             operand_shared_memory(c, element_size)))]
 
 
 def prune_gemm_configs(configs, arch: int, element_size: int, EPILOGUE=0, **_) -> List[triton.Config]:
     """Configs the autotuner may time for one grouped-GEMM variant on `arch`: the table for
-    the input width, no register spills (epilogue tiles within TILE_REGISTER_BUDGET), operand
-    tiles within the arch's shared memory. Never empty."""
+    the input width, no register spills (epilogue tiles within compile_matrix's
+    TILE_REGISTER_BUDGET), operand tiles within the arch's shared memory. Never empty."""
     return _prune(configs, arch, element_size, _live_tiles(int(EPILOGUE)))
 
 
@@ -627,6 +606,8 @@ else:
                              prune_configs_by={"early_config_prune": _autotune_prune(
                                  prune_wgrad_configs, "x_ptr")},
                              do_bench=_quick_bench, cache_results=True)(_grouped_wgrad_kernel)
+# The pruning rule of each autotuned kernel (the compile matrix compiles what it keeps).
+AUTOTUNE_PRUNES = {_gemm: prune_gemm_configs, _wgrad: prune_wgrad_configs}
 
 
 def _launch_meta(kernel_blocks: dict) -> dict:
@@ -894,12 +875,14 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _mome_ffn_fwd_impl(x: Tensor, ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+def mome_ffn_forward(x: Tensor, ids: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                      fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                      gamma: Optional[Tensor], dps: Optional[Tensor], eps: float,
                      keep_preact: bool, keep_branch: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor,
                                                                     Tensor, Tensor, Tensor, Tensor,
                                                                     Tensor]:
+    """The forward pass the op vlmo_fast::mome_ffn_fwd runs: (out, *MoMESaved). Called
+    directly on meta tensors by the compile matrix to record its launches."""
     num_experts = norm_weight.shape[0]
     perm, offsets = route(ids, num_experts)
     z, mean, rstd = gather_layernorm(x, perm, offsets, norm_weight, norm_bias, eps)
@@ -915,7 +898,7 @@ def _mome_ffn_fwd_impl(x: Tensor, ids: Tensor, norm_weight: Tensor, norm_bias: T
             branch if keep_branch else _empty(x))
 
 
-_mome_ffn_fwd_op = torch.library.custom_op("vlmo_fast::mome_ffn_fwd", _mome_ffn_fwd_impl,
+_mome_ffn_fwd_op = torch.library.custom_op("vlmo_fast::mome_ffn_fwd", mome_ffn_forward,
                                            mutates_args=())
 
 
@@ -932,14 +915,15 @@ def _(x, ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
             torch.empty_like(x) if keep_branch else _empty(x))
 
 
-def _mome_ffn_bwd_impl(dout: Tensor, x: Tensor, perm: Tensor, offsets: Tensor, z: Tensor,
+def mome_ffn_backward(dout: Tensor, x: Tensor, perm: Tensor, offsets: Tensor, z: Tensor,
                      mean: Tensor, rstd: Tensor, preact: Tensor, act: Tensor, branch: Tensor,
                      norm_weight: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
                      fc2_weight: Tensor, gamma: Optional[Tensor], dps: Optional[Tensor],
                      recompute_preact: bool, need_input: bool, need_fc1: bool, need_fc2: bool,
                      need_gamma: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                 Tensor, Tensor]:
-    """need_input: x or the LN parameters need a gradient (they come from one kernel)."""
+    """The backward pass the op vlmo_fast::mome_ffn_bwd runs: MoMEGrads. need_input: x or
+    the LN parameters need a gradient (they come from one kernel)."""
     num_experts = norm_weight.shape[0]
     dy, dgamma = gather_grad(dout, perm, gamma, dps, branch if need_gamma else None)
     dw2 = db2 = dw1 = db1 = dx = dnw = dnb = None
@@ -963,7 +947,7 @@ def _mome_ffn_bwd_impl(dout: Tensor, x: Tensor, perm: Tensor, offsets: Tensor, z
     return tuple(_empty(x) if g is None else g for g in (dx, dnw, dnb, dw1, db1, dw2, db2, dgamma))
 
 
-_mome_ffn_bwd_op = torch.library.custom_op("vlmo_fast::mome_ffn_bwd", _mome_ffn_bwd_impl,
+_mome_ffn_bwd_op = torch.library.custom_op("vlmo_fast::mome_ffn_bwd", mome_ffn_backward,
                                            mutates_args=())
 
 
@@ -1051,66 +1035,3 @@ def mome_ffn_triton(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_b
         out = torch.ops.vlmo_fast.mome_ffn_fwd(flat, ids, *weights, gamma, dps, eps, False, False)[0]
     return out.reshape(x.shape)
 
-
-# --------------------------------------------------------------------------------------
-# Offline compile (no GPU needed): record what the launchers launch for an arch, at the
-# dtypes that run, and compile it with Triton's bundled ptxas. Run in a process without
-# TRITON_INTERPRET (the interpreter replaces the jit functions at import).
-# --------------------------------------------------------------------------------------
-VARIANT_KEYS = ("EPILOGUE", "HAS_BIAS", "STORE_AUX", "RECOMPUTE", "HAS_GAMMA", "HAS_DPS",
-                "DOT_PRECISION", "NEED_DGAMMA", "SPLIT")
-
-
-def record_forward_backward(arch: int, dtype: torch.dtype, t: int = 4096, d: int = 768,
-                            h: int = 3072, num_experts: int = 3, recompute_preact: bool = False):
-    """The launches of one forward + backward (every gradient, gamma and drop path on), as
-    they would run on `arch`, recorded on meta tensors."""
-    meta = dict(device="meta", dtype=dtype)
-    x = torch.empty(t, d, **meta)
-    ids = torch.empty(t, device="meta", dtype=torch.int64)
-    nw, nb = torch.empty(num_experts, d, **meta), torch.empty(num_experts, d, **meta)
-    w1, b1 = torch.empty(num_experts, d, h, **meta), torch.empty(num_experts, h, **meta)
-    w2, b2 = torch.empty(num_experts, h, d, **meta), torch.empty(num_experts, d, **meta)
-    gamma = torch.empty(d, **meta)
-    dps = torch.empty(t, device="meta", dtype=torch.float32)
-    with record_launches(arch_facts(arch)) as launches:
-        out, *saved = _mome_ffn_fwd_impl(x, ids, nw, nb, w1, b1, w2, b2, gamma, dps, 1e-6,
-                                         not recompute_preact, True)
-        _mome_ffn_bwd_impl(torch.empty_like(x), x, *saved, nw, w1, b1, w2, gamma, dps,
-                           recompute_preact, True, True, True, True)
-    return launches
-
-
-def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16, *,
-                recompute_preact: bool = False, all_configs: bool = True, **sizes) -> list:
-    """Compile every launch of a forward + backward for CUDA `arch` exactly as launched (JIT
-    argument specialisation; each autotune config the arch keeps, or with all_configs=False
-    only the first of each SPLIT: the wgrad's split and unsplit code paths both compile).
-    Sizes: t (4096 runs only unsplit wgrad configs, t > 4096 the split ones too), d, h,
-    num_experts. Returns `common.CompileResult`s; raises on a compile error."""
-    prunes = {_gemm: prune_gemm_configs, _wgrad: prune_wgrad_configs}
-    results, seen = [], set()
-    for rec in record_forward_backward(arch, dtype, recompute_preact=recompute_preact, **sizes):
-        key = (id(rec.kernel), tuple(sorted((k, str(v)) for k, v in rec.kwargs.items())),
-               tuple(str(a.dtype) for a in rec.args if isinstance(a, Tensor)))
-        if key in seen:
-            continue
-        seen.add(key)
-        prune = prunes.get(rec.kernel)
-        if prune is not None and not all_configs:
-            prune = (lambda p: lambda cfgs, *a, **k: _first_per_split(p(cfgs, *a, **k)))(prune)
-        results += compile_launch(rec, arch, VARIANT_KEYS,
-                                  None if prune is None else _element_size_prune(prune, rec))
-    return results
-
-
-def _first_per_split(configs):
-    firsts = {}
-    for c in configs:
-        firsts.setdefault(c.kwargs.get("SPLIT", 1), c)
-    return list(firsts.values())
-
-
-def _element_size_prune(prune, rec):
-    element_size = next(a for a in rec.args if isinstance(a, Tensor)).element_size()
-    return lambda configs, arch, **kwargs: prune(configs, arch, element_size, **kwargs)

@@ -5,8 +5,13 @@ the contrastive loss, ...) asks `resolve(op, requested, device)` which implement
 run. Resolution order: an explicit per-module/per-call request, then the process-wide
 override (`set_backend(...)` or the environment variable `VLMO_FAST_<OP>_BACKEND`), then
 the op's automatic policy. Implementations register themselves with `register`, so a
-kernel module plugs in without editing this file. Whatever ran is recorded in
-`last_used()` and logged once at INFO, so a run can always say which path it took.
+kernel module plugs in without editing this file: `register(op, name, fn, available=,
+accepts=, preference=)` stores the function itself, and each op's dispatch calls
+`implementation(op, name)` for the name `resolve` picked, so one plug-in API serves every op
+("ffn", "attention", "contrastive", "hard_negatives"; `register_ffn_impl` and
+`register_attention_impl` are thin aliases). `unregister` undoes a registration. Whatever ran
+is recorded in `last_used()` and logged once at INFO, so a run can always say which path it
+took.
 
 Two questions are asked of each implementation: `available(device)` (can it run on this
 device at all: installed, compiled, right hardware) and, per call, `accepts(facts)` (can it
@@ -41,10 +46,23 @@ Preference = Union[List[str], Callable[[Facts], List[str]]]
 @dataclass
 class _Impl:
     name: str
+    # the implementation itself, called by the op with the op's calling convention
+    fn: Callable
     # available(device) -> None when usable, else a short reason string.
     available: Callable[[torch.device], Optional[str]]
     # accepts(facts) -> None when this call's input can run here, else a short reason.
     accepts: Optional[Callable[[Facts], Optional[str]]] = None
+
+
+_UNSET = object()
+
+
+@dataclass
+class _Registration:
+    """What one `register` call replaced, so that `unregister` can put it back."""
+    previous: Optional[_Impl]
+    # device type -> (the order it replaced, or _UNSET; the order it set)
+    preference: Dict[str, tuple] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +72,8 @@ class _Op:
     preference: Dict[str, Preference] = field(default_factory=dict)
     impls: Dict[str, _Impl] = field(default_factory=dict)
     override: Optional[str] = None
+    # name -> its registrations, oldest first (unregister undoes the latest)
+    history: Dict[str, List[_Registration]] = field(default_factory=dict)
 
 
 _OPS: Dict[str, _Op] = {}
@@ -69,32 +89,92 @@ def always_available(_device: torch.device) -> Optional[str]:
 _always = always_available
 
 
-def register(op: str, name: str, available: Callable[[torch.device], Optional[str]] = always_available,
-             preference: Optional[Dict[str, Preference]] = None,
-             accepts: Optional[Callable[[Facts], Optional[str]]] = None) -> None:
-    """Register implementation `name` of `op`.
+def _check_hook(what: str, hook, optional: bool) -> None:
+    if hook is None and optional:
+        return
+    if not callable(hook):
+        raise TypeError(f"{what} must be callable{' or None' if optional else ''}, got "
+                        f"{type(hook).__name__}")
 
-    available(device) -> None or the reason it cannot run on that device;
-    accepts(facts) -> None or the reason it cannot take a call with these facts (the
-    keyword arguments the op passes to `resolve`; a fact missing from `facts` is unknown,
-    e.g. in `backend_report()`, and should be accepted); `preference` (device type -> ordered
-    names, or a callable facts -> ordered names; "default" for other device types) sets or
-    replaces the op's automatic policy."""
+
+def register(op: str, name: str, fn: Optional[Callable] = None, *,
+             available: Optional[Callable[[torch.device], Optional[str]]] = None,
+             accepts: Optional[Callable[[Facts], Optional[str]]] = None,
+             preference: Optional[Dict[str, Preference]] = None) -> None:
+    """Register `fn` as implementation `name` of `op`: the op's dispatch resolves a name and
+    calls the function stored here (`implementation(op, name)`) with the op's calling
+    convention (each op's module documents it).
+
+    available(device) -> None or the reason it cannot run on that device (default: runs
+    everywhere); accepts(facts) -> None or the reason it cannot take a call with these facts
+    (the keyword arguments the op passes to `resolve`; a fact missing from `facts` is unknown,
+    e.g. in `backend_report()`, and should be accepted; default: takes every input);
+    `preference` (device type -> ordered names, or a callable facts -> ordered names;
+    "default" for other device types) sets or replaces the op's automatic policy for those
+    device types.
+
+    Registering an existing name replaces it (`unregister` brings the replaced one back).
+    fn=None updates an existing name: its function stays, and so do the hooks not given."""
     entry = _OPS.setdefault(op, _Op(op))
-    entry.impls[name] = _Impl(name, available, accepts)
-    if preference is not None:
-        entry.preference.update(preference)
+    previous = entry.impls.get(name)
+    if fn is None:
+        if previous is None:
+            raise ValueError(f"{op!r} has no backend {name!r} yet: register it with its function "
+                             f"(fn=None only updates an existing one)")
+        fn = previous.fn
+        available = previous.available if available is None else available
+        accepts = previous.accepts if accepts is None else accepts
+    _check_hook("fn", fn, optional=False)
+    _check_hook("available", available, optional=True)
+    _check_hook("accepts", accepts, optional=True)
+    if preference is not None and not isinstance(preference, dict):
+        raise TypeError(f"preference must be a dict of device type -> order, got "
+                        f"{type(preference).__name__}")
+    record = _Registration(previous)
+    for device_type, order in (preference or {}).items():
+        record.preference[device_type] = (entry.preference.get(device_type, _UNSET), order)
+        entry.preference[device_type] = order
+    entry.impls[name] = _Impl(name, fn, available or always_available, accepts)
+    entry.history.setdefault(name, []).append(record)
 
 
 def unregister(op: str, name: str) -> None:
-    """Remove implementation `name` of `op` (e.g. a plug-in registered for a test). Names
-    left in preference orders are skipped."""
+    """Undo the latest `register(op, name, ...)` (e.g. a plug-in registered for a test): the
+    implementation it replaced comes back (else the name is removed), and so does each
+    automatic order it replaced, unless a later registration has replaced that one since.
+    Names left in preference orders are skipped; an op left without implementations is
+    forgotten."""
     entry = _OPS.get(op)
     if entry is None or name not in entry.impls:
         raise ValueError(f"{op!r} has no backend {name!r} to unregister")
-    del entry.impls[name]
-    if entry.override == name:
-        entry.override = None
+    record = entry.history[name].pop()
+    if record.previous is None:
+        del entry.impls[name]
+        del entry.history[name]
+        if entry.override == name:
+            entry.override = None
+    else:
+        entry.impls[name] = record.previous
+    for device_type, (replaced, order) in record.preference.items():
+        if entry.preference.get(device_type) is not order:
+            continue   # registered over since: that registration owns the order now
+        if replaced is _UNSET:
+            del entry.preference[device_type]
+        else:
+            entry.preference[device_type] = replaced
+    if not entry.impls:
+        del _OPS[op]   # its last implementation is gone: forget the op
+
+
+def implementation(op: str, name: str) -> Callable:
+    """The function registered as implementation `name` of `op` (what the op's dispatch
+    calls once `resolve` has picked `name`)."""
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
+    impl = _OPS[op].impls.get(name)
+    if impl is None:
+        raise ValueError(f"unknown {op} backend {name!r}; expected one of {sorted(_OPS[op].impls)}")
+    return impl.fn
 
 
 def set_backend(op: str, name: Optional[str]) -> None:

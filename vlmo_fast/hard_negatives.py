@@ -19,6 +19,12 @@ Backends (op "hard_negatives" in vlmo_fast.backends; `backends.last_used()` tell
   are reproducible from a seed or generator and independent of the thread count; CPU and CUDA
   draw from the same distribution but not the same samples.
 - "torch": plain torch (masked softmax + torch.multinomial): the reference, always available.
+Plug-ins: `backends.register("hard_negatives", name, fn, available=, preference=)` with the
+backends' signature fn(requests, generator, seed, row_offset) -> [int64 [B] per request]:
+`requests` are `SampleRequest`s (logits [B, N], positive [B] int64, exclude_mask or None,
+stream), one per direction, drawn with ONE source of randomness (at most one of generator /
+seed is not None); rows are keyed by row_offset + r. A row that cannot be sampled gets its
+code from HARD_NEGATIVE_CODES (`hard_negative_row_codes` computes them); the caller checks.
 
 Rows that cannot be sampled (every candidate excluded or at -inf; NaN or +inf logits; positive
 index outside [0, N)) raise ValueError on the CPU. On CUDA the check is an asynchronous device
@@ -28,12 +34,13 @@ assertion (no host sync); `check="sync"` raises the detailed ValueError instead 
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _ext, backends
+from .distributed import world_and_rank
 from .env import INTEGER_DTYPES
 
 OP = "hard_negatives"
@@ -57,12 +64,6 @@ CheckMode = Union[bool, str]
 
 def _ext_unavailable(device: torch.device) -> Optional[str]:
     return _ext.unavailable_reason(device, OP)
-
-
-backends.register(OP, "ext", _ext_unavailable,
-                  preference={"cpu": ["ext", "torch"], "cuda": ["ext", "torch"],
-                              "default": ["ext", "torch"]})
-backends.register(OP, "torch")
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -251,6 +252,47 @@ def _sample_torch(logits: Tensor, positive: Tensor, exclude_mask: Optional[Tenso
     return torch.where(bad, codes, drawn)
 
 
+class SampleRequest(NamedTuple):
+    """One direction of a draw: one hard negative column per row of `logits`."""
+    logits: Tensor                   # [B, N], any float dtype and strides
+    positive: Tensor                 # [B] int64, never drawn
+    exclude_mask: Optional[Tensor]   # bool [B, N] or None
+    stream: int                      # counter stream (STREAM_IMAGE_TO_TEXT / _TEXT_TO_IMAGE)
+
+
+def _ext_backend(requests: Sequence[SampleRequest], generator: Optional[torch.Generator],
+                 seed: Optional[int], row_offset: int) -> List[Tensor]:
+    # one seed for every request: the streams keep the directions independent
+    seed_t = _seed_tensor(requests[0].logits.device, generator, seed)
+    return [_sample_ext(r.logits, r.positive, r.exclude_mask, seed_t, row_offset, r.stream)
+            for r in requests]
+
+
+def _torch_backend(requests: Sequence[SampleRequest], generator: Optional[torch.Generator],
+                   seed: Optional[int], row_offset: int) -> List[Tensor]:
+    gen = _torch_generator(requests[0].logits.device, generator, seed)
+    return [_sample_torch(r.logits, r.positive, r.exclude_mask, gen) for r in requests]
+
+
+backends.register(OP, "ext", _ext_backend, available=_ext_unavailable,
+                  preference={"cpu": ["ext", "torch"], "cuda": ["ext", "torch"],
+                              "default": ["ext", "torch"]})
+backends.register(OP, "torch", _torch_backend)
+
+
+def _draw(requests: Sequence[SampleRequest], backend: Optional[str],
+          generator: Optional[torch.Generator], seed: Optional[int], row_offset: int) -> List[Tensor]:
+    """Resolve the backend and run it on every request with one source of randomness."""
+    name = backends.resolve(OP, backend, requests[0].logits.device)
+    out = backends.implementation(OP, name)(requests, generator, seed, row_offset)
+    if not isinstance(out, (list, tuple)) or len(out) != len(requests) or any(
+            not isinstance(t, Tensor) or t.dtype != torch.int64
+            or tuple(t.shape) != (r.logits.shape[0],) for t, r in zip(out, requests)):
+        raise TypeError(f"hard_negatives backend {name!r} must return one int64 tensor [rows] "
+                        f"per request ({len(requests)}), got {type(out).__name__}")
+    return list(out)
+
+
 # --------------------------------------------------------------------------- public API
 
 def sample_hard_negatives(logits: Tensor, positive_index: Tensor, *,
@@ -289,14 +331,8 @@ def sample_hard_negatives(logits: Tensor, positive_index: Tensor, *,
     stream = _as_index(stream, "stream")
     if row_offset < 0:
         raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
-    device = logits.device
-    name = backends.resolve(OP, backend, device)
-    if name == "ext":
-        samples = _sample_ext(logits, positive, exclude_mask, _seed_tensor(device, generator, seed),
-                              row_offset, stream)
-    else:
-        samples = _sample_torch(logits, positive, exclude_mask,
-                                _torch_generator(device, generator, seed))
+    samples, = _draw([SampleRequest(logits, positive, exclude_mask, stream)], backend,
+                     generator, seed, row_offset)
     _apply_check(samples, logits, positive, check, "logits")
     return samples
 
@@ -328,8 +364,7 @@ def sample_global_hard_negatives(sim_i2t: Tensor, sim_t2i: Optional[Tensor] = No
                             else type(sim_i2t).__name__))
     local, total = sim_i2t.shape
     if rank is None:
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        _, rank = world_and_rank()
     rank = _as_index(rank, "rank")
     seed = _as_index(seed, "seed", optional=True)
     if sim_t2i is None:
@@ -355,17 +390,10 @@ def sample_global_hard_negatives(sim_i2t: Tensor, sim_t2i: Optional[Tensor] = No
     positive = torch.arange(local, device=device, dtype=torch.int64) + rank * local
     _check_inputs(sim_i2t, positive, exclude_i2t, "sim_i2t")
     _check_inputs(sim_t2i, positive, exclude_t2i, "sim_t2i")
-    name = backends.resolve(OP, backend, device)
-    if name == "ext":
-        seed_t = _seed_tensor(device, generator, seed)
-        text_for_image = _sample_ext(sim_i2t, positive, exclude_i2t, seed_t, rank * local,
-                                     STREAM_IMAGE_TO_TEXT)
-        image_for_text = _sample_ext(sim_t2i, positive, exclude_t2i, seed_t, rank * local,
-                                     STREAM_TEXT_TO_IMAGE)
-    else:
-        gen = _torch_generator(device, generator, seed)
-        text_for_image = _sample_torch(sim_i2t, positive, exclude_i2t, gen)
-        image_for_text = _sample_torch(sim_t2i, positive, exclude_t2i, gen)
+    text_for_image, image_for_text = _draw(
+        [SampleRequest(sim_i2t, positive, exclude_i2t, STREAM_IMAGE_TO_TEXT),
+         SampleRequest(sim_t2i, positive, exclude_t2i, STREAM_TEXT_TO_IMAGE)],
+        backend, generator, seed, rank * local)
     _apply_check(text_for_image, sim_i2t, positive, check, "sim_i2t")
     _apply_check(image_for_text, sim_t2i, positive, check, "sim_t2i")
     return text_for_image, image_for_text

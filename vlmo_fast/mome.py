@@ -28,6 +28,9 @@ ultimately the reference. Under autocast the GEMMs run in the autocast dtype (`m
 Override per module (`MoMEFeedForward(..., backend=)`), per call (`mome_ffn(..., backend=)`),
 process-wide (`vlmo_fast.set_backend("ffn", name)`) or with VLMO_FAST_FFN_BACKEND; what ran
 is in `vlmo_fast.backends.last_used()` and the module's repr.
+A new implementation with mome_ffn_reference's signature plugs in with
+`register_ffn_impl(name, fn, ...)`, i.e. `backends.register("ffn", name, fn, ...)`: the
+dispatch calls whatever function the registry holds for the chosen name.
 """
 from __future__ import annotations
 
@@ -187,25 +190,25 @@ def mome_ffn_triton(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_b
                                   recompute_preact)
 
 
-backends.register("ffn", "reference", preference={
+backends.register("ffn", "reference", mome_ffn_reference, preference={
     "cuda": ["triton", "grouped_mm", "reference"],
     "cpu": ["grouped_mm", "reference"],
     "default": ["reference"]})
-backends.register("ffn", "grouped_mm", _grouped_mm_available, accepts=_grouped_mm_accepts)
-backends.register("ffn", "triton", triton_available, accepts=_triton_accepts)
-_IMPLS = {"reference": mome_ffn_reference, "grouped_mm": mome_ffn_grouped_mm,
-          "triton": mome_ffn_triton}
+backends.register("ffn", "grouped_mm", mome_ffn_grouped_mm, available=_grouped_mm_available,
+                  accepts=_grouped_mm_accepts)
+backends.register("ffn", "triton", mome_ffn_triton, available=triton_available,
+                  accepts=_triton_accepts)
 
 
 def register_ffn_impl(name: str, fn: Callable, available=backends.always_available, preference=None,
                       accepts: Optional[Callable[[dict], Optional[str]]] = None) -> None:
-    """Plug an implementation with mome_ffn_reference's signature into the dispatch.
-    `available(device)` / `accepts(facts)` return None or why it cannot run; the facts of
-    an FFN call are dtype, compiling, autocast (see `backends.register`)."""
-    if not callable(fn):
+    """Plug an implementation with mome_ffn_reference's signature into the dispatch (the
+    same as `backends.register("ffn", name, fn, ...)`). `available(device)` /
+    `accepts(facts)` return None or why it cannot run; the facts of an FFN call are dtype,
+    compiling, autocast (see `backends.register`)."""
+    if not callable(fn):   # fn=None would mean "update" to backends.register
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    _IMPLS[name] = fn
-    backends.register("ffn", name, available, preference, accepts=accepts)
+    backends.register("ffn", name, fn, available=available, accepts=accepts, preference=preference)
 
 
 @compile_time_constant
@@ -239,8 +242,7 @@ def mome_ffn(x: Tensor, modality_ids: Tensor, norm_weight: Tensor, norm_bias: Te
     run_dtype = low_dtype or x.dtype
     facts = (("autocast", low_dtype is not None), ("compiling", torch.compiler.is_compiling()),
              ("dtype", run_dtype))
-    name = _resolve(backend, x.device, facts)
-    impl = _IMPLS[name]
+    impl = backends.implementation("ffn", _resolve(backend, x.device, facts))
     if low_dtype is None:
         return impl(x, modality_ids, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
                     fc2_bias, gamma, drop_path_scale, eps)

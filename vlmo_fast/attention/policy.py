@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -23,7 +23,8 @@ from .. import backends
 from ..env import compile_time_constant
 from ..embeddings import RelativeBias
 from ..packing import PackedSequences
-from .cores import AttnBias, attention_flash, attention_reference, attention_sdpa, flash_available
+from .cores import (AttnBias, attention_flash, attention_reference, attention_sdpa, dense_bias,
+                    flash_available)
 from .flex import attention_flex, flex_available
 
 OP = "attention"
@@ -36,7 +37,17 @@ class AttentionCore:
     native: bool
 
 
-_CORES: Dict[str, AttentionCore] = {}
+class _DenseBiasCore:
+    """A 5-argument core (q, k, v, dense bias, key_padding_mask) in the native calling
+    convention that the dispatch uses for every core: the lazy bias is materialised first and
+    packing (which its `accepts` refuses) is dropped."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attn_bias: AttnBias,
+                 key_padding_mask: Optional[Tensor], packing: Optional[PackedSequences]) -> Tensor:
+        return self.fn(q, k, v, dense_bias(attn_bias), key_padding_mask)
 
 
 def attention_facts(q: Tensor, attn_bias: AttnBias, packing: Optional[PackedSequences]) -> dict:
@@ -91,7 +102,8 @@ def _not_packed(name: str) -> Callable[[dict], Optional[str]]:
 def register_attention_impl(name: str, fn: Callable, available=backends.always_available,
                             preference=None, accepts: Optional[Callable[[dict], Optional[str]]] = None,
                             native: bool = False) -> None:
-    """Plug in an attention core.
+    """Plug in an attention core (`backends.register("attention", name, ...)` with the
+    5-argument form adapted to the native calling convention).
 
     Default (native=False): called as fn(q, k, v, attn_bias, key_padding_mask) with q/k/v
     [B, H, L, Dh] (q scaled), a dense float bias tensor or None, key_padding_mask [B, L]
@@ -110,8 +122,8 @@ def register_attention_impl(name: str, fn: Callable, available=backends.always_a
             if reason is not None:
                 return reason
         return None
-    _CORES[name] = AttentionCore(fn, native)
-    backends.register(OP, name, available, preference, accepts=accepts_all if checks else None)
+    backends.register(OP, name, fn if native else _DenseBiasCore(fn), available=available,
+                      accepts=accepts_all if checks else None, preference=preference)
 
 
 register_attention_impl("reference", attention_reference, native=True,
@@ -123,9 +135,10 @@ register_attention_impl("flash", attention_flash, flash_available, accepts=_flas
 
 def attention_core(name: str) -> AttentionCore:
     """The registered core `name` (its function and whether it takes lazy biases / packing)."""
-    if name not in _CORES:
-        raise ValueError(f"unknown attention backend {name!r}; expected one of {sorted(_CORES)}")
-    return _CORES[name]
+    fn = backends.implementation(OP, name)
+    if isinstance(fn, _DenseBiasCore):
+        return AttentionCore(fn.fn, native=False)
+    return AttentionCore(fn, native=True)
 
 
 @compile_time_constant

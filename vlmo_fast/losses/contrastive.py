@@ -26,6 +26,16 @@ Backends (`vlmo_fast.backends`, op "contrastive"):
   Automatic choice: Triton on CUDA; otherwise (CPU, or CUDA without Triton) the reference
   while its materialised matrices fit `VLMO_FAST_CONTRASTIVE_REFERENCE_MAX_MB` (default
   REFERENCE_MAX_MB: 1 MiB on CPU, i.e. N up to ~200, 1 GiB elsewhere), else chunked.
+  Plug-ins: `backends.register("contrastive", name, fn, available=, accepts=, preference=)`
+  (facts: n, n_global, dim, dtype) with every backend's signature
+      fn(img [n, D], txt [n, D], logit_scale, group, want_stats)
+          -> (share, row_lse [n], col_lse [n], i2t_accuracy, t2i_accuracy)
+  logit_scale: one value, already bounded; group: None (single process) or the
+  `vlmo_fast.distributed.GroupInfo` whose global batch (below) the loss spans; share: this
+  rank's share of the loss (its rows' and its columns' cross-entropies, each / 2N), with
+  gradients; the four statistics (detached, global accuracies) are read only when
+  want_stats, else may be None. The dispatcher makes the global value and the rank
+  reduction from the share.
 
 Distributed (torch.distributed initialised, world size W > 1, gather enabled):
   * Every rank holds n local pairs; the global batch has N = W * n pairs ordered BY RANK:
@@ -50,14 +60,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backends
+from ..distributed import (GroupInfo, all_gather_rows_with_grad, all_reduce, check_same_row_count,
+                           group_info)
 from ..env import KERNEL_FLOAT_DTYPES, env_choice, triton_available
 
 OP = "contrastive"
@@ -123,107 +134,29 @@ def _auto_order(device_type: str):
     return order
 
 
-backends.register(OP, "reference", preference={"cpu": _auto_order("cpu"),
-                                              "cuda": _auto_order("cuda"),
-                                              "default": _auto_order("default")})
-backends.register(OP, "triton", available=triton_available)
-backends.register(OP, "chunked")
+# ----------------------------------------------------------------------------- process group
 
-
-# ----------------------------------------------------------------------------- collectives
-
-class _Dist(NamedTuple):
-    group: Optional[object]
-    world: int
-    rank: int
-
-
-def _resolve_dist(gather: Union[bool, str], group) -> Optional[_Dist]:
+def _resolve_dist(gather: Union[bool, str], group) -> Optional[GroupInfo]:
     """None for a plain single-process loss, else the process group to span."""
     if gather not in (True, False, "auto"):
         raise ValueError(f"gather must be True, False or 'auto', got {gather!r}")
-    if gather is False or not (dist.is_available() and dist.is_initialized()):
-        return None
-    world = dist.get_world_size(group)
-    if world == 1:
-        return None
-    return _Dist(group, world, dist.get_rank(group))
+    return None if gather is False else group_info(group)
 
 
-def _is_nccl(group) -> bool:
-    return dist.get_backend(group) == "nccl"
-
-
-def _all_gather_rows(x: Tensor, ctx: _Dist) -> Tensor:
-    """[n, ...] per rank -> [W * n, ...] in rank order (no autograd)."""
-    x = x.contiguous()
-    if _is_nccl(ctx.group):
-        out = x.new_empty((ctx.world * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=ctx.group)
-        return out
-    parts = [torch.empty_like(x) for _ in range(ctx.world)]
-    dist.all_gather(parts, x, group=ctx.group)
-    return torch.cat(parts)
-
-
-def _reduce_scatter_rows(x: Tensor, ctx: _Dist) -> Tensor:
-    """Sum [W * n, ...] over ranks and return this rank's [n, ...] slice (no autograd)."""
-    n = x.shape[0] // ctx.world
-    x = x.contiguous()
-    if _is_nccl(ctx.group):
-        out = x.new_empty((n,) + tuple(x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x, group=ctx.group)
-        return out
-    # gloo has no reduce-scatter: all-reduce and keep our slice.
-    dist.all_reduce(x, group=ctx.group)
-    return x[ctx.rank * n:(ctx.rank + 1) * n].clone()
-
-
-def _all_reduce_logsumexp(lse: Tensor, ctx: _Dist) -> Tensor:
-    """Merge per-rank log-sum-exps (each over that rank's rows) into the global one."""
-    peak = lse.clone()
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ctx.group)
-    total = torch.exp(lse - peak)
-    dist.all_reduce(total, group=ctx.group)
-    return peak + torch.log(total)
-
-
-def _check_equal_local_batch(n: int, device: torch.device, ctx: _Dist) -> None:
-    sizes = torch.tensor([n, -n], device=device, dtype=torch.int64)
-    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=ctx.group)
-    if int(sizes[0]) != n or int(-sizes[1]) != n:
-        raise ValueError(f"every rank must pass the same number of pairs; this rank has {n}, "
-                         f"the ranks range from {int(-sizes[1])} to {int(sizes[0])}")
-
-
-class _GatherRowsWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums each rank's gradient for a slice onto its owner."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, dctx: _Dist) -> Tensor:
-        ctx.dctx = dctx
-        return _all_gather_rows(x, dctx)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _reduce_scatter_rows(grad, ctx.dctx), None
-
-
-def _global_value(share: Tensor, dctx: Optional[_Dist], grad_multiplier: float) -> Tensor:
+def _global_value(share: Tensor, dctx: Optional[GroupInfo], grad_multiplier: float) -> Tensor:
     """A tensor whose value is the sum of `share` over ranks and whose gradient is
     grad_multiplier * d(share): the global loss for logging, this rank's part for backward."""
     if dctx is None:
         return share
-    total = share.detach().clone()
-    dist.all_reduce(total, group=dctx.group)
+    total = all_reduce(share.detach().clone(), "sum", dctx.group)
     scaled = share * grad_multiplier
     return scaled + (total - scaled.detach())
 
 
 # ----------------------------------------------------------------------------- reference
 
-def _contrastive_reference(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: Optional[_Dist],
-                           want_stats: bool) -> Tuple[Tensor, Optional[tuple]]:
+def _contrastive_reference(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: Optional[GroupInfo],
+                           want_stats: bool) -> tuple:
     """This rank's share of the loss with materialised fp32 logits (n x N, both directions)."""
     n = img.shape[0]
     world, rank = (dctx.world, dctx.rank) if dctx else (1, 0)
@@ -232,8 +165,8 @@ def _contrastive_reference(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: 
     if dctx is None:
         img_all, txt_all = img32, txt32
     else:
-        img_all = _GatherRowsWithGrad.apply(img32, dctx)
-        txt_all = _GatherRowsWithGrad.apply(txt32, dctx)
+        img_all = all_gather_rows_with_grad(img32, dctx.group)
+        txt_all = all_gather_rows_with_grad(txt32, dctx.group)
     scale = logit_scale.float().reshape(()).exp()
     logits_i2t = scale * img32 @ txt_all.t()       # local images x global texts
     logits_t2i = scale * txt32 @ img_all.t()       # local texts x global images
@@ -242,25 +175,39 @@ def _contrastive_reference(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: 
     # but their sum would not be.
     share = ((F.cross_entropy(logits_i2t, target, reduction="none") / (2 * total)).sum()
              + (F.cross_entropy(logits_t2i, target, reduction="none") / (2 * total)).sum())
-    stats = None
-    if want_stats:
-        with torch.no_grad():
-            hits = torch.stack([(logits_i2t.argmax(1) == target).sum(),
-                                (logits_t2i.argmax(1) == target).sum()]).float()
-            if dctx is not None:
-                dist.all_reduce(hits, group=dctx.group)
-            stats = (logits_i2t.logsumexp(1), logits_t2i.logsumexp(1), hits[0] / total, hits[1] / total)
-    return share, stats
+    if not want_stats:
+        return share, None, None, None, None
+    with torch.no_grad():
+        hits = torch.stack([(logits_i2t.argmax(1) == target).sum(),
+                            (logits_t2i.argmax(1) == target).sum()]).float()
+        if dctx is not None:
+            all_reduce(hits, "sum", dctx.group)
+        return (share, logits_i2t.logsumexp(1), logits_t2i.logsumexp(1), hits[0] / total,
+                hits[1] / total)
 
 
-# ----------------------------------------------------------------------------- fused (triton)
+# ----------------------------------------------------------------------------- chunked, fused
 
-def _fused_contrastive(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: Optional[_Dist],
-                       want_stats: bool):
+def _contrastive_chunked(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: Optional[GroupInfo],
+                         want_stats: bool) -> tuple:
+    """This rank's share of the loss over tiles of S in plain PyTorch (contrastive_chunked.py)."""
+    from .contrastive_chunked import ChunkedContrastiveFunction
+    return ChunkedContrastiveFunction.apply(img, txt, logit_scale, dctx, want_stats)
+
+
+def _fused_contrastive(img: Tensor, txt: Tensor, logit_scale: Tensor, dctx: Optional[GroupInfo],
+                       want_stats: bool) -> tuple:
     """This rank's share of the loss through the Triton kernels (`ContrastiveFunction` in
     kernels/contrastive.py; imported lazily so that triton loads only when used)."""
     from ..kernels.contrastive import fused_contrastive
     return fused_contrastive(img, txt, logit_scale, dctx, want_stats)
+
+
+backends.register(OP, "reference", _contrastive_reference,
+                  preference={"cpu": _auto_order("cpu"), "cuda": _auto_order("cuda"),
+                              "default": _auto_order("default")})
+backends.register(OP, "triton", _fused_contrastive, available=triton_available)
+backends.register(OP, "chunked", _contrastive_chunked)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -366,23 +313,17 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     logit_scale = _bounded_logit_scale(logit_scale, _check_max_logit_scale(max_logit_scale))
     dctx = _resolve_dist(gather, group)
     if dctx is not None and (image_features.device.type == "cpu" or check_finite):
-        _check_equal_local_batch(image_features.shape[0], image_features.device, dctx)
+        check_same_row_count(image_features, dctx.group, what="pairs")
     n, dim = image_features.shape
     name = backends.resolve(OP, backend, image_features.device, n=n,
                             n_global=n * (dctx.world if dctx is not None else 1), dim=dim,
                             dtype=image_features.dtype)
-    if name == "triton":
-        share, row_lse, col_lse, i2t, t2i = _fused_contrastive(
-            image_features.contiguous(), text_features.contiguous(), logit_scale, dctx, return_stats)
-        stats = (row_lse, col_lse, i2t, t2i) if return_stats else None
-    elif name == "chunked":
-        from .contrastive_chunked import ChunkedContrastiveFunction
-        share, row_lse, col_lse, i2t, t2i = ChunkedContrastiveFunction.apply(
-            image_features, text_features, logit_scale, dctx, return_stats)
-        stats = (row_lse, col_lse, i2t, t2i) if return_stats else None
-    else:
-        share, stats = _contrastive_reference(image_features, text_features, logit_scale, dctx,
-                                              return_stats)
+    out = backends.implementation(OP, name)(image_features, text_features, logit_scale, dctx,
+                                            return_stats)
+    if not isinstance(out, (tuple, list)) or len(out) != 5:
+        raise TypeError(f"contrastive backend {name!r} returned {type(out).__name__}; expected a "
+                        f"5-tuple (share, row_lse, col_lse, i2t_accuracy, t2i_accuracy)")
+    share, *stats = out
     multiplier = float(dctx.world) if (dctx is not None and rank_grad_reduction == "mean") else 1.0
     loss = _global_value(share, dctx, multiplier)
     if not return_stats:

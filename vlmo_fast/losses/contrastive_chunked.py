@@ -29,8 +29,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from ..distributed import all_gather_rows, all_reduce, all_reduce_logsumexp, reduce_scatter_rows
 
 # Tile shape: 4096 x 1024 fp32 = 16 MiB per tile buffer (three are live at once). Each tile
 # costs ~15 torch ops forward and ~11 backward, each a parallel region with its own thread
@@ -51,8 +52,8 @@ def _target_span(r0: int, r1: int, c0: int, c1: int, offset: int):
 class ChunkedContrastiveFunction(torch.autograd.Function):
     """This rank's share of the contrastive loss over column/row tiles (module docstring).
 
-    forward(img [n, D], txt [n, D], logit_scale (1 value), dctx (None or the process group
-    facts of vlmo_fast.losses.contrastive), want_stats, block_rows=None, block_cols=None
+    forward(img [n, D], txt [n, D], logit_scale (1 value), dctx (None or the
+    `vlmo_fast.distributed.GroupInfo` to span), want_stats, block_rows=None, block_cols=None
     (None: the module's BLOCK_ROWS / BLOCK_COLS)) ->
     (share, row_lse [n], col_lse [n] (this rank's columns, global), i2t_acc, t2i_acc).
     """
@@ -60,8 +61,6 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img: Tensor, txt: Tensor, logit_scale: Tensor, dctx, want_stats: bool,
                 block_rows: Optional[int] = None, block_cols: Optional[int] = None):
-        from .contrastive import _all_gather_rows, _all_reduce_logsumexp
-
         # Read the module constants per call (tests shrink them to cover tile edges).
         block_rows = int(block_rows or BLOCK_ROWS)
         block_cols = int(block_cols or BLOCK_COLS)
@@ -70,7 +69,7 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
         n = img.shape[0]
         world, rank = (dctx.world, dctx.rank) if dctx is not None else (1, 0)
         total, offset = n * world, rank * n
-        txt_all = _all_gather_rows(txt, dctx) if dctx is not None else txt
+        txt_all = all_gather_rows(txt, dctx.group) if dctx is not None else txt
         scale = logit_scale.detach().float().reshape(()).exp()
         a = img.detach().float() * scale              # scaled images: S = a @ t^T
         t = txt_all.detach().float()
@@ -103,7 +102,7 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
             if want_stats:
                 col_max[c0:c1] = col_max_acc
         if dctx is not None:
-            col_lse = _all_reduce_logsumexp(col_lse, dctx)
+            col_lse = all_reduce_logsumexp(col_lse, dctx.group)
         local_col_lse = col_lse[offset:offset + n].clone()
         # Sum of per-pair cross-entropies (each >= 0): no cancellation between large sums, and
         # divided first so that terms near float32's limit do not overflow in the sum.
@@ -111,12 +110,12 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
 
         if want_stats:
             if dctx is not None:
-                dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=dctx.group)
+                all_reduce(col_max, "max", dctx.group)
             # diag was read from the tiles the maxima saw: a correct row compares equal.
             hits = torch.stack([(diag >= row_max).sum(),
                                 (diag >= col_max[offset:offset + n]).sum()]).float()
             if dctx is not None:
-                dist.all_reduce(hits, group=dctx.group)
+                all_reduce(hits, "sum", dctx.group)
             i2t_acc, t2i_acc = hits[0] / total, hits[1] / total
         else:
             i2t_acc, t2i_acc = share.new_zeros(()), share.new_zeros(())
@@ -129,8 +128,6 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_share: Tensor, *_unused):
-        from .contrastive import _all_gather_rows, _reduce_scatter_rows
-
         img, txt_all, logit_scale, row_lse, col_lse = ctx.saved_tensors
         dctx, total, offset = ctx.dctx, ctx.total, ctx.offset
         block_rows, block_cols = ctx.blocks
@@ -143,7 +140,7 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
         if dctx is None:
             w_col = w_row.expand(total)
         else:
-            w_col = (_all_gather_rows(g, dctx) / (2 * total)).repeat_interleave(n)
+            w_col = (all_gather_rows(g, dctx.group) / (2 * total)).repeat_interleave(n)
         scale = logit_scale.detach().float().reshape(()).exp()
         a = img.detach().float() * scale
         t = txt_all.detach().float()
@@ -174,5 +171,5 @@ class ChunkedContrastiveFunction(torch.autograd.Function):
             # sum_ij G_ij S_ij = sum_i <a_i, (G @ T)_i> = <A, dA>
             d_scale = (a * d_a).sum().reshape(logit_scale.shape).to(logit_scale.dtype)
         if need_txt:
-            d_txt = (_reduce_scatter_rows(d_t, dctx) if dctx is not None else d_t).to(img.dtype)
+            d_txt = (reduce_scatter_rows(d_t, dctx.group) if dctx is not None else d_t).to(img.dtype)
         return d_img, d_txt, d_scale, None, None, None, None
