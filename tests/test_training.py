@@ -254,13 +254,29 @@ def test_schedule_warmup_then_decay():
 
 # ----------------------------------------------------------------------------- checkpoints, CLI
 
-def test_prune_keeps_last_k_and_drops_unpointed_newer(tmp_path):
-    from vlmo_fast.training.checkpoint import _prune, latest_tag
-    for s in (2, 4, 6, 8):
-        (tmp_path / f"step_{s:06d}").mkdir()
+def test_prune_keeps_last_k_of_its_lineage_and_never_newer(tmp_path):
+    """Pruning deletes only this lineage's checkpoints older than the one just written (beyond
+    keep-last-K, and its older interrupted saves); a newer folder (a killed run's save) and
+    another run's checkpoints stay. Before: every folder newer than `latest` was deleted."""
+    import json
+    from vlmo_fast.training.checkpoint import latest_tag, prune
+
+    def make(step, lineage, complete=True):
+        d = tmp_path / f"step_{step:06d}"
+        d.mkdir()
+        (d / "checkpoint.json").write_text(json.dumps({"format": "vlmo_fast.training_checkpoint", "version": 1,
+                                                       "step": step, "lineage": lineage}))
+        if complete:
+            (d / "manifest.json").write_text("{}")
+    for s in (2, 4, 6):
+        make(s, "mine")
+    make(3, "mine", complete=False)
+    make(8, "mine", complete=False)
+    make(1, "other")
     (tmp_path / "latest").write_text("step_000006\n")
-    _prune(tmp_path, "step_000006", keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_000004", "step_000006"]
+    assert prune(tmp_path, "step_000006", keep_last=2, lineage="mine") == ["step_000002", "step_000003"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_000001", "step_000004",
+                                                                       "step_000006", "step_000008"]
     assert latest_tag(tmp_path) == "step_000006"
     (tmp_path / "latest").write_text("step_000002\n")
     with pytest.raises(RuntimeError, match="not a checkpoint folder"):

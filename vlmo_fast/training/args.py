@@ -12,10 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
-RESUME_POLICIES = ("auto", "strict", "never")
-# run arguments that may be changed on resume when named in --override-on-resume
-OVERRIDABLE_ON_RESUME = ("lr", "vision_lr", "text_lr", "vl_lr", "weight_decay", "betas", "clip",
-                         "min_lr_ratio", "head_lr_mult", "layer_decay")
+from .checkpoint import RESUME_POLICIES
+from .resume import OVERRIDABLE as OVERRIDABLE_ON_RESUME  # run arguments --override-on-resume may name
 
 
 def add_optimization_args(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
@@ -51,6 +49,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--override-on-resume", default="", metavar="NAMES",
       help="comma-separated run arguments whose NEW values a resumed run applies (e.g. lr,weight_decay; "
       f"allowed: {','.join(OVERRIDABLE_ON_RESUME)}); other changed values are refused")
+    a("--trust-pickle", action="store_true", help="let this run unpickle files that weights-only loading "
+      "refuses: a legacy --init-beit .pth, or checkpoints of vlmo_fast versions before JSON client "
+      "state (runs code stored in the file: only for files you trust)")
     a("--skip-nonfinite", action="store_true",
       help="skip a step whose loss is NaN/inf (counted; costs a host sync per step) instead of stopping")
     a("--no-progress", action="store_true", help="no tqdm bar")

@@ -70,7 +70,8 @@ import torch.distributed as dist
 
 from ..distributed import all_reduce, barrier, world_and_rank
 from ..io import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, OLD_PREFIX, TMP_PREFIX, CorruptFileError,
-                  atomic_write, atomic_write_json, atomic_write_text, read_manifest, remove_stale_temporaries)
+                  atomic_write, atomic_write_json, atomic_write_text, read_manifest, remove_stale_temporaries,
+                  verify_files)
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
@@ -282,7 +283,7 @@ def _run_on_rank0(fn: Callable[[], Any]) -> Any:
         try:
             result = fn()
         except Exception as e:  # re-raised below, after the other ranks have heard of it
-            error, message = e, f"{_first_line(e) if not isinstance(e, CheckpointError) else e}"
+            error, message = e, (str(e) if isinstance(e, CheckpointError) else _first_line(e))
     message = _share_text(message)
     if error is not None:
         raise error
@@ -309,6 +310,10 @@ def _sha256_bytes(path: Path) -> bytes:
 def _hash_files(folder: Path, names: List[str]) -> List[Tuple[int, str]]:
     """(bytes, SHA-256 hex) of each file, the hashing split over the ranks. Collective."""
     world, rank = world_and_rank()
+    counts = all_reduce(torch.tensor([len(names), -len(names)], device=_reduce_device()), "max").tolist()
+    if counts != [len(names), -len(names)]:   # the collectives below need the same list on every rank
+        raise CheckpointError(f"the ranks see different files in {folder} ({-counts[1]} to {counts[0]}): "
+                              "checkpoints need a folder every rank sees (a shared filesystem)")
     sizes = [(folder / n).stat().st_size for n in names]
     owner = _assign_files(sizes, world)
     digests = torch.zeros((len(names), 32), dtype=torch.uint8)
@@ -319,41 +324,21 @@ def _hash_files(folder: Path, names: List[str]) -> List[Tuple[int, str]]:
     return [(sizes[i], bytes(digests[i].to(torch.uint8).tolist()).hex()) for i in range(len(names))]
 
 
-_OK, _MISSING, _SIZE, _HASH = 0, 1, 2, 3
-
-
-def _verify_files(folder: Path, manifest: Dict, verify_hashes: bool) -> Optional[CorruptFileError]:
-    """The first file of `manifest` that is missing, of another size or (verify_hashes) of
-    another SHA-256, as a CorruptFileError, or None. Collective: the hashing is split over the
-    ranks and every rank returns the same answer."""
+def _verify_files(folder: Path, manifest: Dict, verify_hashes: bool) -> Optional[str]:
+    """What is wrong with the first damaged file the manifest lists (missing, another size,
+    or with verify_hashes another SHA-256; vlmo_fast.io.verify_files' message naming the
+    file), or None. Collective: each rank checks its share of the files (sizes balanced) and
+    every rank returns the same answer."""
     world, rank = world_and_rank()
     names = sorted(manifest["files"])
-    entries = [manifest["files"][n] for n in names]
-    owner = _assign_files([e["bytes"] for e in entries], world)
-    status = torch.zeros(len(names), dtype=torch.int64)
-    for i, (name, entry) in enumerate(zip(names, entries)):
-        if owner[i] != rank:
-            continue
-        p = folder / name
-        if not p.is_file():
-            status[i] = _MISSING
-        elif p.stat().st_size != entry["bytes"]:
-            status[i] = _SIZE
-        elif verify_hashes and _sha256_bytes(p).hex() != entry["sha256"]:
-            status[i] = _HASH
-    status = all_reduce(status.to(_reduce_device()), "max").cpu()
-    for i, code in enumerate(status.tolist()):
-        p, entry = folder / names[i], entries[i]
-        if code == _MISSING:
-            return CorruptFileError(p, f"missing (listed in {MANIFEST_NAME})")
-        if code == _SIZE:
-            size = p.stat().st_size if p.is_file() else "?"
-            return CorruptFileError(p, f"has {size} bytes, {MANIFEST_NAME} records {entry['bytes']} "
-                                       "(truncated or overwritten)")
-        if code == _HASH:
-            return CorruptFileError(p, f"SHA-256 differs from the one recorded in {MANIFEST_NAME} "
-                                       "(corrupted, or modified after it was written)")
-    return None
+    owner = _assign_files([manifest["files"][n]["bytes"] for n in names], world)
+    mine = {n: manifest["files"][n] for i, n in enumerate(names) if owner[i] == rank}
+    problem = None
+    try:
+        verify_files(folder, mine, verify_hashes=verify_hashes)
+    except CorruptFileError as e:
+        problem = str(e)
+    return _agree(problem)
 
 
 def _checkpoint_files(folder: Path) -> List[str]:
@@ -602,7 +587,7 @@ def _check_point(info: _Folder, verify_hashes: bool) -> Optional[str]:
         return problem
     bad = _verify_files(info.path, manifest, verify_hashes)
     if bad is not None:
-        return str(bad)
+        return bad
     if info.meta is None or info.meta.get("version") != FORMAT_VERSION or info.meta.get("step") != info.step:
         return f"{info.path / META_NAME}: not a {META_FORMAT} version {FORMAT_VERSION} record of step {info.step}"
     return None
@@ -666,7 +651,8 @@ def find_resume_checkpoint(directory, policy: str = "auto", *, trust_pickle: boo
             if problem is None:
                 skipped = problems + interrupted
                 if pointer is not None and step_of_tag(pointer) < info.step:
-                    pointer_note = f"{pointer_path} names {pointer} (its save ended before `latest` moved)"
+                    pointer_note = (f"{pointer_path} names {pointer} ({path.name}'s save ended after its "
+                                    "manifest, before `latest` moved)")
                 notes = skipped + ([pointer_note] if pointer_note else [])
                 if notes:
                     _warn(f"resuming from the newest complete checkpoint, {where} in {directory}; "

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..config import ATTENTION_MODES
 from ..errors import NonFiniteLoss  # noqa: F401  (raised by the loop; importable here as before)
 from ..io import atomic_write_json
 
@@ -47,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--init", default=None, help="save_pretrained folder to start the first stage from")
     a("--init-beit", default=None, help="timm BEiT checkpoint (.safetensors, or a .pth/.bin read "
       "with torch.load(weights_only=True)): replaces the vision stage")
-    a("--trust-pickle", action="store_true", help="let --init-beit unpickle a legacy checkpoint that "
-      "weights_only loading refuses (runs code from the file: only for files you trust)")
     a("--from-scratch", action="store_true", help="allow --stage text/vl without previous weights")
     a("--skip-text-stage", action="store_true", help="ablation: `all` runs vision then vl")
     a("--ffn", default="mome", choices=["mome", "shared"], help="ablation: one FFN for all modalities")
+    a("--no-vl-expert", action="store_true", help="ablation (config vl_expert=False): image-text pairs "
+      "use the vision/language experts by token type in the top layers too, no itc_vl head")
+    a("--attention", default=None, choices=list(ATTENTION_MODES), help="ablation (config attention): "
+      "per_modality gives each modality its own self-attention weights in every block (default: "
+      "shared, or the --init checkpoint's)")
     a("--hard-negatives", default="global", choices=["global", "local", "none"])
     a("--itc-accum", default="standard", choices=["standard", "cached"],
       help="standard: ITC over each micro-batch's global batch; cached: GradCache, one ITC over "
@@ -133,6 +137,10 @@ def validate_args(args) -> None:
             bad(f"--model-overrides is not valid JSON: {e}")
         if not isinstance(ov, dict):
             bad("--model-overrides must be a JSON object")
+        for key, flag, value in (("vl_expert", "--no-vl-expert", False if args.no_vl_expert else None),
+                                 ("attention", "--attention", args.attention)):
+            if value is not None and key in ov and ov[key] != value:
+                bad(f"{flag} and --model-overrides disagree on {key} ({value!r} vs {ov[key]!r})")
     if args.data != "embedded" and not Path(args.data).exists():
         bad(f"--data {args.data}: no such file or folder (use 'embedded' for the built-in data)")
     if args.tokenizer is not None:
@@ -158,8 +166,6 @@ def validate_args(args) -> None:
             "(or --from-scratch)")
     if args.stage == "vision" and args.init_beit:
         bad("--init-beit replaces the vision stage: run --stage text or all with it")
-    if args.trust_pickle and not args.init_beit:
-        bad("--trust-pickle only applies to --init-beit")
     if not plan:
         bad("nothing to run")
 
@@ -188,9 +194,19 @@ class Job:
                              "or train:CORPUS)")
         return build_tokenizer(source=source, vocab_size=self.args.vocab_size)
 
+    def ablation_overrides(self) -> Dict:
+        """The config fields the ablation flags set (--no-vl-expert, --attention)."""
+        out = {}
+        if self.args.no_vl_expert:
+            out["vl_expert"] = False
+        if self.args.attention is not None:
+            out["attention"] = self.args.attention
+        return out
+
     def base_config(self, tok):
         from ..config import VLMoConfig
         overrides = json.loads(self.args.model_overrides) if self.args.model_overrides else {}
+        ablation = self.ablation_overrides()
         if self.args.init:
             cfg = VLMoConfig.from_json(Path(self.args.init) / "config.json")
             if self.args.preset and cfg.name != self.args.preset:
@@ -198,8 +214,15 @@ class Job:
                                  f"{self.args.preset!r}")
             if overrides:
                 raise ValueError("--model-overrides cannot change a model loaded with --init")
+            # the ablation flags may restate the checkpoint's model, never change it
+            flags = {"vl_expert": "--no-vl-expert", "attention": "--attention"}
+            for key, value in ablation.items():
+                if getattr(cfg, key) != value:
+                    raise ValueError(f"{flags[key]}: the --init checkpoint {self.args.init} holds a model "
+                                     f"with {key}={getattr(cfg, key)!r}, not {value!r} (the flag cannot "
+                                     "change a model loaded with --init)")
         else:
-            cfg = VLMoConfig.preset(self.args.preset or "tiny", **overrides)
+            cfg = VLMoConfig.preset(self.args.preset or "tiny", **{**overrides, **ablation})
             if "vocab_size" not in overrides:
                 cfg = cfg.replace(vocab_size=tok.vocab_size)
         if cfg.vocab_size < tok.vocab_size:

@@ -51,7 +51,7 @@ FREE_PREFIXES = ("ds_config.steps_per_print", "ds_config.wall_clock_breakdown", 
                  "ds_config.comment")
 # entries that mirror a flag: its change is reported (and classified) under the flag
 DERIVED = {"ds_config.gradient_clipping": "clip", "ds_config.train_micro_batch_size_per_gpu": "batch_size",
-           "ds_config.gradient_accumulation_steps": "grad_accum", "ds_config.bf16.enabled": "precision"}
+           "ds_config.gradient_accumulation_steps": "grad_accum"}
 # never recorded: differs between the ranks of one run
 UNRECORDED = frozenset({"local_rank"})
 _MODEL = "the checkpoint holds this model"
@@ -69,6 +69,7 @@ NEVER_REASONS = {
     "zero_stage": "DeepSpeed's files are laid out for the ZeRO stage",
     "precision": "the master weights and the loss scale belong to the precision",
     "bf16": "the master weights and the loss scale belong to the precision",
+    "ds_config.bf16.enabled": "the master weights and the loss scale belong to the precision",
     "hard_negatives": _STEP, "itc_accum": _STEP, "layout": _STEP, "loss_weights": _STEP,
     "mlm_probability": _STEP, "mask_ratio": _STEP,
 }
