@@ -20,7 +20,20 @@ the least disturbed); `items_per_s` = batch_size / ms;
 `x_vs_ref` (same worker count) and `x_vs_floor` (single-process floor) are ratios of items/s
 from the same run.
 
-  python benchmarks/bench_data.py            # CPU, both sizes, workers 0/1/2
+Shard readers (`--part shards`, written to data-streaming-<device>.json/.md): the same
+"vl" loader over WebDataset shards the benchmark writes (32 px JPEGs, 16 samples a shard) at
+10, 100 and 1,000 shards, for
+  indexed_tar        build_pretrain_loader(..., stream=False): formats.read_tar_shards scans
+                     every member header of every shard first, then reads by offset.
+  webdataset_stream  build_pretrain_loader(..., stream=True): streaming.py, shards opened
+                     when a worker reaches them.
+passes: `startup` = the build_pretrain_loader call (ms); `first_batch` = iter() to the first
+batch (worker start and the first shards' reads included); `steady` = ms per batch over the
+batches after those (items_per_s = batch / ms). Best of --rounds rounds (default 2, 1 with
+--quick), interleaved across rows, page cache warm (the shards were just written).
+
+  python benchmarks/bench_data.py            # CPU, both parts
+  python benchmarks/bench_data.py --part shards
   python benchmarks/bench_data.py --quick    # smoke run
 """
 from __future__ import annotations
@@ -98,15 +111,119 @@ class TorchvisionRefDataset(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), row["caption"]
 
 
+def write_synthetic_shards(directory: Path, num_shards: int, per_shard: int, size: int = 32,
+                           seed: int = 0) -> str:
+    """num_shards img2dataset-style shards {00000..}.tar of per_shard samples (a size x size
+    JPEG of seeded noise over a gradient, a .txt caption of the embedded world, a .json);
+    returns their brace pattern."""
+    import io
+    import tarfile
+    from PIL import Image
+    world = EmbeddedWorld(seed)
+    captions = [world.caption(world.scene("train", i), 0).text for i in range(64)]
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 160, size, dtype=np.float32)[None, :, None]
+    for s in range(num_shards):
+        with tarfile.open(directory / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                pixels = np.clip(ramp + rng.integers(0, 96, (size, size, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+                caption = captions[(s * per_shard + i) % len(captions)]
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()),
+                                  ("json", json.dumps({"key": key, "caption": caption}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(directory / f"{{00000..{num_shards - 1:05d}}}.tar")
+
+
+def bench_shards(args, tok) -> None:
+    """Startup, first batch and steady state of the indexed and the streaming tar readers at
+    10, 100 and 1,000 shards (rows of data-streaming-<device>.json; see the module docstring)."""
+    res = Results("data-streaming", torch.device("cpu"))
+    shard_counts = [10, 100] if args.quick else [10, 100, 1000]
+    per_shard, size, B = 16, 32, 16
+    workers = args.workers if args.workers is not None else [0, 2]
+    workers = [w for w in workers if w <= (os.cpu_count() or 1)]
+    rounds = args.rounds or (1 if args.quick else 2)
+    impls = {"indexed_tar": False, "webdataset_stream": True}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    tmp = tempfile.TemporaryDirectory(prefix="bench_shards_")
+    patterns = {}
+    for n in shard_counts:
+        folder = Path(tmp.name) / f"n{n}"
+        folder.mkdir()
+        t0 = time.perf_counter()
+        patterns[n] = write_synthetic_shards(folder, n, per_shard, size)
+        print(f"wrote {n} shards in {time.perf_counter() - t0:.1f} s", flush=True)
+    best: dict = {}
+    for r in range(rounds):
+        for n in shard_counts:
+            for w in workers:
+                # the batches after the first (and those the workers prefetched meanwhile) that one
+                # epoch still holds, at most 24
+                timed = min(24, n * per_shard // B - 1 - 2 * w)
+                for impl, stream in impls.items():
+                    t0 = time.perf_counter()
+                    loader = build_pretrain_loader(patterns[n], tok, "vl", B, img_size=size, patch_size=16,
+                                                   max_text_len=16, num_workers=w, seed=0, stream=stream)
+                    t1 = time.perf_counter()
+                    it = iter(loader)
+                    next(it)
+                    t2 = time.perf_counter()
+                    for _ in range(2 * w):
+                        next(it)
+                    t3 = time.perf_counter()
+                    for _ in range(timed):
+                        next(it)
+                    t4 = time.perf_counter()
+                    del it, loader
+                    key = (n, w, impl)
+                    got = {"startup": (t1 - t0) * 1e3, "first_batch": (t2 - t1) * 1e3,
+                           "steady": (t4 - t3) * 1e3 / timed}
+                    old = best.get(key, {})
+                    best[key] = {k: min(v, old.get(k, float("inf"))) for k, v in got.items()}
+        print(f"shards: round {r + 1}/{rounds} done", flush=True)
+    for n in shard_counts:
+        for w in workers:
+            case = f"shards={n} per_shard={per_shard} S={size} B={B} workers={w}"
+            for impl in impls:
+                row = best[(n, w, impl)]
+                res.add(case, impl, "startup", row["startup"])
+                res.add(case, impl, "first_batch", row["first_batch"])
+                res.add(case, impl, "steady", row["steady"], items_per_s=round(B / row["steady"] * 1e3, 1))
+                print(f"{case} {impl}: startup {row['startup']:.1f} ms, first batch {row['first_batch']:.1f} ms, "
+                      f"{B / row['steady'] * 1e3:.0f} items/s", flush=True)
+    res.notes.append(f"best of {rounds} interleaved rounds; steady = mean ms per batch over up to 24 batches after "
+                     f"the first batch and the 2 per worker prefetched meanwhile; shards written by the benchmark "
+                     f"({per_shard} samples of {size}x{size} JPEG + .txt + .json each), page cache warm; "
+                     f"torch threads: {torch.get_num_threads()}, workers use 1 thread each")
+    if load:
+        res.notes.append("load average at start (1/5/15 min): " + " / ".join(f"{x:.1f}" for x in load)
+                         + f" on {os.cpu_count()} cores (shared machine: absolute numbers are noisy)")
+    res.write(args.out)
+    tmp.cleanup()
+
+
 def main(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--workers", type=int, nargs="*", default=None, help="worker counts (default 0 1 2)")
+    p.add_argument("--part", choices=("loaders", "shards", "all"), default="all",
+                   help="loaders: items/s per source and worker count (data-<device>.json); shards: indexed vs "
+                        "streaming tar readers at 10/100/1,000 shards (data-streaming-<device>.json)")
+    p.add_argument("--workers", type=int, nargs="*", default=None,
+                   help="worker counts (default 0 1 2; 0 2 for --part shards)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds per row, interleaved across impls; the best round is reported "
                         "(default 3, 1 with --quick)")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.part in ("shards", "all"):
+        bench_shards(args, build_tokenizer("embedded"))
+    if args.part == "shards":
+        return
     device = torch.device("cpu")
     res = Results("data", device)
     tiny = VLMoConfig.preset("tiny")

@@ -14,6 +14,7 @@ from vlmo_fast.data.formats import (DataError, build_answer_vocab, read_image_fo
                                     read_manifest, read_nlvr2, read_tar_shards, read_texts, read_vqav2,
                                     vqa_score, vqa_targets)
 from vlmo_fast.data.transforms import ImageTransform, decode_image, swap_left_right
+from vlmo_fast.data.loader import TooManyBadSamples
 from vlmo_fast.data.formats import ImageRef
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (240, 240, 240), (150, 40, 200)]
@@ -236,7 +237,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path, tok, caplo
     for x, y in zip(batches, with_workers):
         assert torch.equal(x["images"], y["images"]) and torch.equal(x["caption_ids"], y["caption_ids"])
     strict = build_pretrain_loader(path, tok, "vl", 8, img_size=16, max_text_len=10)   # default 1 %
-    with pytest.raises(RuntimeError, match=r"1 samples were unreadable.*epoch 0.*max_bad_fraction=0.01 of the 32"):
+    with pytest.raises(TooManyBadSamples, match=r"1 samples were unreadable.*epoch 0.*max_bad_fraction=0.01 of the 32"):
         list(strict)
     no_skip = build_pretrain_loader(path, tok, "vl", 32, img_size=16, max_text_len=10, skip_bad=False)
     with pytest.raises(DataError, match=r"m.jsonl line 3[12]"):

@@ -88,3 +88,20 @@ def test_both_jobs_declare_the_shared_flags_once():
     for parser in (finetune.build_parser(), pretrain.build_parser()):
         flags = {s for action in parser._actions for s in action.option_strings}
         assert shared <= flags
+
+
+def test_pretrain_accepts_shard_patterns_and_urls_for_data(tmp_path):
+    """--data takes what the data layer streams (brace patterns, pipe:, URLs), checked without
+    reading a shard; a pattern whose first shard is missing is refused naming it."""
+    pytest.importorskip("webdataset")
+    from vlmo_fast.training import pretrain
+    import tarfile
+    for i in range(2):
+        with tarfile.open(tmp_path / f"data-{i:03d}.tar", "w"):
+            pass
+    parse = lambda data: pretrain.build_parser().parse_args(["--output-dir", "/tmp/unused", "--data", data,
+                                                             "--tokenizer", "embedded"])
+    pretrain.validate_args(parse(str(tmp_path / "data-{000..001}.tar")))
+    pretrain.validate_args(parse(f"pipe:cat {tmp_path}/data-{{000..001}}.tar"))
+    with pytest.raises(ValueError, match="--data: .*data-007.tar"):
+        pretrain.validate_args(parse(str(tmp_path / "data-{007..009}.tar")))

@@ -23,8 +23,11 @@ Layout: world.py (scenes, scene graphs, captions with checkable claims, document
 NLVR2 items, splits) -> render.py (vectorised SDF rendering) -> datasets.py (embedded
 pretraining items); formats.py (readers: manifests, Karpathy, folders, corpora, tar shards,
 VQAv2, NLVR2) -> transforms.py (Pillow decoding, crops) -> sources.py (file datasets,
-skip-and-count); tokenizer.py; masking.py + collate.py (MLM, blockwise); loader.py (sharded,
-resumable); builders.py (the entry points); tasks.py (VQA / NLVR2 fine-tuning data).
+skip-and-count, which reader a source gets); streaming.py (WebDataset / img2dataset shards
+streamed from paths, patterns, pipe: commands and fsspec URLs, with exact resume);
+tokenizer.py; masking.py + collate.py (MLM, blockwise); loader.py (sharded, resumable, the
+shared bad-sample limit); builders.py (the entry points); tasks.py (VQA / NLVR2 fine-tuning
+data).
 
 Additions to the contract:
 - every batch also has `keys` long [B] (sampler keys = epoch * N + index) and `num_skipped`
@@ -35,7 +38,14 @@ Additions to the contract:
   persistent_workers, max_bad_fraction, min_mask_block, flip, **reader options)`.
 - after the last batch of an epoch the loader's position reads (epoch, len(loader));
   set_epoch(epoch + 1) or iterating again starts the next epoch; set_epoch(e) within epoch e
-  is a no-op (a resumed run keeps its place). Rank 0's state_dict resumes every rank.
+  is a no-op (a resumed run keeps its place). Rank 0's state_dict resumes every rank (indexed
+  sources; a streaming loader's state is per rank).
+- streaming shards (streaming.py; needs `webdataset`, in the `train` extra): a `pipe:`
+  command, a URL (s3://, gs://, https://, file://) or a local pattern of more than 16 .tar
+  shards given to build_pretrain_loader gives a `StreamingLoader` (the Loader interface
+  without len(): startup reads no shard; state = epoch, per-worker shard position and offset;
+  `stream=True / False` forces the reader). `sources.check_data_source(spec)`: a cheap check
+  of a --data value (patterns and URLs included).
 - `RetrievalEvalSet.image_ids` and `.image_to_texts`.
 - `max_image_pixels=` (reader option of build_pretrain_loader / build_retrieval_eval_set,
   argument of build_task_dataset; default 8192 x 8192, or VLMO_FAST_MAX_IMAGE_PIXELS):
@@ -62,7 +72,9 @@ from .formats import (DataError, ImageRef, PairRecord, Records, build_answer_voc
 from .loader import Loader, ShardedBatchSampler
 from .masking import blockwise_patch_mask, whole_word_mask
 from .render import render_scene, render_scenes
-from .sources import FilePairsDataset, TextDataset, detect_format, open_pretrain_dataset, open_records
+from .sources import (FilePairsDataset, TextDataset, check_data_source, detect_format, open_pretrain_dataset,
+                      open_records, pretrain_reader)
+from .streaming import ShardStreams, StreamingLoader, expand_shard_urls, img2dataset_count
 from .tasks import (EmbeddedNLVR2Dataset, EmbeddedVQADataset, NLVR2FileDataset, TaskCollator, VQAv2Dataset,
                     build_task_dataset, build_task_loader)
 from .tokenizer import WordPieceTokenizer, build_tokenizer
@@ -79,6 +91,8 @@ __all__ = [
     "read_texts", "read_tar_shards", "read_vqav2", "read_nlvr2", "build_answer_vocab", "normalize_answer",
     "vqa_score", "vqa_targets", "FilePairsDataset", "TextDataset", "detect_format", "open_pretrain_dataset",
     "open_records", "ImageTransform", "decode_image", "swap_left_right",
+    "pretrain_reader", "check_data_source", "StreamingLoader", "ShardStreams", "expand_shard_urls",
+    "img2dataset_count",
     "ZeroShotEvalSet", "build_zero_shot_eval_set", "build_task_dataset", "build_task_loader", "TaskCollator",
     "EmbeddedVQADataset", "EmbeddedNLVR2Dataset",
     "VQAv2Dataset", "NLVR2FileDataset",

@@ -30,13 +30,18 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
                           shuffle: bool = True, drop_last: bool = False, world_seed: Optional[int] = None,
                           world_config: Optional[WorldConfig] = None, pin_memory: Optional[bool] = None,
                           persistent_workers: bool = True, max_bad_fraction: float = 0.01,
-                          min_mask_block: int = 16, flip: bool = False, **source_options) -> Loader:
+                          min_mask_block: int = 16, flip: bool = False, **source_options):
     """A resumable, rank-sharded loader of pretraining batches for `stage`.
 
     source: "embedded" (the procedural world; `num_samples` scenes of `split` per epoch,
-    scenes drawn from `world_seed`, default `seed`) or a path (see `sources.open_source`:
+    scenes drawn from `world_seed`, default `seed`) or a path (see `sources.open_records`:
     manifests, Karpathy JSON, image folders, .tar shards, text corpora; `source_options`
-    go to the reader, e.g. image_key="filepath", caption_key="title").
+    go to the reader, e.g. image_key="filepath", caption_key="title"). WebDataset shards given
+    as a `pipe:` command, a URL (s3://, gs://, https://, file://) or a local pattern of more
+    than streaming.INDEXED_MAX_SHARDS shards are streamed (streaming.py: a StreamingLoader,
+    same interface, no len(); options caption_key, require_caption, skip_bad,
+    max_image_pixels, scale, shuffle_block); stream=True / False forces the choice
+    (sources.pretrain_reader).
     `seed` fixes the sample order and masks; `world_seed` the world's content, so runs with
     different data orders can share one world. flip: random horizontal flips with "left" and
     "right" swapped in the caption (off by default, as captions name sides).
@@ -55,14 +60,21 @@ def build_pretrain_loader(source: Source, tokenizer: WordPieceTokenizer, stage: 
         w = EmbeddedWorld(seed if world_seed is None else world_seed, world_config)
         dataset = EmbeddedPretrainDataset(w, stage, split, num_samples, img_size, flip=flip)
         description = f"embedded world (seed {w.seed}) {split} stage {stage}"
-    else:
-        from .sources import open_pretrain_dataset
-        dataset = open_pretrain_dataset(source, stage, split=split, img_size=img_size, seed=seed,
-                                        num_samples=num_samples, flip=flip, **source_options)
-        description = f"{source} stage {stage}"
     collate = PretrainCollator(stage, tokenizer, max_text_len=max_text_len, patch_grid=img_size // patch_size,
                                mlm_probability=mlm_probability, mask_ratio=mask_ratio, seed=seed,
                                min_mask_block=min_mask_block)
+    if not _is_embedded(source):
+        from .sources import open_pretrain_dataset, pretrain_reader
+        if pretrain_reader(source, source_options.pop("stream", None)) == "stream":
+            from .streaming import build_streaming_loader
+            return build_streaming_loader(source, stage, collate, batch_size, rank=rank, world=world, seed=seed,
+                                          img_size=img_size, shuffle=shuffle, drop_last=drop_last,
+                                          num_workers=num_workers, pin_memory=pin_memory,
+                                          max_bad_fraction=max_bad_fraction, flip=flip, num_samples=num_samples,
+                                          **source_options)
+        dataset = open_pretrain_dataset(source, stage, split=split, img_size=img_size, seed=seed,
+                                        num_samples=num_samples, flip=flip, **source_options)
+        description = f"{source} stage {stage}"
     return Loader(dataset, collate, batch_size, rank=rank, world=world, seed=seed, shuffle=shuffle,
                   drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=persistent_workers, max_bad_fraction=max_bad_fraction,

@@ -12,8 +12,9 @@ row / entry it is about.
 - plain-text corpora: one document per line, or documents separated by blank lines.
 - WebDataset-layout .tar shards (`key.jpg|png|webp` + `key.txt|json`), indexed once by a
   plain `tarfile` scan and then read by offset: random access, so the loaders' sharding and
-  exact mid-epoch resume work as for any other source (the `webdataset` package is a
-  streaming reader; it is not needed and not used).
+  exact mid-epoch resume work as for any other source. The scan reads every member header
+  before the first step, so it serves local datasets of a few dozen shards; many shards,
+  `pipe:` commands and object-store URLs are streamed instead (`streaming.py`).
 - VQAv2 questions + annotations JSON and NLVR2 JSONL (fine-tuning tasks).
 
 Typed fields, one rule for every reader (`text_field`, `path_field`, `id_field`,
@@ -534,6 +535,24 @@ def _split_key(name: str) -> Tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
+def tar_sample_caption(txt: Optional[str], json_text: Optional[str], origin: str, caption_key: str) -> str:
+    """The caption of a WebDataset sample from its decoded members: the txt member, else the
+    `caption_key` (or "text") field of the json member (img2dataset writes both); "" when
+    there is none. A json member that is not a JSON object, or a caption field that is not a
+    string, is a DataError naming `origin`."""
+    caption = txt
+    if caption is None and json_text is not None:
+        try:
+            meta = json.loads(json_text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{origin}: its .json member is not valid JSON ({e.msg})") from None
+        _object(meta, f"{origin} .json member")
+        field = caption_key if caption_key in meta else "text"
+        if meta.get(field) is not None:
+            caption = text_field(meta[field], origin, f"caption {field!r} of its .json member", required=False)
+    return (caption or "").strip()
+
+
 def read_tar_shards(spec: PathLike, *, caption_key: str = "caption", require_caption: bool = True) -> Records:
     """Samples of WebDataset-layout shards: members sharing a key form one sample; the image
     is its jpg/jpeg/png/webp member, the caption its txt member or the `caption_key` (or
@@ -558,18 +577,7 @@ def read_tar_shards(spec: PathLike, *, caption_key: str = "caption", require_cap
             origin = f"{shard} sample {key!r}"
             if "image" not in s:
                 raise DataError(f"{origin}: no image member (.jpg/.png/.webp)")
-            caption = s.get("txt")
-            if caption is None and "json" in s:
-                try:
-                    meta = json.loads(s["json"])
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{origin}: its .json member is not valid JSON ({e.msg})") from None
-                _object(meta, f"{origin} .json member")
-                field = caption_key if caption_key in meta else "text"
-                if meta.get(field) is not None:
-                    caption = text_field(meta[field], origin, f"caption {field!r} of its .json member",
-                                         required=False)
-            caption = (caption or "").strip()
+            caption = tar_sample_caption(s.get("txt"), s.get("json"), origin, caption_key)
             if require_caption and not caption:
                 raise DataError(f"{origin}: no caption (.txt member or {caption_key!r} in .json) or an empty one")
             pairs.append(PairRecord(s["image"], caption, f"{shard}:{key}", origin))

@@ -1,4 +1,5 @@
-"""Datasets over real files (any reader of `formats.py`) and the dispatch from a path to one.
+"""Datasets over real files (any reader of `formats.py`) and the dispatch from a path to one;
+`pretrain_reader` chooses between them and the streaming shards of `streaming.py`.
 
 Bad data at load time: an image that cannot be decoded when an item is read (missing,
 truncated, not an image, over the pixel limit, a pixel format with no RGB reading: see
@@ -103,8 +104,12 @@ class TextDataset(Dataset):
 
 
 def detect_format(path: PathLike) -> str:
-    """"manifest", "karpathy", "tar", "image_folder" or "text" for a path."""
+    """"manifest", "karpathy", "tar", "image_folder" or "text" for a path; "stream" for a
+    `pipe:` command or a URL (s3://, gs://, https://, file://: shards only streaming.py reads)."""
     spec = str(path)
+    from .streaming import is_stream_url
+    if is_stream_url(spec):
+        return "stream"
     if spec.endswith(".tar") or "{" in spec and ".tar" in spec:
         return "tar"
     p = Path(spec)
@@ -146,7 +151,54 @@ def open_records(source: PathLike, *, split: str = "train", fmt: Optional[str] =
         return read_tar_shards(source, caption_key=caption_key, require_caption=require_caption)
     if fmt == "image_folder":
         return read_image_folder(source, require_caption=require_caption)
+    if fmt == "stream":
+        raise DataError(f"{source}: streamed shards serve pretraining only (build_pretrain_loader); an evaluation "
+                        f"or fine-tuning set needs random access: copy its shards locally, or use a manifest")
     raise DataError(f"{source}: a {fmt!r} source has no images")
+
+
+def pretrain_reader(source: PathLike, stream: Optional[bool] = None) -> str:
+    """Which reader build_pretrain_loader uses for `source`: "stream" (streaming.py) or the
+    format of an indexed source (detect_format). stream=None chooses: `pipe:` commands and
+    URLs stream; local .tar shards stream when there are more than
+    streaming.INDEXED_MAX_SHARDS of them (the indexed reader's up-front scan grows with the
+    dataset, and it gives random access: a global shuffle, equal batches per rank), else they
+    are indexed. stream=True / False forces it (True only for .tar shards, False not for URLs)."""
+    from .streaming import INDEXED_MAX_SHARDS, expand_shard_urls, is_stream_url
+    if stream is not None and not isinstance(stream, bool):
+        raise TypeError(f"stream must be True, False or None (choose), got {stream!r}")
+    if is_stream_url(source):
+        if stream is False:
+            raise ValueError(f"{source}: pipe: commands and URLs can only be streamed (stream=False reads local "
+                             f"files only)")
+        return "stream"
+    fmt = detect_format(source)
+    if fmt != "tar":
+        if stream:
+            raise ValueError(f"{source}: stream=True needs WebDataset .tar shards, but this is a {fmt!r} source")
+        return fmt
+    if stream is None:
+        try:
+            n = len(expand_shard_urls(source))
+        except ImportError:      # no webdataset: the indexed reader, as before
+            return "tar"
+        return "stream" if n > INDEXED_MAX_SHARDS else "tar"
+    return "stream" if stream else "tar"
+
+
+def check_data_source(source: PathLike) -> None:
+    """A cheap check of a --data value before a job starts (no shard is read): an existing
+    file or folder, a brace / glob pattern of .tar shards whose first shard exists, or a
+    `pipe:` command / URL whose protocol can be read. FileNotFoundError / ImportError /
+    ValueError say what is wrong."""
+    from .streaming import check_shard_urls, expand_shard_urls, is_stream_url
+    spec = str(source)
+    if is_stream_url(spec) or (("{" in spec or any(ch in spec for ch in "*?[")) and ".tar" in spec):
+        check_shard_urls(expand_shard_urls(spec), spec)
+        return
+    if not Path(spec).exists():
+        raise FileNotFoundError(f"{spec}: no such file or folder (use 'embedded' for the built-in data, or a .tar "
+                                f"pattern / pipe: command / URL for WebDataset shards)")
 
 
 def _limit(records: Records, num_samples: Optional[int]) -> Records:
@@ -167,6 +219,8 @@ def open_pretrain_dataset(source: PathLike, stage: str, *, split: str = "train",
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fmt = reader_options.pop("fmt", None) or detect_format(source)
+    if fmt == "stream":
+        raise DataError(f"{source}: streamed shards have no map-style Dataset; build_pretrain_loader streams them")
     if stage == "text":
         # a text corpus, or the captions of an image-text source (images are not opened)
         if fmt == "text":

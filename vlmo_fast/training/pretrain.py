@@ -141,8 +141,12 @@ def validate_args(args) -> None:
                                  ("attention", "--attention", args.attention)):
             if value is not None and key in ov and ov[key] != value:
                 bad(f"{flag} and --model-overrides disagree on {key} ({value!r} vs {ov[key]!r})")
-    if args.data != "embedded" and not Path(args.data).exists():
-        bad(f"--data {args.data}: no such file or folder (use 'embedded' for the built-in data)")
+    if args.data != "embedded":
+        from ..data.sources import check_data_source
+        try:
+            check_data_source(args.data)   # a path, a shard pattern, pipe: or a URL; reads no shard
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            bad(f"--data: {e} (use 'embedded' for the built-in data)")
     if args.tokenizer is not None:
         from ..data.tokenizer import resolve_tokenizer_source
         try:
