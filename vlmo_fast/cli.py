@@ -9,6 +9,8 @@ checkpoint conversion and export from the command line.
     vlmo-fast convert  --from vlmo_base.pth --to ckpt/ --preset base      (reference -> ours)
     vlmo-fast convert  --from ckpt/ --to vlmo_ref.pth                       (ours -> reference)
     vlmo-fast export   --checkpoint CKPT --onnx onnx/ [--hf hf_folder/]
+    vlmo-fast plan     --preset base --gpus 64 --gpu h100 --batch-size 1024 --zero 2 \
+                       --pairs 4e6 --steps 200000                   (capacity plan, modelled)
 
 CKPT is a save_pretrained folder (config.json + model.safetensors, tokenizer vocab.txt beside
 them for texts). Exit status (`vlmo_fast.errors`): 0 done; 2 bad input (argument, file or
@@ -295,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", default=None, help="folder for config.json + model.safetensors + tokenizer")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    from .plan import add_parser as add_plan_parser   # `vlmo-fast plan`: the capacity planner
+    add_plan_parser(sub)
     return parser
 
 
