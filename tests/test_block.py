@@ -167,3 +167,73 @@ def test_unrouted_token_raises_even_without_validation():
             mome_ffn(x, ids, *args, backend=backend, validate=False)
     with pytest.raises(ValueError, match="hidden_dim must be >= 1"):
         MoMEFeedForward(16, 0, 2)
+
+
+# -- per-modality attention (VLMo's Table 7 ablation) ------------------------------------------
+def _grad_norms(module):
+    return {n: p.grad.abs().sum().item() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_per_modality_block_projects_each_token_with_its_modalitys_attention():
+    blk = make_block(attention="per_modality")
+    assert blk.attention == "per_modality" and "attention=per_modality" in repr(blk)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 48, generator=g)
+    types = torch.tensor([[1] * 4 + [0] * 5, [1] * 6 + [0] * 3])   # [text ; image] per row
+    ids = torch.full_like(types, 2)                                 # VL-expert tokens: types say which attention
+
+    # a shared block whose attention is one of the two copies: the per-modality block agrees
+    # with it wherever every token is of that copy's modality
+    for modality, copy in ((0, blk.attn), (1, blk.attn_text)):
+        shared = make_block()
+        shared.load_state_dict({k: v for k, v in blk.state_dict().items() if not k.startswith("attn_text.")})
+        shared.attn.load_state_dict(copy.state_dict())
+        same = torch.full_like(types, modality)
+        torch.testing.assert_close(blk(x, ids, token_modality=same), shared(x, ids), rtol=0, atol=0)
+
+    # mixed: gradients land only in the copy of the tokens that used it
+    for types_, used, unused in ((torch.zeros_like(types), "attn.", "attn_text."),
+                                 (torch.ones_like(types), "attn_text.", "attn."), (types, None, None)):
+        blk.zero_grad(set_to_none=True)
+        blk(x, ids, token_modality=types_).square().sum().backward()
+        norms = _grad_norms(blk)
+        if used is None:
+            assert all(norms[n] > 0 for n in norms if n.startswith(("attn.", "attn_text.")))
+        else:
+            assert all(norms[n] == 0 for n in norms if n.startswith(unused)), norms
+            assert all(norms[n] > 0 for n in norms if n.startswith(used))
+
+
+def test_per_modality_block_with_equal_copies_is_the_shared_block():
+    blk = make_block(attention="per_modality")
+    blk.attn_text.load_state_dict(blk.attn.state_dict())
+    shared = make_block()
+    shared.load_state_dict({k: v for k, v in blk.state_dict().items() if not k.startswith("attn_text.")})
+    x = torch.randn(3, 10, 48)
+    ids = torch.randint(0, 3, (3, 10))
+    types = torch.randint(0, 2, (3, 10))
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[1, 7:] = True
+    torch.testing.assert_close(blk(x, ids, key_padding_mask=mask, token_modality=types),
+                               shared(x, ids, key_padding_mask=mask), rtol=0, atol=0)
+    # the shared block checks token_modality's shape and is otherwise unaffected by it
+    torch.testing.assert_close(shared(x, ids, token_modality=types), shared(x, ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="token_modality must be a tensor of shape"):
+        shared(x, ids, token_modality=types[:, :4])
+
+
+def test_per_modality_block_needs_a_modality_for_every_token():
+    blk = make_block(attention="per_modality")
+    x = torch.randn(2, 5, 48)
+    ids = torch.tensor([[0, 0, 1, 2, 2], [1, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="vision-language tokens .id 2. must pass token_modality"):
+        blk(x, ids)
+    blk(x, ids.clamp(max=1))            # modality_ids 0/1 serve as the modality
+    with pytest.raises(ValueError, match=r"0 \(vision\) or 1 \(language\), in token_modality"):
+        blk(x, ids, token_modality=ids)
+    with pytest.raises(TypeError, match="token_modality must be an integer tensor"):
+        blk(x, ids, token_modality=ids.float())
+    with pytest.raises(ValueError, match="attention must be one of"):
+        MoMEBlock(48, 4, attention="dense")
+    names = blk.no_weight_decay()
+    assert {"attn_text.q_bias", "attn_text.v_bias", "attn_text.proj.bias"} <= names

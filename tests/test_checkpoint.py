@@ -514,3 +514,53 @@ def test_from_pretrained_without_text_positions_parameter(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
     with_positions.save_pretrained(tmp_path / "with")
     VLMo.from_pretrained(tmp_path / "with")
+
+
+# -- ablation models (config.vl_expert=False, config.attention="per_modality") -----------------
+@pytest.mark.parametrize("overrides", [{"attention": "per_modality"}, {"vl_expert": False},
+                                       {"attention": "per_modality", "vl_expert": False}])
+def test_ablation_models_round_trip_through_save_pretrained(tmp_path, overrides):
+    torch.manual_seed(0)
+    model = VLMo.from_preset("tiny", drop_path_rate=0.0, **overrides).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = VLMo.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".attn_text." in k for k in a) == (overrides.get("attention") == "per_modality")
+    images = torch.randn(2, 3, 32, 32)
+    text_ids = torch.randint(5, 100, (2, 7))
+    torch.testing.assert_close(loaded.encode_pair(text_ids, images).pooled, model.encode_pair(text_ids, images).pooled,
+                               rtol=0, atol=0)
+    # a checkpoint of the other attention layout does not load into this config
+    if overrides.get("attention") == "per_modality":
+        with pytest.raises(CheckpointMismatchError, match="attn_text"):
+            VLMo.from_pretrained(tmp_path / "ckpt", attention="shared")
+
+
+def test_reference_layout_refuses_what_the_reference_cannot_compute():
+    torch.manual_seed(0)
+    per_modality = VLMo.from_preset("tiny", attention="per_modality")
+    no_vl = VLMo.from_preset("tiny", vl_expert=False)
+    plain = VLMo.from_preset("tiny")
+    for model in (per_modality, no_vl):
+        field = "attention='per_modality'" if model is per_modality else "vl_expert=False"
+        with pytest.raises(CheckpointMismatchError, match=f"cannot export a reference VLMo state_dict: the model "
+                                                          f"has {field}"):
+            export_reference_state_dict(model)
+    reference = export_reference_state_dict(plain)
+    with pytest.raises(CheckpointMismatchError, match="cannot load a reference VLMo state_dict: the model has "
+                                                      "attention='per_modality'"):
+        load_reference_state_dict(per_modality, reference)
+    # without the VL expert every reference weight but the itc_vl head's (it has none) has its
+    # place, VL expert included: only the routing differs
+    with pytest.raises(CheckpointMismatchError, match="unexpected .3.: itc_vl_image_proj"):
+        load_reference_state_dict(no_vl, reference)
+    result = load_reference_state_dict(no_vl, reference, strict=False)
+    assert sorted(result.unexpected_keys) == ["itc_vl_image_proj.fc.weight", "itc_vl_text_proj.fc.weight",
+                                              "logit_vl_scale"] and not result.missing_keys
+    ours = no_vl.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in plain.state_dict().items() if not k.startswith("itc_vl."))

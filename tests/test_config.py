@@ -13,11 +13,12 @@ INT_FIELDS = ["dim", "depth", "num_heads", "vl_layers", "img_size", "patch_size"
               "vocab_size", "max_text_len", "type_vocab_size", "text_relpos_len", "num_classes"]
 FLOAT_FIELDS = ["mlp_ratio", "drop_path_rate", "layer_norm_eps", "text_layer_norm_eps", "init_std",
                 "layer_scale_init"]
-BOOL_FIELDS = ["relative_position", "qkv_bias", "itc_vl_head"]
+BOOL_FIELDS = ["relative_position", "qkv_bias", "itc_vl_head", "vl_expert"]
+STR_FIELDS = ["name", "attention"]
 
 
 def test_the_tables_cover_every_field():
-    assert set(INT_FIELDS + FLOAT_FIELDS + BOOL_FIELDS + ["name"]) == {f.name for f in dataclasses.fields(VLMoConfig)}
+    assert set(INT_FIELDS + FLOAT_FIELDS + BOOL_FIELDS + STR_FIELDS) == {f.name for f in dataclasses.fields(VLMoConfig)}
 
 
 BAD_TYPES = (
@@ -25,7 +26,7 @@ BAD_TYPES = (
     + [(f, v, "must be a float") for f in FLOAT_FIELDS for v in ("1e-6", True, [0.1])]
     + [(f, None, "must be a float") for f in FLOAT_FIELDS if f != "layer_scale_init"]
     + [(f, v, "must be a bool") for f in BOOL_FIELDS for v in ("false", "true", 0, 1, None, 1.0)]
-    + [("name", v, "must be a str") for v in (None, 3, b"tiny")]
+    + [(f, v, "must be a str") for f in STR_FIELDS for v in (None, 3, b"tiny")]
 )
 
 
@@ -53,6 +54,7 @@ BAD_VALUES = [
     ("init_std", 0.0, "init_std"), ("layer_scale_init", math.inf, "layer_scale_init must be finite"),
     ("num_classes", -1, "num_classes must be >= 0"), ("max_text_len", 64, "exceeds text_relpos_len"),
     ("text_relpos_len", 0, "text_relpos_len must be a positive int"), ("name", "", "name must be a non-empty"),
+    ("attention", "separate", "attention must be one of"),
 ]
 
 

@@ -326,3 +326,115 @@ def test_grad_checkpointing_only_while_recording_and_keeps_state_dict_names(monk
     seen.clear()
     model.encode_pair(text_ids, images, text_mask)
     assert seen == []
+
+
+# -- ablation switches (VLMoConfig.vl_expert, VLMoConfig.attention) ------------------------------
+def _record_block_inputs(model):
+    """Forward pre-hooks: per call, the (layer, modality_ids, token_modality) each block got."""
+    seen = []
+    hooks = [blk.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: seen.append((i, args[1].clone(), kwargs.get("token_modality"))),
+        with_kwargs=True) for i, blk in enumerate(model.blocks)]
+    return seen, hooks
+
+
+def _pair_types(model, lt, li, b):
+    return torch.cat([torch.ones(b, lt, dtype=torch.long), torch.zeros(b, li, dtype=torch.long)], 1)
+
+
+@pytest.mark.parametrize("vl_expert", [True, False])
+def test_vl_expert_switch_routes_the_top_layers_of_a_pair(vl_expert):
+    torch.manual_seed(0)
+    model = VLMo.from_preset("tiny", vl_expert=vl_expert, drop_path_rate=0.0)
+    c = model.config
+    images, text_ids, text_mask = batch(model)
+    seen, hooks = _record_block_inputs(model)
+    model.encode_pair(text_ids, images, text_mask)
+    for h in hooks:
+        h.remove()
+    by_type = _pair_types(model, text_ids.shape[1], c.num_image_tokens, images.shape[0])
+    assert [i for i, _, _ in seen] == list(range(c.depth))
+    for i, ids, _ in seen:
+        expect = by_type if (i < c.vl_start or not vl_expert) else torch.full_like(by_type, 2)
+        assert torch.equal(ids, expect), (i, ids)
+    assert (model.itc_vl is None) == (not vl_expert)
+    assert VLMoConfig.from_json(c.to_json()).vl_expert is vl_expert
+
+    # a training step's passes: the VL expert (slot 2 of the top banks) learns only when used
+    img = model.encode_image(images, return_vl=True)
+    txt = model.encode_text(text_ids, text_mask, return_vl=True)
+    pair = model.encode_packed(pair_text_ids=text_ids, pair_images=images, pair_text_mask=text_mask)
+    loss = img.features.sum() + txt.features.sum() + pair.pair_pooled.square().sum()
+    if img.vl_features is not None:
+        loss = loss + img.vl_features.sum() + txt.vl_features.sum()
+    loss.backward()
+    for blk in model.blocks[c.vl_start:]:
+        vl_grad = blk.mlp.fc1_weight.grad[2].abs().sum().item()
+        assert (vl_grad > 0) == vl_expert
+        assert blk.mlp.fc1_weight.grad[:2].abs().sum() > 0
+
+
+def test_vl_expert_off_packed_pairs_equal_padded_pairs():
+    torch.manual_seed(0)
+    model = VLMo.from_preset("tiny", vl_expert=False).eval()
+    images, text_ids, text_mask = batch(model)
+    packed = model.encode_packed(pair_text_ids=text_ids, pair_images=images, pair_text_mask=text_mask,
+                                 images=images, text_ids=text_ids, text_mask=text_mask, return_vl=True)
+    torch.testing.assert_close(packed.pair_pooled, model.encode_pair(text_ids, images, text_mask).pooled)
+    assert packed.image_vl_features is None and model.encode_image(images, return_vl=True).vl_features is None
+
+
+def test_per_modality_attention_model_gives_each_token_its_modalitys_weights():
+    torch.manual_seed(0)
+    model = VLMo.from_preset("tiny", attention="per_modality", drop_path_rate=0.0)
+    c = model.config
+    assert all(blk.attention == "per_modality" for blk in model.blocks)
+    images, text_ids, text_mask = batch(model)
+    seen, hooks = _record_block_inputs(model)
+    model.encode_pair(text_ids, images, text_mask)
+    model.encode_image(images, return_vl=True)
+    for h in hooks:
+        h.remove()
+    by_type = _pair_types(model, text_ids.shape[1], c.num_image_tokens, images.shape[0])
+    pair, image = seen[:c.depth], seen[c.depth:]
+    assert all(torch.equal(types, by_type) for _, _, types in pair)   # VL layers too (their ids are 2)
+    assert len(image) == c.depth + c.vl_layers                         # + the itc_vl re-run, ids 2
+    assert all(not types.any() for _, _, types in image)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        out = {}
+        for blk in model.blocks:
+            for name, attn in (("vision", blk.attn), ("language", blk.attn_text)):
+                out[name] = out.get(name, 0.0) + sum(p.grad.abs().sum().item() for p in attn.parameters()
+                                                     if p.grad is not None)
+        return out
+    image_only = grads(model.encode_image(images, return_vl=True).vl_features.sum())
+    text_only = grads(model.encode_text(text_ids, text_mask, return_vl=True).vl_features.sum())
+    fused = grads(model.encode_pair(text_ids, images, text_mask).pooled.square().sum())
+    assert image_only["vision"] > 0 and image_only["language"] == 0
+    assert text_only["language"] > 0 and text_only["vision"] == 0
+    assert fused["vision"] > 0 and fused["language"] > 0
+
+    model.eval()
+    packed = model.encode_packed(images=images, text_ids=text_ids, text_mask=text_mask, pair_text_ids=text_ids,
+                                 pair_images=images, pair_text_mask=text_mask, return_vl=True)
+    torch.testing.assert_close(packed.pair_pooled, model.encode_pair(text_ids, images, text_mask).pooled)
+    torch.testing.assert_close(packed.text_vl_features,
+                               model.encode_text(text_ids, text_mask, return_vl=True).vl_features)
+
+
+def test_ablation_fields_are_validated_and_default_to_vlmo():
+    c = VLMoConfig.preset("tiny")
+    assert c.vl_expert is True and c.attention == "shared"
+    assert {"vl_expert", "attention"} <= set(c.to_dict())
+    with pytest.raises(ValueError, match="attention must be one of"):
+        VLMoConfig.preset("tiny", attention="separate")
+    with pytest.raises(TypeError, match=r"VLMoConfig\.vl_expert must be a bool"):
+        VLMoConfig.preset("tiny", vl_expert="no")
+    with pytest.raises(TypeError, match=r"VLMoConfig\.attention must be a str"):
+        VLMoConfig.preset("tiny", attention=2)
+    # the default model has no second attention and the same parameters as before the switches
+    names = {n for n, _ in VLMo.from_preset("tiny").named_parameters()}
+    assert not any(".attn_text." in n for n in names) and "itc_vl.logit_scale" in names

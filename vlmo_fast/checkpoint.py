@@ -15,7 +15,11 @@ Both loaders return a `LoadResult(missing_keys, unexpected_keys)` in the checkpo
   rows of our stacked (in, out) expert tensors; 0-d logit scales are our [1].
   `text_embeddings.position_embeddings.weight` is never used by relative-position presets:
   the loader drops it when the model has no such parameter, the exporter writes zeros so the
-  reference implementation can load our export strictly.
+  reference implementation can load our export strictly. The reference has shared attention
+  and the VL expert only: a per-modality-attention model is refused both ways, a model
+  without the VL expert (config.vl_expert=False) is refused on export (the reference would
+  route its pairs to the VL expert) and loads (strict=False: it has no itc_vl head; every
+  other weight fits, VL expert included, only the routing differs).
 - `load_beit_state_dict`: a timm BEiT (`beit_base_patch16_224` layout) into the attention and
   the vision expert; its per-layer bias tables fill the image rows of the shared table.
 - `save_pretrained` / `from_pretrained`: model.safetensors + config.json + manifest.json
@@ -362,9 +366,28 @@ def _parameters(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
+def _refuse_reference_layout(config: VLMoConfig, action: str, *, vl_expert_matters: bool) -> None:
+    """The reference VLMo has one shared attention per block and routes pairs to the VL
+    expert: a model built otherwise cannot be written in (or, per-modality, read from) its
+    layout without silently changing what the model computes."""
+    if config.attention != "shared":
+        raise CheckpointMismatchError(
+            f"cannot {action}: the model has attention={config.attention!r} (a language attention "
+            "`attn_text` beside the vision one in every block), the reference VLMo has one shared "
+            "attention per block; use save_pretrained / from_pretrained for this ablation model")
+    if vl_expert_matters and not config.vl_expert:
+        raise CheckpointMismatchError(
+            f"cannot {action}: the model has vl_expert=False (pairs use the vision/language experts "
+            "in the top layers), the reference VLMo always routes them to its VL expert there and "
+            "would compute something else with these weights; use save_pretrained for this ablation model")
+
+
 def export_reference_state_dict(model) -> Dict[str, Tensor]:
-    """Our VLMo -> the reference implementation's state_dict (new contiguous tensors)."""
+    """Our VLMo -> the reference implementation's state_dict (new contiguous tensors).
+    Refused (CheckpointMismatchError) for the ablation models the reference cannot express:
+    config.attention="per_modality" or config.vl_expert=False."""
     model = _unwrap_model(model)
+    _refuse_reference_layout(model.config, "export a reference VLMo state_dict", vl_expert_matters=True)
     ref = vlmo_to_reference({k: v.detach() for k, v in _parameters(model).items()}, model.config)
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in ref.items()}
 
@@ -375,8 +398,12 @@ def load_reference_state_dict(model, state_dict, strict: bool = True, assign: bo
     Everything is checked before anything is copied: with strict=True any missing or
     unexpected name raises; a shape or dtype mismatch always raises; on error the model is
     unchanged. `text_embeddings.position_embeddings.weight` is dropped when the model has no
-    such parameter (relative positions). Returns LoadResult in the reference's names."""
+    such parameter (relative positions). Returns LoadResult in the reference's names.
+    A per-modality-attention model is refused (the reference has one attention per block);
+    a model with vl_expert=False takes every weight, its unused VL expert included, except the
+    itc_vl head's, which it does not have (unexpected: load it with strict=False)."""
     model = _unwrap_model(model)
+    _refuse_reference_layout(model.config, "load a reference VLMo state_dict", vl_expert_matters=False)
     given = {k: v for k, v in _as_state_dict(state_dict, "state_dict").items()
              if not _IGNORED_REFERENCE_KEYS.match(k)}
     ours = _parameters(model)

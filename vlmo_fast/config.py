@@ -18,6 +18,9 @@ from typing import Optional, Union
 
 from .io import atomic_write_text
 
+# VLMoConfig.attention: one self-attention for all tokens, or one per modality (Table 7)
+ATTENTION_MODES = ("shared", "per_modality")
+
 
 @dataclass
 class VLMoConfig:
@@ -42,6 +45,17 @@ class VLMoConfig:
     init_std: float = 0.02              # truncated-normal std of Linear/Embedding weights (BEiT's 0.02)
     num_classes: int = 0                # > 0 adds a classification head (fine-tuning)
     itc_vl_head: bool = True            # the second ITC head on the VL-expert branch
+    # Ablation switches (the paper's Tables 5 and 7); the defaults are VLMo.
+    # vl_expert=False: image-text pairs use the vision / language experts by token type in the
+    # top vl_layers too (no token reaches the VL expert, whose weights stay in the bank so the
+    # checkpoint layout is unchanged: they get no gradient, only AdamW's weight decay), and
+    # there is no itc_vl head (no VL-expert branch).
+    vl_expert: bool = True
+    # "shared": one self-attention per block for every token (VLMo). "per_modality": each
+    # block has a vision attention (`attn`) and a language attention (`attn_text`); every
+    # token is projected (q, k, v and output) by its own modality's weights, and all tokens
+    # of a sequence still attend to each other (a pair's image and text tokens jointly).
+    attention: str = "shared"
     name: str = "custom"
 
     def __post_init__(self):
@@ -113,6 +127,8 @@ class VLMoConfig:
             v = getattr(self, field)
             need(math.isfinite(v) and v > 0, f"{field} must be a finite number > 0, got {v!r}")
         need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        need(self.attention in ATTENTION_MODES,
+             f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         need(len(self.name) > 0, "name must be a non-empty str")
 
     # -- serialisation -------------------------------------------------------------------

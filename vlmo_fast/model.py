@@ -8,6 +8,11 @@ Three ways through the same blocks (see docs/ARCHITECTURE.md):
   its modality's expert, in the VL layers every token goes to the VL expert.
 - `encode_packed`: any mix of the above as one pack without padding (`return_vl` as well).
 Every pass goes through `_run`, the one block loop (activation checkpointing lives there).
+
+Ablation switches (VLMoConfig): `vl_expert=False` routes a pair's tokens by type in the VL
+layers too (no itc_vl branch); `attention="per_modality"` gives every block a language
+attention beside the vision one, and each token (including a pair's, in the VL layers) uses
+its own modality's (`_run` passes the token types as `token_modality`).
 """
 from __future__ import annotations
 
@@ -116,12 +121,14 @@ class VLMo(nn.Module):
         self.blocks = nn.ModuleList([
             MoMEBlock(c.dim, c.num_heads, num_experts=c.num_experts(i), mlp_ratio=c.mlp_ratio,
                       qkv_bias=c.qkv_bias, layer_scale_init=c.layer_scale_init, drop_path=rates[i],
-                      eps=c.layer_norm_eps, ffn_backend=ffn_backend, attn_backend=attn_backend)
+                      eps=c.layer_norm_eps, ffn_backend=ffn_backend, attn_backend=attn_backend,
+                      attention=c.attention)
             for i in range(c.depth)])
         self.norm = nn.LayerNorm(c.dim, eps=c.layer_norm_eps)
         self.pooler = Pooler(c.dim)
         self.itc = ContrastiveHead(c.dim)
-        self.itc_vl = ContrastiveHead(c.dim) if (c.itc_vl_head and c.vl_layers > 0) else None
+        # without the VL expert there is no VL-expert branch for a second ITC head to read
+        self.itc_vl = ContrastiveHead(c.dim) if (c.itc_vl_head and c.vl_layers > 0 and c.vl_expert) else None
         self.itm_head = nn.Linear(c.dim, 2)
         self.mlm_head = MLMHead(c.dim, c.vocab_size, c.text_layer_norm_eps)
         self.classifier = ClassificationHead(c.dim, c.num_classes) if c.num_classes > 0 else None
@@ -247,10 +254,15 @@ class VLMo(nn.Module):
 
     def _run(self, x: Tensor, ids_below: Tensor, ids_vl: Tensor, key_padding_mask, biases,
              start: int = 0, end: Optional[int] = None, keep_at: Optional[int] = None,
-             packing: Optional[PackedSequences] = None):
-        """Blocks [start, end); returns (x, hidden state at the input of block keep_at)."""
+             packing: Optional[PackedSequences] = None, token_types: Optional[Tensor] = None):
+        """Blocks [start, end); returns (x, hidden state at the input of block keep_at).
+        token_types [B, L] (0 vision, 1 language; default ids_below): the attention each token
+        uses in per-modality blocks (shared-attention blocks are called without it)."""
         end = self.config.depth if end is None else end
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        extra = {}
+        if self.config.attention == "per_modality":
+            extra["token_modality"] = ids_below if token_types is None else token_types
         kept = None
         for i in range(start, end):
             if i == keep_at:
@@ -258,10 +270,10 @@ class VLMo(nn.Module):
             ids = ids_vl if i >= self.config.vl_start else ids_below
             if recompute:
                 x = checkpoint(self.blocks[i], x, ids, key_padding_mask=key_padding_mask,
-                               attn_bias=biases[i], packing=packing, use_reentrant=False)
+                               attn_bias=biases[i], packing=packing, use_reentrant=False, **extra)
             else:
                 x = self.blocks[i](x, ids, key_padding_mask=key_padding_mask, attn_bias=biases[i],
-                                   packing=packing)
+                                   packing=packing, **extra)
         return x, kept
 
     # -- encoders --------------------------------------------------------------------------
@@ -281,7 +293,8 @@ class VLMo(nn.Module):
         vl_features = None
         if want_vl:
             vl_ids = torch.full_like(ids, VISION_LANGUAGE)
-            vl_out, _ = self._run(kept, vl_ids, vl_ids, key_padding_mask, biases, start=vl_start)
+            vl_out, _ = self._run(kept, vl_ids, vl_ids, key_padding_mask, biases, start=vl_start,
+                                  token_types=ids)
             vl_features = features_of(self.itc_vl, self.norm(vl_out)[:, 0])
         return EncoderOutput(hidden=hidden, features=features, vl_features=vl_features,
                              text_len=length if modality == LANGUAGE else 0)
@@ -308,7 +321,8 @@ class VLMo(nn.Module):
                                    ContrastiveHead.text_features, return_vl)
 
     def encode_pair(self, text_ids: Tensor, images: Tensor, text_mask: Optional[Tensor] = None) -> EncoderOutput:
-        """Fusion pass over [text ; image]: modality experts below the VL layers, VL expert above."""
+        """Fusion pass over [text ; image]: modality experts below the VL layers, VL expert above
+        (with config.vl_expert=False: modality experts in every layer)."""
         text_padding = self._text_padding(text_ids, text_mask)
         text = self.embed_text(text_ids)
         image = self.embed_image(images)
@@ -321,7 +335,7 @@ class VLMo(nn.Module):
             padding = torch.cat([text_padding, torch.zeros(b, li, dtype=torch.bool, device=x.device)], 1)
         ids_below = torch.cat([torch.full((b, lt), LANGUAGE, dtype=torch.long, device=x.device),
                                torch.full((b, li), VISION, dtype=torch.long, device=x.device)], 1)
-        ids_vl = torch.full_like(ids_below, VISION_LANGUAGE)
+        ids_vl = torch.full_like(ids_below, VISION_LANGUAGE) if self.config.vl_expert else ids_below
         if self.rel_pos_bias is not None:
             biases = self._layer_biases(*self.rel_pos_bias.layout(lt, li, x.device))
         else:
@@ -394,7 +408,7 @@ class VLMo(nn.Module):
             is_text = torch.cat([torch.ones(lt, dtype=torch.bool, device=device),
                                  torch.zeros(li, dtype=torch.bool, device=device)])
             below = torch.where(is_text, LANGUAGE, VISION)
-            vl = torch.full_like(below, VISION_LANGUAGE)
+            vl = torch.full_like(below, VISION_LANGUAGE) if self.config.vl_expert else below
             part = select(torch.cat([text, image], 1), keep, is_text, below, vl)
             parts.append(part)
             pair_lens = tuple(n_tok - li for n_tok in part.lengths)
@@ -443,8 +457,9 @@ class VLMo(nn.Module):
             dual_biases = self._layer_biases(is_text[:n_tok], positions[:n_tok])
             x = kept[:, :n_tok]
         vl_ids = torch.full(x.shape[:2], VISION_LANGUAGE, dtype=torch.long, device=x.device)
+        token_types = torch.where(is_text[:x.shape[1]], LANGUAGE, VISION)[None]
         out, _ = self._run(x, vl_ids, vl_ids, None, dual_biases, start=self.config.vl_start,
-                           packing=dual_packing)
+                           packing=dual_packing, token_types=token_types)
         return self.norm(out)[0].index_select(0, dual_packing.starts)
 
     # -- heads -----------------------------------------------------------------------------

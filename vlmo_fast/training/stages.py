@@ -20,6 +20,14 @@ real frozen parameters (left out of the optimizer) that stay bitwise unchanged.
 `--ffn shared` (the paper's ablation): one FFN for every modality (`SharedFeedForward`);
 exported as E identical experts, so the weights load into a plain `VLMo`. For freezing it
 counts as the vision expert (it is the one the vision stage trained).
+
+Per-modality attention (`VLMoConfig.attention="per_modality"`, the Table 7 ablation): the
+vision stage trains the vision attention `attn` (the language one, `attn_text`, sees no
+token and stays frozen). The text stage starts `attn_text` as a copy of `attn` and keeps both
+frozen, as the reference keeps its shared attention, so entering the vl stage the model
+computes exactly what the shared-attention model does; only the vl stage, which trains
+everything, lets the two modalities' attention diverge. (`--skip-text-stage` therefore
+starts the vl stage with a randomly initialised language attention.)
 """
 from __future__ import annotations
 
@@ -131,6 +139,8 @@ def prepare_stage(model: nn.Module, stage: str, ffn: str = "mome") -> None:
             blk.mlp = bank
         else:
             blk.mlp = SplitExpertFeedForward(bank)
+    if stage == "text":
+        _copy_vision_attention_to_language(model)
     for p in model.parameters():
         p.requires_grad_(stage == "vl")
     if stage == "vl":
@@ -146,6 +156,17 @@ def prepare_stage(model: nn.Module, stage: str, ffn: str = "mome") -> None:
     elif stage == "vision":
         for blk in model.blocks:
             blk.mlp.requires_grad_(True)
+
+
+@torch.no_grad()
+def _copy_vision_attention_to_language(model: nn.Module) -> None:
+    """Per-modality attention entering the text stage: the language attention of every block
+    becomes the vision attention (what the shared model's text tokens use). No-op otherwise."""
+    for blk in model.blocks:
+        language = getattr(blk, "attn_text", None)
+        if language is not None:
+            for target, source in zip(language.parameters(), blk.attn.parameters()):
+                target.copy_(source)
 
 
 def _stage_trainable_names(model: nn.Module, stage: str) -> set:
