@@ -105,3 +105,16 @@ def test_pretrain_accepts_shard_patterns_and_urls_for_data(tmp_path):
     pretrain.validate_args(parse(f"pipe:cat {tmp_path}/data-{{000..001}}.tar"))
     with pytest.raises(ValueError, match="--data: .*data-007.tar"):
         pretrain.validate_args(parse(str(tmp_path / "data-{007..009}.tar")))
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_a_bad_deepspeed_timeout_is_one_line_exit_2(job, monkeypatch, capsys):
+    """DEEPSPEED_TIMEOUT is read while the parser is built (deepspeed's import reads it):
+    a bad value is named in one line, exit 2, not a traceback from inside deepspeed."""
+    import importlib
+    module = importlib.import_module(f"vlmo_fast.training.{job}")
+    monkeypatch.setenv("DEEPSPEED_TIMEOUT", "abc")
+    with pytest.raises(SystemExit) as info:
+        module.main(["--output-dir", "/tmp/unused"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: DEEPSPEED_TIMEOUT='abc'")

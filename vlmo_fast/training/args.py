@@ -57,6 +57,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--no-progress", action="store_true", help="no tqdm bar")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
       help=argparse.SUPPRESS)
+    from .engine import distributed_timeout_minutes
+    distributed_timeout_minutes()   # deepspeed's import reads DEEPSPEED_TIMEOUT: name a bad one first
     try:
         import deepspeed
         deepspeed.add_config_arguments(p)

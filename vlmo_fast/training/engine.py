@@ -2,6 +2,7 @@
 
 - `init_distributed()`: the launcher's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) or, for a
   plain `python train/pretrain.py`, a world of one on 127.0.0.1; gloo on CPU, nccl on CUDA.
+  Collective / rendezvous timeout: DEEPSPEED_TIMEOUT (minutes) or 30.
 - `build_ds_config()`: the user's JSON (train/configs/*.json) + the job's own settings
   (micro batch, accumulation, clipping, precision). Keys the job owns (optimizer, scheduler)
   are refused with a message naming the flag to use; unknown top-level keys are refused.
@@ -42,11 +43,59 @@ JOB_OWNED_KEYS = {
 }
 
 
-def init_distributed(timeout_minutes: int = 30) -> Tuple[int, int, torch.device]:
-    """(rank, world_size, device); starts a world of one when not launched by a launcher."""
+# DeepSpeed's own variable for its process groups' timeout (whole minutes; DeepSpeed parses it
+# with int() when it is imported). The job uses it too, so one setting covers both.
+TIMEOUT_ENV = "DEEPSPEED_TIMEOUT"
+DEFAULT_TIMEOUT_MINUTES = 30
+# World sizes set by launchers that start every rank themselves. Without RANK next to them the
+# process would train alone as a world of one, beside N-1 copies writing the same output folder.
+WORLD_SIZE_ENVS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def distributed_timeout_minutes() -> int:
+    """The process-group timeout in minutes: DEEPSPEED_TIMEOUT when set, else 30."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_MINUTES
+    try:
+        minutes = int(text)
+    except ValueError:
+        minutes = 0
+    if minutes < 1:
+        raise ValueError(f"{TIMEOUT_ENV}={text!r}: expected a whole number of minutes >= 1 (how long a "
+                         f"collective waits for the other ranks; default {DEFAULT_TIMEOUT_MINUTES})")
+    return minutes
+
+
+def check_launcher_env() -> None:
+    """Refuse a process that a launcher started as one of several without RANK (ValueError)."""
+    for name in WORLD_SIZE_ENVS:
+        text = os.environ.get(name, "").strip()
+        if text.isdigit() and int(text) > 1:
+            raise ValueError(
+                f"{name}={text} but RANK is not set: this job reads RANK, WORLD_SIZE, LOCAL_RANK, "
+                "MASTER_ADDR and MASTER_PORT from its launcher: start it with `deepspeed` (one command "
+                "per node with --no_ssh --node_rank, or a hostfile over ssh/pdsh) or `torchrun`, one "
+                "launcher per node (train/README.md, several nodes)")
+
+
+def init_distributed(timeout_minutes: Optional[int] = None) -> Tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts a world of one when not launched by a launcher.
+
+    timeout_minutes (default: `distributed_timeout_minutes()`): how long the start-up rendezvous
+    and every collective wait for the other ranks. A rank whose peer process died does not wait
+    for it: the peer's sockets close and the pending collective fails at once (gloo: "Connection
+    closed by peer"; tests/test_multinode.py). The timeout is what ends a rank whose peer hangs
+    (a frozen node, a network partition) or never starts."""
+    if timeout_minutes is None:
+        timeout_minutes = distributed_timeout_minutes()
+    elif timeout_minutes < 1:
+        raise ValueError(f"timeout_minutes must be >= 1, got {timeout_minutes}")
+    init_method = None
+    if "RANK" not in os.environ:
+        check_launcher_env()
     import deepspeed
     from datetime import timedelta
-    init_method = None
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

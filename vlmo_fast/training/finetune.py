@@ -327,4 +327,4 @@ def _evaluate(args, final, out, is_main) -> dict:
 
 def main(argv=None) -> dict:
     from ..errors import run_or_exit
-    return run_or_exit(run, build_parser().parse_args(argv))
+    return run_or_exit(lambda: run(build_parser().parse_args(argv)))

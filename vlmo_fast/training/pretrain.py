@@ -381,4 +381,4 @@ def run(args) -> Dict:
 
 def main(argv=None) -> Dict:
     from ..errors import run_or_exit
-    return run_or_exit(run, build_parser().parse_args(argv))
+    return run_or_exit(lambda: run(build_parser().parse_args(argv)))
