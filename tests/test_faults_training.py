@@ -151,15 +151,14 @@ def run_tiny_job(out, stop_after: Optional[int] = None, **changes) -> Dict:
 
 @pytest.fixture(scope="module")
 def world():
-    """A world of one in this process (gloo), torn down after the module."""
-    import torch.distributed as dist
+    """A world of one in this process (gloo), as the in-process jobs make it. It is left up
+    after the module, as those jobs leave it: DeepSpeed caches its groups, so a destroyed and
+    re-created world would break the next in-process engine ("Group ... is not registered")."""
     saved = {k: os.environ.pop(k, None) for k in DIST_ENV}
     from vlmo_fast.training.engine import init_distributed
     try:
         yield init_distributed()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
