@@ -101,17 +101,50 @@ def test_convert_roundtrip(ckpt, tmp_path):
 
 def test_export_and_module_entry_point(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlmo_fast", "export", "--checkpoint", str(ckpt),
-                           "--hf", str(tmp_path / "hf"), "--onnx", str(tmp_path / "onnx"),
-                           "--onnx-exporter", "dynamo"],
+                           "--onnx", str(tmp_path / "onnx"), "--onnx-exporter", "dynamo"],
                           capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "max |onnxruntime - torch|" in proc.stdout
     assert (tmp_path / "onnx" / "image_encoder.onnx").is_file()
-    assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors",
-                                                             "vocab.txt", "preprocessor_config.json"}
-    from vlmo_fast.inference import Encoder
-    enc = Encoder.from_pretrained(tmp_path / "hf", progress=False)
-    assert enc.tokenizer is not None and enc.tokenizer.vocab_size == enc.config.vocab_size
-    ref = Encoder.from_pretrained(ckpt, progress=False)
-    torch.testing.assert_close(enc.embed_texts(["a red circle"]), ref.embed_texts(["a red circle"]))
+    # `export --hf` (a transformers folder) is tested in tests/test_hf.py
+
+
+def test_missing_extras_are_one_line_errors(ckpt, tmp_path, monkeypatch, capsys):
+    """Without transformers / faiss, --hf / --faiss stop before any work with one line naming
+    the extra to install (simulated: the modules cannot be imported in this process)."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    monkeypatch.delitem(sys.modules, "vlmo_fast.hf", raising=False)   # imported afresh: fails
+    assert exit_status(["export", "--checkpoint", str(ckpt), "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --hf (a transformers folder) needs transformers, which is not installed: "
+                   "pip install 'vlmo_fast[hf]'")
+    assert not (tmp_path / "hf").exists()
+    assert exit_status(["index", "--checkpoint", str(ckpt), "--images", str(tmp_path), "--out",
+                        str(tmp_path / "idx"), "--faiss", "ivf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --faiss needs faiss, which is not installed: pip install 'vlmo_fast[faiss]'"
+
+
+def test_checkpoint_config_json_of_either_kind(tmp_path):
+    """config.json: vlmo_fast's own (only VLMoConfig fields: anything else is refused) or a
+    transformers folder's (model_type "vlmo_fast": transformers' keys are left out)."""
+    from vlmo_fast.checkpoint import read_config
+    from vlmo_fast.config import VLMoConfig
+    config = VLMoConfig.preset("tiny", attention="per_modality", vl_expert=False)
+    path = tmp_path / "config.json"
+    transformers_keys = {"model_type": "vlmo_fast", "architectures": ["VLMoFastModel"], "dtype": "float32",
+                         "auto_map": {"AutoModel": "modeling_vlmo.VLMoFastModel"},
+                         "transformers_version": "5.0.0", "tie_word_embeddings": False}
+    path.write_text(json.dumps({**config.to_dict(), **transformers_keys}))
+    assert read_config(path) == config
+    path.write_text(json.dumps({**config.to_dict(), "architectures": ["VLMoFastModel"]}))
+    with pytest.raises(ValueError, match=r"unknown keys \['architectures'\]"):
+        read_config(path)
+    path.write_text(json.dumps({**config.to_dict(), **transformers_keys, "model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert', not a VLMo"):
+        read_config(path)
+    path.write_text(json.dumps({**config.to_dict(), **transformers_keys, "attention": "crossed"}))
+    with pytest.raises(ValueError, match="config.json: VLMoConfig: attention must be one of"):
+        read_config(path)

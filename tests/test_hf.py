@@ -299,3 +299,35 @@ def test_bad_inputs_are_named(exported):
         model()
     with pytest.raises(ValueError, match="front with VLMoFastModel.from_vlmo"):
         VLMoFastModel(hf_config_from_vlmo(VLMoConfig.preset("tiny")), vlmo=make_model("absolute"))
+
+
+def test_cli_export_hf_loads_in_transformers_and_in_vlmo_fast(tokenizer, tmp_path):
+    """`vlmo-fast export --hf`: AutoModel (after `import vlmo_fast`) and vlmo_fast's own loaders
+    (VLMo / Encoder.from_pretrained, the timm tower) read the one folder, with equal outputs."""
+    from vlmo_fast.cli import main
+    from vlmo_fast.inference import Encoder
+    model = make_model("ablations")   # per-modality attention: the tower must skip attn_text
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save(tmp_path / "ckpt")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "hf")]) == 0
+    folder = tmp_path / "hf"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "vlmo_fast"
+    images, ids, mask = make_inputs(model.config)
+    want = reference_outputs(model, images, ids, mask)
+    auto = AutoModel.from_pretrained(folder)
+    assert isinstance(auto, VLMoFastModel)
+    ours = VLMo.from_pretrained(folder)
+    assert ours.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(auto(pixel_values=images).image_embeds, want["image_embeds"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours.encode_image(images).features, want["image_embeds"], atol=0, rtol=0)
+        torch.testing.assert_close(ours.itm_logits(ours.encode_pair(ids, images, mask)), want["itm_logits"],
+                                   atol=0, rtol=0)
+    encoder = Encoder.from_pretrained(folder, progress=False)
+    reference = Encoder.from_pretrained(tmp_path / "ckpt", progress=False)
+    torch.testing.assert_close(encoder.embed_texts(["a red circle"]), reference.embed_texts(["a red circle"]))
+    timm = pytest.importorskip("timm")  # noqa: F841  (registers the tower names)
+    from vlmo_fast.timm_models import vision_tower_from_pretrained
+    tower = vision_tower_from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tower(images), want["image_embeds"], atol=1e-6, rtol=0)

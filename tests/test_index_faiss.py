@@ -95,7 +95,8 @@ def test_save_load_round_trip_and_exact_backend_opens_it(corpus, tmp_path):
     assert torch.equal(i0, i1)
     torch.testing.assert_close(s0, s1)
     # the same folder is an exact index too (its embeddings and ids)
-    exact = RetrievalIndex.load(tmp_path / "idx")
+    exact = RetrievalIndex.load(tmp_path / "idx", backend="exact")
+    assert type(exact) is RetrievalIndex
     assert torch.equal(exact.search(q, k=5)[1], FaissRetrievalIndex.from_index(exact).search(q, k=5)[1])
     # saving again replaces the files; nothing of the old build stays
     loaded.add(clustered(3, seed=11), ["new0", "new1", "new2"])
@@ -119,7 +120,7 @@ def test_damage_is_refused_naming_the_file(corpus, tmp_path):
         FaissRetrievalIndex.load(tmp_path / "idx", verify=False)
     # an exact index folder is not silently opened as a FAISS one
     RetrievalIndex(x[:50], ids[:50], "m0").save(tmp_path / "exact")
-    with pytest.raises(ValueError, match="exact retrieval index"):
+    with pytest.raises(ValueError, match="not a faiss index .* says backend 'exact'"):
         FaissRetrievalIndex.load(tmp_path / "exact")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -172,13 +173,17 @@ def encoder():
     return Encoder(model, WordTokenizer(), batch_size=4, progress=False)
 
 
-def test_build_from_images_and_search_with_the_encoder(encoder, tmp_path):
-    root = tmp_path / "photos"
+def write_photos(root, count: int, size: int = 32, seed: int = 1, prefix: str = ""):
+    """`count` random RGB PNGs {prefix}{i}.png in a new folder `root`."""
     root.mkdir()
-    g = torch.Generator().manual_seed(1)
-    size = encoder.config.img_size
-    for i in range(6):
-        Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()).save(root / f"{i}.png")
+    g = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()).save(root / f"{prefix}{i}.png")
+    return root
+
+
+def test_build_from_images_and_search_with_the_encoder(encoder, tmp_path):
+    root = write_photos(tmp_path / "photos", 6, encoder.config.img_size)
     index = FaissRetrievalIndex.build(encoder, root, directory=tmp_path / "idx", kind="flat")
     loaded = FaissRetrievalIndex.load(tmp_path / "idx", encoder=encoder)
     hits = loaded.search_image(encoder, [root / "3.png"], k=3)[0]
@@ -194,3 +199,102 @@ def test_build_from_images_and_search_with_the_encoder(encoder, tmp_path):
     with pytest.raises(IndexModelMismatchError):
         FaissRetrievalIndex.load(tmp_path / "idx", encoder=other)
     assert index.model_hash == encoder.fingerprint
+
+
+# -- one API: RetrievalIndex.build / load choose the backend ---------------------------------------
+def test_retrieval_index_dispatches_on_the_backend(encoder, tmp_path):
+    root = write_photos(tmp_path / "photos", 5, encoder.config.img_size, seed=2)
+    built = RetrievalIndex.build(encoder, root, directory=tmp_path / "idx", backend="faiss", kind="hnsw",
+                                 ef_search=16, rerank=2)
+    assert isinstance(built, FaissRetrievalIndex) and built.factory == "HNSW32,Flat"
+    assert built.search_params == {"nprobe": 32, "ef_search": 16, "rerank": 2}
+    loaded = RetrievalIndex.load(tmp_path / "idx", encoder=encoder)   # index.json says faiss
+    assert type(loaded) is FaissRetrievalIndex and loaded.search_params["ef_search"] == 16
+    exact = RetrievalIndex.load(tmp_path / "idx", backend="exact")
+    assert type(exact) is RetrievalIndex and exact.ids == loaded.ids
+    q = encoder.embed_texts(["a red square"])
+    assert torch.equal(loaded.search(q, k=5)[1], exact.search(q, k=5)[1])
+    # an exact rebuild in the same folder leaves no FAISS file behind; FAISS leftovers of a
+    # killed first build do not make a folder "not an index"
+    RetrievalIndex.build(encoder, root, directory=tmp_path / "idx")
+    assert [p.name for p in (tmp_path / "idx").glob("faiss-*")] == []
+    assert json.loads((tmp_path / "idx" / INDEX_FILE).read_text())["backend"] == "exact"
+    assert type(RetrievalIndex.load(tmp_path / "idx")) is RetrievalIndex
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "faiss-0123456789ab.index").write_bytes(b"partial")
+    RetrievalIndex.build(encoder, root, directory=tmp_path / "killed", backend="faiss")
+    assert len(list((tmp_path / "killed").glob("faiss-*"))) == 1
+    # bad names and options are named before any embedding
+    with pytest.raises(ValueError, match=r"backend must be one of \('exact', 'faiss'\), got 'annoy'"):
+        RetrievalIndex.build(encoder, root, backend="annoy")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        RetrievalIndex.load(tmp_path / "idx", backend="FAISS")
+    with pytest.raises(TypeError, match="backend='faiss'"):
+        RetrievalIndex.build(encoder, root, kind="ivf")
+    with pytest.raises(ValueError, match="nprobe must be an int >= 1, got 0"):
+        RetrievalIndex.build(encoder, root, backend="faiss", kind="ivf", nprobe=0)
+    with pytest.raises(ValueError, match="IVF lists"):
+        RetrievalIndex.build(encoder, root, backend="faiss", kind="IVF64,Flat")
+    meta = json.loads((tmp_path / "idx" / INDEX_FILE).read_text())
+    (tmp_path / "idx" / INDEX_FILE).write_text(json.dumps(dict(meta, backend="scann")))
+    with pytest.raises(CorruptFileError, match="backend 'scann'"):
+        RetrievalIndex.load(tmp_path / "idx")
+
+
+def test_tampered_faiss_folder_is_refused_through_retrieval_index(corpus, tmp_path):
+    x, ids = corpus
+    FaissRetrievalIndex.from_embeddings(x[:400], ids[:400], "m0", kind="ivf").save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / INDEX_FILE).read_text())
+    faiss_file = tmp_path / "idx" / meta["faiss"]["file"]
+    original = faiss_file.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x10
+    faiss_file.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=rf"{faiss_file.name}: SHA-256 differs"):
+        RetrievalIndex.load(tmp_path / "idx")
+    faiss_file.write_bytes(original)
+    # a record whose FAISS file is not among the hashed files is refused before any read
+    (tmp_path / "idx" / INDEX_FILE).write_text(json.dumps(
+        dict(meta, files={meta["embeddings_file"]: meta["files"][meta["embeddings_file"]]})))
+    with pytest.raises(CorruptFileError, match="does not record the FAISS file"):
+        RetrievalIndex.load(tmp_path / "idx", verify=False)
+    (tmp_path / "idx" / INDEX_FILE).write_text(json.dumps(
+        dict(meta, faiss=dict(meta["faiss"], search_params={"nprobe": -1}))))
+    with pytest.raises(CorruptFileError, match="faiss.search_params: nprobe"):
+        RetrievalIndex.load(tmp_path / "idx")
+
+
+def test_cli_faiss_index_and_search(tmp_path, capsys):
+    from test_cli import exit_status
+    from test_eval_runner import make_checkpoint, tiny_tokenizer
+
+    from vlmo_fast.cli import main
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_tokenizer())
+    photos = write_photos(tmp_path / "photos", 8, seed=3, prefix="p")
+    common = ["--checkpoint", str(ckpt), "--no-progress"]
+    # 8 images: factory_for gives one IVF list, so the ivf kind is the exact answer here
+    assert main(["index", *common, "--images", str(photos), "--out", str(tmp_path / "idx"),
+                 "--faiss", "ivf", "--nprobe", "4", "--rerank", "2"]) == 0
+    assert "FAISS IVF1,Flat" in capsys.readouterr().out
+    loaded = RetrievalIndex.load(tmp_path / "idx")
+    assert isinstance(loaded, FaissRetrievalIndex) and loaded.search_params["nprobe"] == 4
+    assert main(["search", *common, "--index", str(tmp_path / "idx"), "--image", str(photos / "p5.png"),
+                 "-k", "3", "--nprobe", "1", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    assert hits[0]["id"] == "p5.png" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5) and len(hits) == 3
+    assert main(["search", *common, "--index", str(tmp_path / "idx"), "--text", "a red circle"]) == 0
+    assert "a red circle:" in capsys.readouterr().out
+
+    assert exit_status(["search", *common, "--index", str(tmp_path / "idx"), "--text", "a", "--nprobe", "0"]) == 2
+    assert "nprobe must be an int >= 1, got 0" in capsys.readouterr().err
+    assert exit_status(["index", *common, "--images", str(photos), "--out", str(tmp_path / "x"),
+                   "--nprobe", "4"]) == 2
+    assert "--nprobe: search settings of a FAISS index; add --faiss KIND" in capsys.readouterr().err
+    assert main(["index", *common, "--images", str(photos), "--out", str(tmp_path / "exact")]) == 0
+    capsys.readouterr()
+    assert exit_status(["search", *common, "--index", str(tmp_path / "exact"), "--text", "a",
+                   "--ef-search", "8"]) == 2
+    assert "is an exact index" in capsys.readouterr().err
+    assert exit_status(["index", *common, "--images", str(photos), "--out", str(tmp_path / "y"),
+                   "--faiss", "IVF99,Flat"]) == 2
+    assert "99 IVF lists but the corpus only 8" in capsys.readouterr().err

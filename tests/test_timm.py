@@ -98,6 +98,25 @@ def test_reference_checkpoint_and_folder_load_the_same(saved, tmp_path):
         assert torch.equal(fresh(x), from_folder(x))
 
 
+def test_ablation_checkpoint_loads_the_vision_attention_only():
+    """A per-modality-attention model (no VL expert) has blocks.*.attn_text.* beside attn:
+    images use `attn` only, so the tower loads strictly without them and equals encode_image."""
+    torch.manual_seed(0)
+    model = VLMo.from_preset("tiny", drop_path_rate=0.0, attention="per_modality", vl_expert=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    state = model.state_dict()
+    assert any(".attn_text." in k for k in state)
+    tower = timm.create_model("vlmo_tiny_patch16_32").eval()
+    result = load_vlmo_weights(tower, state)   # strict: nothing missing, nothing unexpected
+    assert result.unexpected_keys == [] and not any("attn_text" in k for k in tower.state_dict())
+    x = images(model)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), model.encode_image(x).features, atol=1e-6, rtol=0)
+
+
 def test_features_only_gives_the_block_outputs(saved):
     model = make_model("relative")
     feats = create(saved, "relative", features_only=True, out_indices=(1, 3))

@@ -25,10 +25,13 @@ Both loaders return a `LoadResult(missing_keys, unexpected_keys)` in the checkpo
 - `save_pretrained` / `from_pretrained`: model.safetensors + config.json + manifest.json
   (size and SHA-256 of both), the directory replaced as a whole (`vlmo_fast.io.atomic_directory`):
   a process killed at any moment leaves the old checkpoint or the new one, never a mix.
+  `from_pretrained` also reads a transformers folder written by `vlmo_fast.hf.export_hf`
+  (same weights file; its config.json adds transformers' keys: `read_config`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import warnings
@@ -45,6 +48,9 @@ from .io import (MANIFEST_NAME, CorruptFileError, atomic_directory, atomic_write
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME)
+# the model_type of the transformers folders vlmo_fast.hf writes (its configuration_vlmo.MODEL_TYPE,
+# kept equal by tests/test_hf.py; named here so that reading one needs no transformers)
+TRANSFORMERS_MODEL_TYPE = "vlmo_fast"
 
 # expert index in our stacked tensors <- reference module suffix
 EXPERT_SUFFIX = {0: "imag", 1: "text", 2: "vl"}
@@ -577,9 +583,32 @@ def _read_weights(path: Path) -> Dict[str, Tensor]:
         raise CorruptFileError(path, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
+def read_config(path: Union[str, os.PathLike]) -> VLMoConfig:
+    """The VLMoConfig of a checkpoint's config.json. vlmo_fast's own (save_pretrained) holds
+    exactly VLMoConfig's fields, and any other key is refused; a transformers folder
+    (`vlmo_fast.hf.export_hf`: `"model_type": "vlmo_fast"`) holds them beside transformers'
+    keys (architectures, auto_map, dtype, ...), which are left out. Errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None   # VLMoConfig.from_json below says what is wrong with it
+    if not isinstance(data, dict) or "model_type" not in data:
+        return VLMoConfig.from_json(path)
+    if data["model_type"] != TRANSFORMERS_MODEL_TYPE:
+        raise ValueError(f"{path}: a transformers config of model_type {data['model_type']!r}, not a VLMo "
+                         f"(expected model_type {TRANSFORMERS_MODEL_TYPE!r}, or vlmo_fast's own config.json)")
+    fields = {f.name for f in dataclasses.fields(VLMoConfig)}
+    try:
+        return VLMoConfig.from_dict({k: v for k, v in data.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
 def from_pretrained(directory: Union[str, os.PathLike], map_location="cpu", *, torch_dtype="auto",
                     verify: bool = True, **kwargs):
-    """Load a directory written by `save_pretrained`, HF-style: the model is returned in eval
+    """Load a directory written by `save_pretrained` (or `vlmo_fast.hf.export_hf`: see
+    `read_config`), HF-style: the model is returned in eval
     mode; torch_dtype="auto" keeps the checkpoint's dtypes (a bf16 checkpoint loads as bf16),
     a dtype casts to it; keyword arguments that are VLMoConfig fields override the saved
     config (`drop_path_rate=0.0`), `ffn_backend` / `attn_backend` go to the model.
@@ -615,7 +644,7 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location="cpu", *, t
     else:
         warnings.warn(f"{directory} has no {MANIFEST_NAME} (checkpoints written before integrity "
                       "manifests): the files' integrity is not verified", stacklevel=2)
-    config = VLMoConfig.from_json(directory / CONFIG_NAME)
+    config = read_config(directory / CONFIG_NAME)
     if kwargs:
         config = config.replace(**kwargs)
     state = _read_weights(directory / WEIGHTS_NAME)

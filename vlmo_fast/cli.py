@@ -4,27 +4,48 @@ checkpoint conversion and export from the command line.
     vlmo-fast encode   --checkpoint CKPT --images a.png b.png --out img.npy
     vlmo-fast encode   --checkpoint CKPT --texts "a red circle" "two squares" --out txt.npy
     vlmo-fast index    --checkpoint CKPT --images photos/ --out photos.index
+    vlmo-fast index    --checkpoint CKPT --images photos/ --out photos.index --faiss ivf --nprobe 16
     vlmo-fast search   --checkpoint CKPT --index photos.index --text "a red circle" -k 5
     vlmo-fast evaluate --task retrieval --checkpoint CKPT --split test_comp
     vlmo-fast convert  --from vlmo_base.pth --to ckpt/ --preset base      (reference -> ours)
     vlmo-fast convert  --from ckpt/ --to vlmo_ref.pth                       (ours -> reference)
-    vlmo-fast export   --checkpoint CKPT --onnx onnx/ [--hf hf_folder/]
+    vlmo-fast export   --checkpoint CKPT --onnx onnx/ [--hf hf_folder/]   (--hf: transformers folder)
     vlmo-fast plan     --preset base --gpus 64 --gpu h100 --batch-size 1024 --zero 2 \
                        --pairs 4e6 --steps 200000                   (capacity plan, modelled)
 
 CKPT is a save_pretrained folder (config.json + model.safetensors, tokenizer vocab.txt beside
-them for texts). Exit status (`vlmo_fast.errors`): 0 done; 2 bad input (argument, file or
+them for texts), or a folder written by `export --hf`. Optional extras: `--faiss` (and
+searching a FAISS index) needs vlmo_fast[faiss], `--hf` needs vlmo_fast[hf]. Exit status (`vlmo_fast.errors`): 0 done; 2 bad input (argument, file or
 data), with one line `error: ...` on stderr; anything else is a bug and prints a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from .errors import run_or_exit
+
+# optional dependency (top-level module) -> the vlmo_fast extra that installs it
+EXTRAS = {"faiss": "faiss", "transformers": "hf"}
+FAISS_KNOBS = ("nprobe", "ef_search", "rerank")
+
+
+@contextlib.contextmanager
+def _needs_extra(what: str) -> Iterator[None]:
+    """A missing optional dependency is bad input (exit 2, one line naming the extra), not a
+    traceback; any other ImportError stays a bug."""
+    try:
+        yield
+    except ImportError as e:
+        module = (e.name or "").split(".")[0]
+        if module not in EXTRAS:
+            raise
+        raise ValueError(f"{what} needs {module}, which is not installed: "
+                         f"pip install 'vlmo_fast[{EXTRAS[module]}]'") from None
 
 
 # -- encode ----------------------------------------------------------------------------------
@@ -102,23 +123,45 @@ def cmd_encode(args) -> int:
 
 
 # -- index / search --------------------------------------------------------------------------
+def _faiss_knobs(args) -> dict:
+    """--nprobe / --ef-search / --rerank that were given."""
+    return {name: getattr(args, name) for name in FAISS_KNOBS if getattr(args, name) is not None}
+
+
+def _knob_flags(knobs: dict) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in knobs)
+
+
 def cmd_index(args) -> int:
-    from .index import RetrievalIndex
+    from .index import RetrievalIndex, backend_class
+    knobs = _faiss_knobs(args)
+    if knobs and not args.faiss:
+        raise ValueError(f"{_knob_flags(knobs)}: search settings of a FAISS index; add --faiss KIND")
+    backend = "faiss" if args.faiss else "exact"
+    with _needs_extra("--faiss"):
+        backend_class(backend)   # before the weights load and the images are embedded
     encoder = _encoder(args)
     images, ids = _image_inputs(args.images)
-    index = RetrievalIndex.build(encoder, images, ids=ids, directory=args.out)
-    print(f"indexed {len(index)} images ({index.dim}-d, model {index.model_hash}) -> {args.out}")
+    options = dict(kind=args.faiss, **knobs) if args.faiss else {}
+    index = RetrievalIndex.build(encoder, images, ids=ids, directory=args.out, backend=backend, **options)
+    what = f"FAISS {index.factory}" if args.faiss else "exact"
+    print(f"indexed {len(index)} images ({what}, {index.dim}-d, model {index.model_hash}) -> {args.out}")
     return 0
 
 
 def cmd_search(args) -> int:
     from .index import RetrievalIndex
     encoder = _encoder(args, texts=bool(args.text))
-    index = RetrievalIndex.load(args.index, encoder=encoder, verify=not args.no_verify)
+    with _needs_extra(f"--index {args.index} (a FAISS index)"):
+        index = RetrievalIndex.load(args.index, encoder=encoder, verify=not args.no_verify)
+    knobs = _faiss_knobs(args)
+    if knobs and index.backend != "faiss":
+        raise ValueError(f"{_knob_flags(knobs)}: search settings of a FAISS index, but --index {args.index} "
+                         f"is an {index.backend} index")
     if args.text:
-        queries, hits = args.text, index.search_text(encoder, args.text, k=args.k)
+        queries, hits = args.text, index.search_text(encoder, args.text, k=args.k, **knobs)
     else:
-        queries, hits = args.image, index.search_image(encoder, args.image, k=args.k)
+        queries, hits = args.image, index.search_image(encoder, args.image, k=args.k, **knobs)
     if args.json:
         print(json.dumps([{"query": q, "hits": [{"id": i, "score": s} for i, s in h]}
                           for q, h in zip(queries, hits)], indent=2))
@@ -204,10 +247,13 @@ def cmd_convert(args) -> int:
 
 # -- export ----------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    from .export import check_onnx, export_onnx, export_pretrained
+    from .export import check_onnx, export_onnx
     from .model import VLMo
     if not args.onnx and not args.hf:
         raise ValueError("export needs --onnx DIR and/or --hf DIR")
+    if args.hf:
+        with _needs_extra("--hf (a transformers folder)"):
+            from .hf import export_hf   # before any work
     ckpt = Path(args.checkpoint)
     model = VLMo.from_pretrained(ckpt)
     if args.onnx:
@@ -224,8 +270,9 @@ def cmd_export(args) -> int:
         if (ckpt / "vocab.txt").is_file():
             from .data import WordPieceTokenizer
             tokenizer = WordPieceTokenizer.load(ckpt)
-        export_pretrained(model, args.hf, tokenizer, overwrite=args.overwrite)
-        print(f"Hugging Face-style folder -> {args.hf}")
+        export_hf(model, args.hf, tokenizer, overwrite=args.overwrite)
+        print(f"transformers folder (AutoModel.from_pretrained; trust_remote_code=True without vlmo_fast) "
+              f"-> {args.hf}")
     return 0
 
 
@@ -235,6 +282,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the weights load: cpu)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+
+
+def _faiss_arguments(p: argparse.ArgumentParser, scope: str) -> None:
+    p.add_argument("--nprobe", type=int, default=None, help=f"IVF lists visited per query ({scope})")
+    p.add_argument("--ef-search", type=int, default=None, help=f"HNSW candidate list size ({scope})")
+    p.add_argument("--rerank", type=int, default=None,
+                   help=f"fetch R x k candidates and score them exactly from the stored embeddings ({scope})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--images", nargs="+", required=True, help="a folder, a manifest, or image files")
     p.add_argument("--out", required=True, help="index folder (created, or rebuilt atomically)")
+    p.add_argument("--faiss", default=None, metavar="KIND",
+                   help="a FAISS index (vlmo_fast[faiss]): flat (exact), ivf, ivfpq, hnsw, or a "
+                        "faiss.index_factory string such as IVF1024,PQ32; default: the exact scan")
+    _faiss_arguments(p, "the index's default")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="top-k images of an index for texts or images")
@@ -269,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the index's files (a trusted local index; sizes and "
                         "shapes are still checked)")
+    _faiss_arguments(p, "for this search (a FAISS index); default: the index's own")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("evaluate", help="retrieval / vqa / nlvr2 / zeroshot evaluation of a checkpoint")
@@ -289,12 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --to folder or file")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="ONNX image/text towers and/or a Hugging Face-style folder")
+    p = sub.add_parser("export", help="ONNX image/text towers and/or a transformers (Hugging Face) folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", default=None, help="folder for image_encoder.onnx + text_encoder.onnx")
     p.add_argument("--onnx-exporter", default="torchscript", choices=("torchscript", "dynamo"),
                    help="torch's ONNX exporter: TorchScript tracing or torch.export (needs onnxscript)")
-    p.add_argument("--hf", default=None, help="folder for config.json + model.safetensors + tokenizer")
+    p.add_argument("--hf", default=None,
+                   help="transformers folder (vlmo_fast[hf]): AutoModel.from_pretrained after `import "
+                        "vlmo_fast`, or trust_remote_code=True without it; VLMo.from_pretrained reads it too")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -1,4 +1,4 @@
-"""Export: each ITC tower to ONNX, and a Hugging Face-style folder.
+"""Export: each ITC tower to ONNX, and a checkpoint folder with the tokenizer and image-processor files.
 
 ONNX (`export_onnx`): the image tower (images [B, 3, S, S] float32 in [-1, 1] -> features
 [B, D]) and the text tower (text_ids, text_mask [B, max_text_len] int64 -> features [B, D])
@@ -17,9 +17,13 @@ tokens use, so the graph holds one dense expert per block instead of the data-de
 `movedim`, onnxruntime rejects them) become positive, and stale traced shape annotations are
 dropped. `check_onnx` runs the files with onnxruntime against PyTorch.
 
-HF-style folder (`export_pretrained`): config.json + model.safetensors (`save_pretrained`),
-the tokenizer's files, and preprocessor_config.json (image size and normalisation), which
-`Encoder.from_pretrained` / `VLMo.from_pretrained` read.
+Pretrained folder (`export_pretrained`, core dependencies only): config.json +
+model.safetensors (`save_pretrained`), the tokenizer's files, and preprocessor_config.json
+(`image_processor_config`: transformers' CLIP image-processor terms for vlmo_fast's evaluation
+transform). `Encoder.from_pretrained` / `VLMo.from_pretrained` read it, and transformers'
+AutoTokenizer / AutoImageProcessor read its tokenizer and image processor, but not AutoModel:
+the folder for transformers is `vlmo_fast.hf.export_hf` (`vlmo-fast export --hf`), which
+writes the same files with transformers' config.json and the model code.
 
 Both write into a hidden temporary sibling folder and rename it into place at the end, so
 an export killed half-way leaves no half-written folder.
@@ -286,16 +290,26 @@ def check_onnx(model, directory: PathLike, *, batch: int = 3, seed: int = 1) -> 
     return out
 
 
-# -- Hugging Face-style folder ---------------------------------------------------------------
+# -- pretrained folder -----------------------------------------------------------------------
+def image_processor_config(config) -> dict:
+    """preprocessor_config.json: vlmo_fast's evaluation transform in transformers' CLIP
+    image-processor terms (RGB, shorter side to img_size bicubic, centre crop, x/255,
+    (x - 0.5) / 0.5), so that `AutoImageProcessor` reproduces it."""
+    size = config.img_size
+    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
+            "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
 def export_pretrained(model, directory: PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """config.json + model.safetensors + tokenizer files + preprocessor_config.json."""
-    c = model.config
+    """config.json + model.safetensors (+ manifest.json) + tokenizer files +
+    preprocessor_config.json, without transformers (see the module docstring; for a folder
+    transformers' AutoModel loads, use vlmo_fast.hf.export_hf)."""
     with staged_directory(directory, overwrite=overwrite) as stage:
         model.save_pretrained(stage)
         if tokenizer is not None:
             tokenizer.save(stage)
-        atomic_write_json(stage / "preprocessor_config.json", {
-            "image_size": c.img_size, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-            "resample": "bicubic", "resize": "shorter side to image_size, then centre crop",
-            "max_text_len": c.max_text_len, "library": "vlmo_fast"})
+        atomic_write_json(stage / "preprocessor_config.json", image_processor_config(model.config))
     return Path(directory)

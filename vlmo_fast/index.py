@@ -27,6 +27,12 @@ backend's files (e.g. a FAISS index) get the same checks by being listed in `fil
 
 An index only answers queries embedded by the model that built it: loading or searching with
 an Encoder whose embedding size or fingerprint differs raises `IndexModelMismatchError`.
+
+Backends (index.json's `backend`, "exact" when absent): "exact" is this module's scan;
+"faiss" (`vlmo_fast.index_faiss.FaissRetrievalIndex`, a subclass) adds a `faiss-<token>.index`
+file beside the same embeddings. `RetrievalIndex.build(..., backend="faiss", kind=...)` builds
+one, and `RetrievalIndex.load` opens a folder with the backend its index.json names
+(`backend="exact"` opens any index's embeddings for the exact scan).
 """
 from __future__ import annotations
 
@@ -49,6 +55,9 @@ from .io import (TMP_PREFIX, CorruptFileError, atomic_write, atomic_write_json, 
 INDEX_FILE = "index.json"
 FORMAT = "vlmo_fast.retrieval_index"
 VERSION = 2   # 2: integrity record (files, ids_sha256); version 1 had none
+BACKENDS = ("exact", "faiss")
+# data files of an index: a rebuild replaces them, a killed first build may leave them behind
+DATA_FILE_PREFIXES = ("embeddings-", "faiss-")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PathLike = Union[str, os.PathLike]
 
@@ -155,17 +164,16 @@ def resolve_corpus(source) -> Tuple[List, List[str]]:
 
 # -- the index -----------------------------------------------------------------------------
 class RetrievalIndex:
+    """The exact index: a cosine scan of memory-mapped embeddings (see the module docstring)."""
+
+    backend = "exact"
+
     def __init__(self, embeddings, ids: Sequence[str], model_hash: str, *,
                  model_config: Optional[dict] = None, directory: Optional[Path] = None):
         embeddings = embeddings.numpy() if isinstance(embeddings, Tensor) else embeddings
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}")
-        if embeddings.shape[0] == 0:
-            raise ValueError("empty corpus: an index needs at least one embedding")
-        if len(ids) != embeddings.shape[0]:
-            raise ValueError(f"{len(ids)} ids for {embeddings.shape[0]} embeddings")
-        if len(set(ids)) != len(ids):
-            raise ValueError("ids must be unique")
+        check_row_ids(ids, embeddings.shape[0])
         self.embeddings = embeddings
         self.ids = list(ids)
         self.model_hash = model_hash
@@ -186,16 +194,23 @@ class RetrievalIndex:
     # -- building / saving ---------------------------------------------------------------
     @classmethod
     def build(cls, encoder, source, *, ids: Optional[Sequence[str]] = None,
-              directory: Optional[PathLike] = None) -> "RetrievalIndex":
+              directory: Optional[PathLike] = None, backend: str = "exact",
+              **faiss_kwargs) -> "RetrievalIndex":
         """Embed every image of `source` (a folder, a manifest, or a list of paths/PIL images).
         With `directory`, embeddings stream straight into the on-disk file (never all in
-        memory) and the returned index is the memory-mapped one."""
+        memory) and the returned index is the memory-mapped one.
+
+        backend="faiss": `FaissRetrievalIndex.build` with faiss_kwargs (kind, nprobe,
+        ef_search, rerank, train_size, seed)."""
+        kind = backend_class(backend)
+        if kind is not RetrievalIndex:
+            return kind.build(encoder, source, ids=ids, directory=directory, **faiss_kwargs)
+        if faiss_kwargs:
+            raise TypeError(f"{sorted(faiss_kwargs)}: options of the FAISS backend; pass backend='faiss' "
+                            "to build a FAISS index")
         images, default_ids = resolve_corpus(source)
         ids = list(ids) if ids is not None else default_ids
-        if len(ids) != len(images):
-            raise ValueError(f"{len(ids)} ids for {len(images)} images")
-        if len(set(ids)) != len(ids):
-            raise ValueError("ids must be unique")
+        check_row_ids(ids, len(images), "images")
         if directory is None:
             return cls(encoder.embed_images(images).numpy(), ids, encoder.fingerprint,
                        model_config=encoder.config.to_dict())
@@ -214,56 +229,76 @@ class RetrievalIndex:
 
         directory = Path(directory)
         _check_target(directory)
-        name, entry = _write_embeddings(directory, fill)
-        _commit(directory, name, entry, n, d, ids, encoder.fingerprint, encoder.config.to_dict())
+        token = _start_build(directory)
+        name = f"embeddings-{token}.npy"
+        files = {name: write_index_file(directory / name, fill)}
+        _commit(directory, name, files, n, d, ids, encoder.fingerprint, encoder.config.to_dict())
         # hashed while writing: opening it again needs only the cheap checks
-        return cls.load(directory, encoder=encoder, verify=False)
+        return cls.load(directory, encoder=encoder, verify=False, backend=cls.backend)
 
     def save(self, directory: PathLike) -> Path:
+        """Write the folder: the data files first, index.json last (the commit point);
+        the previous build's data files there are removed after it."""
         directory = Path(directory)
         _check_target(directory)
+        token = _start_build(directory)
         data = np.ascontiguousarray(self.embeddings, dtype=np.float32)
 
         def write(tmp: str):
             with open(tmp, "wb") as f:   # a file object: np.save would append ".npy" to a name
                 np.save(f, data)
 
-        name, entry = _write_embeddings(directory, write)
-        _commit(directory, name, entry, len(self), self.dim, self.ids, self.model_hash, self.model_config)
+        name = f"embeddings-{token}.npy"
+        files = {name: write_index_file(directory / name, write)}
+        record = self._save_backend_files(directory, token, files)
+        _commit(directory, name, files, len(self), self.dim, self.ids, self.model_hash, self.model_config,
+                backend=self.backend, record=record)
         self.directory = directory
         return directory
 
+    def _save_backend_files(self, directory: Path, token: str, files: dict) -> dict:
+        """A backend's own data files (added to `files`) and its index.json fields; the
+        exact index has none."""
+        return {}
+
     @classmethod
-    def load(cls, directory: PathLike, *, encoder=None, mmap: bool = True,
-             verify: bool = True) -> "RetrievalIndex":
+    def load(cls, directory: PathLike, *, encoder=None, mmap: bool = True, verify: bool = True,
+             backend: Optional[str] = None) -> "RetrievalIndex":
         """Open an index folder. Always checked: index.json's structure, that every file it
         names stays inside the folder and has its recorded size, the array's shape and
         dtype. verify=True (default) also checks the SHA-256 of every file (one read of the
         embeddings) and of the ids; verify=False skips the hashes, for a trusted local
-        index. Damage raises CorruptFileError naming the file."""
+        index. Damage raises CorruptFileError naming the file.
+
+        backend: None opens the folder with the backend index.json names (a FAISS folder
+        gives a FaissRetrievalIndex); "exact" opens any index's embeddings for the exact
+        scan; "faiss" requires a FAISS folder."""
         directory = Path(directory)
         meta = read_index_meta(directory, verify=verify)
-        meta_path = directory / INDEX_FILE
+        built_with = meta.get("backend", "exact")
+        kind = backend_class(built_with if backend is None else backend)
+        if kind is not RetrievalIndex and kind.backend != built_with:
+            raise ValueError(f"{directory} is not a {kind.backend} index (its {INDEX_FILE} says backend "
+                             f"{built_with!r}): open it with RetrievalIndex.load, or rebuild it with "
+                             f"backend={kind.backend!r}")
+        kind.check_record(directory, meta)   # before hashing: a bad record fails fast
         check_index_files(directory, meta, verify=verify)
         if verify:
             check_ids(directory, meta)
-        emb_path = member_path(directory, meta["embeddings_file"])
-        if not emb_path.is_file():   # version 1 has no `files` record to have caught it
-            raise CorruptFileError(emb_path, f"missing (named by {INDEX_FILE})")
-        try:
-            embeddings = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise CorruptFileError(emb_path, f"not a readable .npy array ({e})") from None
-        if embeddings.shape != (meta["count"], meta["dim"]) or embeddings.dtype != np.float32:
-            raise CorruptFileError(emb_path, f"holds {embeddings.dtype} {embeddings.shape}, but "
-                                             f"{meta_path} says float32 ({meta['count']}, {meta['dim']})")
-        if not embeddings.flags.c_contiguous:   # a Fortran-order header would scramble the rows
-            raise CorruptFileError(emb_path, "is not a row-major (C-order) array")
-        index = cls(embeddings, meta["ids"], meta["model_hash"], model_config=meta.get("model_config"),
-                    directory=directory)
+        index = kind.from_record(directory, meta, read_embeddings(directory, meta, mmap=mmap))
         if encoder is not None:
             index.check_encoder(encoder)
         return index
+
+    @classmethod
+    def check_record(cls, directory: Path, meta: dict) -> None:
+        """A backend's own index.json fields (the exact index has none beyond the common ones)."""
+
+    @classmethod
+    def from_record(cls, directory: Path, meta: dict, embeddings) -> "RetrievalIndex":
+        """The index of a checked folder (index.json `meta`, the embeddings read from it)."""
+        return cls(embeddings, meta["ids"], meta["model_hash"], model_config=meta.get("model_config"),
+                   directory=directory)
 
     # -- searching -----------------------------------------------------------------------
     def check_encoder(self, encoder) -> None:
@@ -301,50 +336,95 @@ class RetrievalIndex:
         return best_scores, best_index
 
     def _results(self, scores: Tensor, index: Tensor) -> List[List[Tuple[str, float]]]:
-        return [[(self.ids[i], float(s)) for s, i in zip(srow.tolist(), irow.tolist())]
+        # row -1: a place an approximate backend could not fill
+        return [[(self.ids[i], float(s)) for s, i in zip(srow.tolist(), irow.tolist()) if i >= 0]
                 for srow, irow in zip(scores, index)]
 
-    def search_text(self, encoder, texts: Sequence[str], k: int = 10) -> List[List[Tuple[str, float]]]:
-        """Top-k images for each text: [[(id, cosine), ...], ...]."""
+    def search_text(self, encoder, texts: Sequence[str], k: int = 10,
+                    **search_kwargs) -> List[List[Tuple[str, float]]]:
+        """Top-k images for each text: [[(id, cosine), ...], ...]; search_kwargs go to `search`."""
         self.check_encoder(encoder)
-        return self._results(*self.search(encoder.embed_texts(texts), k))
+        return self._results(*self.search(encoder.embed_texts(texts), k, **search_kwargs))
 
-    def search_image(self, encoder, images, k: int = 10) -> List[List[Tuple[str, float]]]:
+    def search_image(self, encoder, images, k: int = 10, **search_kwargs) -> List[List[Tuple[str, float]]]:
         """Top-k corpus images for each query image (paths, PIL images or a tensor)."""
         self.check_encoder(encoder)
-        return self._results(*self.search(encoder.embed_images(images), k))
+        return self._results(*self.search(encoder.embed_images(images), k, **search_kwargs))
+
+
+def check_row_ids(ids: Sequence[str], rows: int, what: str = "embeddings") -> None:
+    """One unique id per row of a non-empty corpus; ValueError saying which rule is broken."""
+    if rows == 0:
+        raise ValueError("empty corpus: an index needs at least one embedding")
+    if len(ids) != rows:
+        raise ValueError(f"{len(ids)} ids for {rows} {what}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids must be unique")
+
+
+def backend_class(backend: str) -> type:
+    """The index class of a backend name ("exact" or "faiss"); ValueError for another name.
+    "faiss" needs the faiss package (ImportError naming the `faiss` extra)."""
+    if backend == "exact":
+        return RetrievalIndex
+    if backend == "faiss":
+        from .index_faiss import FaissRetrievalIndex, require_faiss
+        require_faiss()   # before any embedding or hashing
+        return FaissRetrievalIndex
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _check_target(directory: Path) -> None:
+    """The folder is absent, empty, or an index (of any backend) that may be replaced."""
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a folder")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / INDEX_FILE).is_file():
-        # a killed first build may leave temporaries or an unreferenced embeddings file
+    if directory.is_dir() and not (directory / INDEX_FILE).is_file():
+        # a killed first build may leave temporaries or unreferenced data files
         leftovers = [p.name for p in directory.iterdir()
-                     if not p.name.startswith(TMP_PREFIX) and not p.name.startswith("embeddings-")]
+                     if not p.name.startswith((TMP_PREFIX, *DATA_FILE_PREFIXES))]
         if leftovers:
             raise FileExistsError(f"{directory} is not empty and is not an index ({leftovers[:3]}); "
                                   "refusing to write an index into it")
 
 
-def _write_embeddings(directory: Path, write_fn) -> Tuple[str, dict]:
-    """Write a new embeddings file; (its name, its `files` entry)."""
+def _start_build(directory: Path) -> str:
+    """Create the folder, clear what a killed build left, and return the new build's token
+    (in the names of its data files, so they never overwrite the files index.json names)."""
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory)   # what a killed build left behind
-    name = f"embeddings-{uuid.uuid4().hex[:12]}.npy"
-    return name, write_index_file(directory / name, write_fn)
+    remove_stale_temporaries(directory)
+    return uuid.uuid4().hex[:12]
 
 
-def _commit(directory: Path, name: str, entry: dict, n: int, d: int, ids, model_hash: str,
-            config) -> None:
+def _commit(directory: Path, embeddings_file: str, files: dict, n: int, d: int, ids, model_hash: str,
+            config, *, backend: str = "exact", record: Optional[dict] = None) -> None:
+    """Write index.json (the commit point), then remove the data files it no longer names."""
     ids = list(ids)
     atomic_write_json(directory / INDEX_FILE, {
-        "format": FORMAT, "version": VERSION, "embeddings_file": name, "count": n, "dim": d,
-        "dtype": "float32", "model_hash": model_hash, "model_config": config, "ids": ids,
-        "ids_sha256": ids_sha256(ids), "files": {name: entry}})
-    for old in directory.glob("embeddings-*.npy"):   # the previous build's file, now unreferenced
-        if old.name != name:
+        "format": FORMAT, "version": VERSION, "backend": backend, "embeddings_file": embeddings_file,
+        "count": n, "dim": d, "dtype": "float32", "model_hash": model_hash, "model_config": config,
+        "ids": ids, "ids_sha256": ids_sha256(ids), "files": files, **(record or {})})
+    for old in directory.iterdir():   # the previous build's files, now unreferenced
+        if old.name.startswith(DATA_FILE_PREFIXES) and old.name not in files:
             old.unlink(missing_ok=True)
+
+
+def read_embeddings(directory: PathLike, meta: dict, mmap: bool = True) -> np.ndarray:
+    """The embeddings file index.json names (memory-mapped with mmap=True), checked against
+    its count, dim and dtype; CorruptFileError naming the file."""
+    directory = Path(directory)
+    emb_path = member_path(directory, meta["embeddings_file"])
+    if not emb_path.is_file():   # version 1 has no `files` record to have caught it
+        raise CorruptFileError(emb_path, f"missing (named by {INDEX_FILE})")
+    try:
+        embeddings = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CorruptFileError(emb_path, f"not a readable .npy array ({e})") from None
+    if embeddings.shape != (meta["count"], meta["dim"]) or embeddings.dtype != np.float32:
+        raise CorruptFileError(emb_path, f"holds {embeddings.dtype} {embeddings.shape}, but "
+                                         f"{directory / INDEX_FILE} says float32 ({meta['count']}, {meta['dim']})")
+    if not embeddings.flags.c_contiguous:   # a Fortran-order header would scramble the rows
+        raise CorruptFileError(emb_path, "is not a row-major (C-order) array")
+    return embeddings
 
 
 # -- integrity (shared by every index backend: each lists its data files in `files`) ----------
@@ -408,6 +488,9 @@ def read_index_meta(directory: PathLike, verify: bool = True) -> dict:
             bad(f"field {key!r} must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
     if meta["count"] < 1 or meta["dim"] < 1:
         bad(f"count {meta['count']} and dim {meta['dim']} must be >= 1")
+    if meta.get("backend", "exact") not in BACKENDS:
+        raise CorruptFileError(meta_path, f"backend {meta.get('backend')!r}: this vlmo_fast reads the "
+                                          f"backends {BACKENDS}")
     if meta.get("dtype", "float32") != "float32":
         bad(f"dtype {meta.get('dtype')!r}, expected 'float32'")
     ids = meta["ids"]

@@ -46,7 +46,7 @@ from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from .block import MoMEBlock
-from .checkpoint import CheckpointMismatchError, reference_to_vlmo, unwrap_state_dict
+from .checkpoint import CheckpointMismatchError, read_config, reference_to_vlmo, unwrap_state_dict
 from .config import VLMoConfig
 from .embeddings import PatchEmbed, RelativePositionBias
 from .mome import VISION
@@ -270,7 +270,9 @@ def _is_reference(sd: Dict[str, Tensor]) -> bool:
 def checkpoint_filter_fn(state_dict, model: VLMoVisionTower) -> Dict[str, Tensor]:
     """A VLMo checkpoint (vlmo_fast names, or the reference's) -> this tower's names: the vision
     expert of every block, the image rows of the bias table, the image token type, the ITC
-    image projection. A tower state_dict passes through. Sizes are checked first:
+    image projection; everything else is left out (the text and VL experts, the language
+    attention `attn_text` of a per-modality-attention model: images use `attn`, as in
+    VLMo's image pass). A tower state_dict passes through. Sizes are checked first:
     CheckpointMismatchError says which differ and nothing is loaded."""
     sd = unwrap_state_dict(state_dict)
     if "type_embed" in sd:   # already this tower's names
@@ -376,15 +378,15 @@ def tower_kwargs(config: VLMoConfig) -> dict:
 
 def vision_tower_from_pretrained(directory, **kwargs) -> VLMoVisionTower:
     """`timm.create_model` of a tower with the sizes of a vlmo_fast checkpoint folder
-    (config.json) and its weights (model.safetensors); kwargs go to create_model
-    (num_classes, features_only, drop_path_rate, ...)."""
+    (config.json; save_pretrained's or export_hf's) and its weights (model.safetensors);
+    kwargs go to create_model (num_classes, features_only, drop_path_rate, ...)."""
     import timm
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}: expected a vlmo_fast checkpoint folder "
                                     "(written by save_pretrained)")
-    config = VLMoConfig.from_json(directory / "config.json")
+    config = read_config(directory / "config.json")
     return timm.create_model("vlmo_base_patch16_224", pretrained=True,
                              pretrained_cfg_overlay=dict(file=str(directory / "model.safetensors"),
                                                          input_size=(config.in_chans, config.img_size,

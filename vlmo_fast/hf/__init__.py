@@ -196,17 +196,6 @@ register()
 
 
 # -- export ----------------------------------------------------------------------------------
-def _image_processor_config(config: VLMoConfig) -> dict:
-    """vlmo_fast's evaluation transform in transformers' CLIP image-processor terms: RGB,
-    shorter side to img_size (bicubic), centre crop, x/255, (x - 0.5) / 0.5."""
-    size = config.img_size
-    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
-            "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
-            "do_center_crop": True, "crop_size": {"height": size, "width": size},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-
-
 def _model_card(config: VLMoConfig, has_tokenizer: bool) -> str:
     tokenizer = ("tok = AutoTokenizer.from_pretrained(path)\n"
                  f"batch = tok(texts, padding=\"max_length\", truncation=True, max_length={config.max_text_len}, "
@@ -234,7 +223,7 @@ def export_hf(model, directory: PathLike, tokenizer=None, *, overwrite: bool = F
     for its files. `tokenizer`: a vlmo_fast WordPieceTokenizer (or None). The folder is
     written beside `directory` and swapped in whole; an existing non-empty `directory`
     needs overwrite=True. Returns the folder."""
-    from ..export import staged_directory
+    from ..export import image_processor_config, staged_directory
     from ..io import atomic_write_json, atomic_write_text, write_manifest
     if not isinstance(model, VLMo):
         raise TypeError(f"model must be a vlmo_fast.VLMo, got {type(model).__name__}")
@@ -255,7 +244,7 @@ def export_hf(model, directory: PathLike, tokenizer=None, *, overwrite: bool = F
             tok_config.update(model_max_length=config.max_text_len, padding_side="right",
                               truncation_side="right")
             atomic_write_json(stage / "tokenizer_config.json", tok_config)
-        atomic_write_json(stage / "preprocessor_config.json", _image_processor_config(config))
+        atomic_write_json(stage / "preprocessor_config.json", image_processor_config(config))
         atomic_write_text(stage / "README.md", _model_card(config, tokenizer is not None))
         write_manifest(stage)   # last: it vouches for every file above
     return Path(directory)
