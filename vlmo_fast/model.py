@@ -546,6 +546,11 @@ class StepModule(nn.Module):
     "Expected to have finished reduction"; ZeRO-3: parameters not gathered). Wrap this
     module instead: `DDP(StepModule(model, step))(batch)` returns what `step` returns (e.g.
     the loss and its parts). Checkpoint `step_module.model` (its state_dict has no prefix).
+
+    The training jobs' step protocol (`vlmo_fast.training.loop`): a step_fn that returns
+    {"loss": scalar with graph, "metrics": {name: 0-d tensor}} makes this module a step that
+    `TrainLoop` (and `deepspeed.initialize`) can run, as `PretrainStep` and the fine-tuning
+    steps are.
     """
 
     def __init__(self, model: nn.Module, step_fn: Callable):
