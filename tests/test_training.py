@@ -404,3 +404,27 @@ def test_init_beit_never_unpickles_code_without_trust_pickle(tmp_path):
     with pytest.raises(Exception):   # the payload's state_dict is not a BEiT's
         Job.build_model(job, "text", VLMoConfig.preset("tiny", vocab_size=VOCAB), None)
     assert marker.exists()
+
+
+def test_hard_negative_warmup_draws_uniform_negatives_then_hard_ones():
+    """--hard-negative-warmup N: steps 1..N sample ITM negatives as hard_negatives="none"
+    (uniform over the other images), later steps as "global"; the step comes from the loop
+    (set_step), so a resumed run continues the warm-up where it was."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    img, txt = torch.nn.functional.normalize(torch.randn(2, 6, 8), dim=-1)
+    ids = torch.arange(6)
+
+    def negatives(mode, warmup, step):
+        s = PretrainStep(model, "vl", hard_negatives=mode, hard_negative_warmup=warmup,
+                         generator=torch.Generator().manual_seed(3))
+        s.set_step(step)
+        return [t.tolist() for t in s._sample_negatives(img, txt, ids, ids, 6, 1, 0)]
+
+    with torch.no_grad():
+        model.itc.logit_scale.fill_(4.6)    # sharp similarities: hard and uniform draws differ
+    assert negatives("global", 5, 3) == negatives("none", 0, 3)
+    assert negatives("global", 5, 5) == negatives("none", 0, 5)
+    assert negatives("global", 5, 6) == negatives("global", 0, 6) != negatives("none", 0, 6)
+    with pytest.raises(ValueError, match="hard_negative_warmup"):
+        PretrainStep(model, "vl", hard_negative_warmup=-1)

@@ -191,6 +191,9 @@ class TrainLoop:
                 micro = [faults.poison_batch(to_device(batches.next(), self.device), self.step + 1)
                          for _ in range(args.grad_accum)]
                 lr_now = self.engine.lr_scheduler.get_last_lr()[0]  # the lr this step uses
+                set_step = getattr(self.step_module, "set_step", None)
+                if callable(set_step):      # steps whose behaviour depends on the step (warm-ups)
+                    set_step(self.step + 1)
                 outs = (self.accumulate(self.engine, micro) if self.accumulate is not None
                         else self._micro_steps(micro))
                 self.step += 1

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
       "per_modality gives each modality its own self-attention weights in every block (default: "
       "shared, or the --init checkpoint's)")
     a("--hard-negatives", default="global", choices=["global", "local", "none"])
+    a("--hard-negative-warmup", type=int, default=0, metavar="STEPS",
+      help="vl stage: draw ITM negatives uniformly for the first STEPS steps, then hard ones")
     a("--itc-accum", default="standard", choices=["standard", "cached"],
       help="standard: ITC over each micro-batch's global batch; cached: GradCache, one ITC over "
       "the whole accumulated batch")
@@ -118,6 +120,8 @@ def validate_args(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.hard_negative_warmup < 0:
+        bad(f"--hard-negative-warmup must be >= 0, got {args.hard_negative_warmup}")
     for stage in STAGE_ORDER:
         v = getattr(args, f"{stage}_lr")
         if v is not None and v <= 0:
@@ -298,7 +302,8 @@ class Job:
         gen = torch.Generator(device=self.device).manual_seed(stage_seed + 7)
         step_module = PretrainStep(model, stage, hard_negatives=args.hard_negatives, layout=args.layout,
                                    loss_weights=parse_loss_weights(args.loss_weights),
-                                   mlm_probability=args.mlm_probability, generator=gen).to(self.device)
+                                   mlm_probability=args.mlm_probability, generator=gen,
+                                   hard_negative_warmup=args.hard_negative_warmup).to(self.device)
         trainable = sum(p.numel() for p in step_module.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in step_module.parameters() if not p.requires_grad)
 

@@ -169,7 +169,8 @@ class PretrainStep(nn.Module):
 
     def __init__(self, model: nn.Module, stage: str, *, hard_negatives: str = "global",
                  layout: str = "auto", loss_weights: Optional[Dict[str, float]] = None,
-                 mlm_probability: float = 0.15, generator: Optional[torch.Generator] = None):
+                 mlm_probability: float = 0.15, generator: Optional[torch.Generator] = None,
+                 hard_negative_warmup: int = 0):
         super().__init__()
         if stage not in ("vision", "text", "vl"):
             raise ValueError(f"stage must be 'vision', 'text' or 'vl', got {stage!r}")
@@ -184,6 +185,12 @@ class PretrainStep(nn.Module):
             weights[k] = float(v)
         self.model, self.stage = model, stage
         self.hard_negatives, self.layout = hard_negatives, layout
+        if isinstance(hard_negative_warmup, bool) or not isinstance(hard_negative_warmup, int) \
+                or hard_negative_warmup < 0:
+            raise ValueError(f"hard_negative_warmup must be an int >= 0, got {hard_negative_warmup!r}")
+        # optimizer steps 1..hard_negative_warmup draw ITM negatives uniformly (as "none") before
+        # the hard ones: the optimizer step is set by the training loop (`set_step`)
+        self.hard_negative_warmup, self.step = hard_negative_warmup, 0
         self.loss_weights, self.mlm_probability = weights, mlm_probability
         self.generator = generator
         if stage == "vision":
@@ -191,6 +198,11 @@ class PretrainStep(nn.Module):
             self.mim_head = MIMHead(c.dim, c.patch_size, c.in_chans, c.init_std)
         else:
             self.mim_head = None
+
+    def set_step(self, step: int) -> None:
+        """The optimizer step (1-based) the next forward belongs to (TrainLoop calls it; a
+        resumed run sets it from the checkpoint's step, so the warm-up resumes exactly)."""
+        self.step = int(step)
 
     # which parameters ZeRO-3 must gather for the whole step (used outside their owner's forward)
     def external_parameters(self):
@@ -341,7 +353,7 @@ class PretrainStep(nn.Module):
                 image_ids_all, 0, rank
         sim_i2t = scale * img.float() @ txt_all.float().t()
         sim_t2i = scale * txt.float() @ img_all.float().t()
-        if self.hard_negatives == "none":
+        if self.hard_negatives == "none" or self.step <= self.hard_negative_warmup:
             sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
         exclude = image_ids[:, None] == ids_all[None, :]
         # a row whose every column shows its own image keeps only the positive excluded
