@@ -14,6 +14,7 @@ every later batch are the ones the uninterrupted run would have produced.
 """
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Iterator, List, Optional
 
@@ -76,7 +77,7 @@ class ShardedBatchSampler(Sampler):
             yield keys[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
 
-class BadSampleLimit:
+class BadSampleLimit(abc.ABC):
     """The skip-and-count machinery every loader shares: unreadable samples are counted per
     epoch (`num_skipped`, `epoch_skipped`, the first errors in `epoch_bad_samples`), and past
     `max_bad_fraction` of the samples this rank reads per epoch the loader stops with a
@@ -104,9 +105,9 @@ class BadSampleLimit:
         self.epoch_skipped = int(state.get("epoch_skipped", 0)) if mid_epoch else 0
         self.epoch_bad_samples = [str(x) for x in state.get("epoch_bad_samples", ())][:_MAX_LISTED] if mid_epoch else []
 
+    @abc.abstractmethod
     def _rank_epoch_samples(self) -> Optional[int]:
         """Samples this rank reads per epoch (the limit's denominator); None: not known yet."""
-        raise NotImplementedError
 
     def _rank_epoch_samples_phrase(self, n: int) -> str:
         return f"the {n} samples this rank reads per epoch"
