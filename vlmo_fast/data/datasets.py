@@ -13,11 +13,13 @@ Item format of the pretraining datasets (dicts; the collators in `collate.py` ba
 """
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from .formats import DataError
 from .transforms import swap_left_right
 from .world import EmbeddedWorld
 
@@ -69,3 +71,30 @@ class EmbeddedPretrainDataset(Dataset):
             item["image_id"] = index
             item["caption_id"] = index * self.captions_per_image + j
         return item
+
+
+_log = logging.getLogger("vlmo_fast.data")
+MAX_SUBSTITUTES = 16   # unreadable samples in a row before a file dataset calls the data broken
+
+
+def load_or_substitute(load: Callable[[int], dict], key: int, n: int, seed: int, skip_bad: bool,
+                       source: str = "") -> dict:
+    """`load(index)` of item `key % n`; an unreadable one (DataError) is skipped, logged and
+    replaced by a deterministic pseudo-random other index derived from the key (so workers
+    and resumed runs substitute alike). The item records the skips (`skipped`,
+    `skipped_samples`) for the loader's bad-sample limit. skip_bad=False re-raises."""
+    index, skipped = key % n, []
+    for attempt in range(MAX_SUBSTITUTES + 1):
+        try:
+            item = load(index)
+            item.update(key=key, skipped=len(skipped), skipped_samples=skipped)
+            return item
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            _log.warning("skipping unreadable sample: %s", e)
+            index = int(item_rng(seed, key, 100 + attempt).integers(n))
+    where = f"{source}: " if source else ""
+    raise DataError(f"{where}{len(skipped)} unreadable images in a row for item {key % n} and its substitutes "
+                    f"(last: {skipped[-1]}); the data looks broken")

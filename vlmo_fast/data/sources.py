@@ -12,22 +12,19 @@ them. With skip_bad=False the DataError (naming file and record) is raised inste
 from __future__ import annotations
 
 import codecs
-import logging
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import STAGES, item_rng
+from .datasets import STAGES, item_rng, load_or_substitute
 from .formats import (IMAGE_EXTENSIONS, DataError, Records, StringTable, group_by_image, read_image_folder,
                       read_karpathy, read_manifest, read_tar_shards, read_texts)
 from .transforms import ImageTransform
 
-log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
-_MAX_SUBSTITUTES = 16
 
 
 class FilePairsDataset(Dataset):
@@ -64,25 +61,8 @@ class FilePairsDataset(Dataset):
         return item
 
     def __getitem__(self, key: int) -> dict:
-        key = int(key)
-        n = len(self.rows)
-        index = key % n
-        skipped: List[str] = []
-        for attempt in range(_MAX_SUBSTITUTES + 1):
-            row = int(self.rows[index])
-            try:
-                item = self._load(row, key)
-                item.update(key=key, skipped=len(skipped), skipped_samples=skipped)
-                return item
-            except DataError as e:
-                if not self.skip_bad:
-                    raise
-                skipped.append(str(e))
-                log.warning("skipping unreadable sample: %s", e)
-                # a deterministic substitute: a pseudo-random other index derived from the key
-                index = int(item_rng(self.seed, key, 100 + attempt).integers(n))
-        raise DataError(f"{self.records.source}: {len(skipped)} unreadable images in a row for item {key % n} and "
-                        f"its substitutes (last: {skipped[-1]}); the data looks broken")
+        return load_or_substitute(lambda index: self._load(int(self.rows[index]), int(key)), int(key),
+                                  len(self.rows), self.seed, self.skip_bad, self.records.source)
 
 
 class TextDataset(Dataset):

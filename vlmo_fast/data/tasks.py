@@ -20,7 +20,6 @@ collator, skipped_samples, which the Loader takes out: see collate.PretrainColla
 from __future__ import annotations
 
 import abc
-import logging
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import item_rng
+from .datasets import item_rng, load_or_substitute
 from .formats import (DataError, NLVR2Record, PackedList, VQARecord, build_answer_vocab, read_nlvr2, read_vqav2,
                       vqa_targets)
 from .loader import Loader
@@ -36,9 +35,7 @@ from .tokenizer import WordPieceTokenizer
 from .transforms import ImageTransform
 from .world import SPLITS, EmbeddedWorld, WorldConfig
 
-log = logging.getLogger(__name__)
 TASKS = ("vqa", "nlvr2")
-_MAX_SUBSTITUTES = 16
 
 
 class EmbeddedVQADataset(Dataset):
@@ -103,21 +100,8 @@ class _FileTaskDataset(Dataset, abc.ABC):
         """Item of record `index`; `key` seeds its random transforms."""
 
     def __getitem__(self, key: int) -> dict:
-        key, n = int(key), len(self.records)
-        index, skipped = key % n, []
-        for attempt in range(_MAX_SUBSTITUTES + 1):
-            try:
-                item = self._load(index, key)
-                item.update(key=key, skipped=len(skipped), skipped_samples=skipped)
-                return item
-            except DataError as e:
-                if not self.skip_bad:
-                    raise
-                skipped.append(str(e))
-                log.warning("skipping unreadable sample: %s", e)
-                index = int(item_rng(self.seed, key, 100 + attempt).integers(n))
-        raise DataError(f"{len(skipped)} unreadable images in a row around item {key % n} (last: {skipped[-1]}); "
-                        f"the data looks broken")
+        return load_or_substitute(lambda index: self._load(index, int(key)), int(key), len(self.records),
+                                  self.seed, self.skip_bad)
 
 
 class VQAv2Dataset(_FileTaskDataset):
