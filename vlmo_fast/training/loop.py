@@ -69,6 +69,7 @@ class TrainLoop:
         self.log = log or ((lambda *m: print(*m, flush=True)) if self.is_main else (lambda *m: None))
         self.step, self.skipped = 0, 0
         self.last_good: Optional[str] = None
+        self._own_grad_norm: Optional[torch.Tensor] = None   # computed here without ZeRO
         zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
         self.zero_stage = int(zero or 0)
         from .checkpoint import new_lineage
@@ -145,7 +146,7 @@ class TrainLoop:
             metrics[k] = torch.stack([o["metrics"][k].float().reshape(()) for o in outs]).mean()
         norm = self.engine.get_global_grad_norm()
         if norm is None:
-            norm = getattr(self, "_own_grad_norm", None)
+            norm = self._own_grad_norm
         if norm is not None:
             metrics["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32).reshape(())
         return metrics
