@@ -109,6 +109,7 @@ def test_plan_shares_the_baseline_and_budgets_are_sized():
 @pytest.mark.parametrize("extra, message", [
     (["--arms", "ffn,ffn"], "names an arm twice"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
     (["--budget", "base"], "documented only"),
     (["--eval-data", __file__], "is for --data PATH"),
     (["--data", "/nonexistent.jsonl", "--tokenizer", "embedded"], "--data: .*no such file"),
@@ -270,3 +271,15 @@ def test_tiny_budget_on_a_manifest_of_real_png_files(tmp_path, capsys):
     assert retrieval["sizes"] == {"images": 12, "texts": 12}
     assert (out / "tokenizer" / "vocab.txt").is_file()
     assert "retrieval_test_mean" in summary["arms"]["attention"]["comparisons"]["per_modality_attention"]
+
+    # --jobs 2: the same runs, each in a child process of the runner, give the same results
+    out2 = tmp_path / "abl-jobs"
+    summary2, text2 = _run(capsys, "--output-dir", str(out2), "--arms", "attention", "--data", str(manifest),
+                           "--tokenizer", f"train:{data / 'captions.txt'}", "--vocab-size", "100", "--jobs", "2")
+    assert "[2/2] " in text2 and text2.count(" left") == 2 and "saved " in text2
+    for name in ("vlmo-seed0", "per_modality_attention-seed0"):
+        first = json.loads((out / "results" / f"{name}.json").read_text())
+        second = json.loads((out2 / "results" / f"{name}.json").read_text())
+        assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6), name
+        assert (out2 / "runs" / name.split("-seed")[0] / "seed0" / "runner.log").is_file()
+    assert summary2["arms"] == summary["arms"]

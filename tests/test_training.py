@@ -428,3 +428,41 @@ def test_hard_negative_warmup_draws_uniform_negatives_then_hard_ones():
     assert negatives("global", 5, 6) == negatives("global", 0, 6) != negatives("none", 0, 6)
     with pytest.raises(ValueError, match="hard_negative_warmup"):
         PretrainStep(model, "vl", hard_negative_warmup=-1)
+
+
+def test_hard_negative_scale_interpolates_between_uniform_and_reference_negatives():
+    """--hard-negative-scale S draws ITM negatives from softmax(S x ITC logits): S=1 is the
+    reference's draw, S=0 the uniform one, and a middle S puts the negatives' mean similarity
+    strictly between the two (counted over many draws)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    b = 12
+    img, txt = torch.nn.functional.normalize(torch.randn(2, b, 8), dim=-1)
+    ids = torch.arange(b)
+    with torch.no_grad():
+        model.itc.logit_scale.fill_(3.0)
+
+    def negatives(scale, seed=3, mode="global"):
+        s = PretrainStep(model, "vl", hard_negatives=mode, hard_negative_scale=scale,
+                         generator=torch.Generator().manual_seed(seed))
+        s.set_step(1)
+        return s._sample_negatives(img, txt, ids, ids, b, 1, 0)
+
+    assert [t.tolist() for t in negatives(1.0)] == [t.tolist() for t in PretrainStep(
+        model, "vl", generator=torch.Generator().manual_seed(3))._sample_negatives(img, txt, ids, ids, b, 1, 0)]
+    assert [t.tolist() for t in negatives(0.0)] == [t.tolist() for t in negatives(1.0, mode="none")]
+    sim = img @ txt.t()
+
+    def mean_similarity(scale):
+        total = 0.0
+        for seed in range(300):
+            neg_txt, _ = negatives(scale, seed)
+            assert not (neg_txt == torch.arange(b)).any()      # never the positive
+            total += sim[torch.arange(b), neg_txt].mean().item()
+        return total / 300
+
+    uniform, middle, reference = mean_similarity(0.0), mean_similarity(0.4), mean_similarity(1.0)
+    assert uniform + 0.02 < middle < reference - 0.02
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="hard_negative_scale"):
+            PretrainStep(model, "vl", hard_negative_scale=bad)

@@ -16,7 +16,7 @@ DEMO_OUT = "runs/demo"
 DEMO_ARGS = ["--stage", "all", "--preset", "tiny", "--model-overrides", '{"img_size": 64}',
              "--output-dir", DEMO_OUT, "--resume", "never", "--vision-steps", "100",
              "--text-steps", "100", "--vl-steps", "800", "--batch-size", "32", "--lr", "2e-3",
-             "--log-every", "50", "--save-every", "400"]
+             "--log-every", "50", "--save-every", "400", "--hard-negative-scale", "0.1"]
 
 
 def _set_aside_previous_demo() -> None:

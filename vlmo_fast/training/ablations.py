@@ -389,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
       "--nlvr2-eval-data; skipped without them)")
     a("--nlvr2-eval-data", default=None, help="the NLVR2 JSONL the fine-tuned model is evaluated on")
     a("--image-root", default=None, help="folder the NLVR2 / evaluation files' image paths are relative to")
+    a("--jobs", type=int, default=1, help="runs at a time, each in its own process (one core each: "
+      "on a 2-core machine --jobs 2 nearly halves the wall time; the results do not depend on it)")
     a("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
+    # internal: the one run a --jobs child process executes (no summary)
+    a("--only-run", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -398,6 +402,8 @@ def validate_args(args) -> Tuple[Budget, Tuple[str, ...]]:
     arms = parse_arms(args.arms, budget)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.vocab_size < 8:
         raise ValueError(f"--vocab-size must be >= 8, got {args.vocab_size}")
     embedded = args.data == "embedded"
@@ -877,6 +883,10 @@ def run(args) -> Dict:
     out_dir = Path(args.output_dir)
     settings = _settings(args, budget)
     runs = plan_runs(arms, seeds)
+    if args.only_run is not None:
+        runs = [r for r in runs if r.name == args.only_run]
+        if not runs:
+            raise ValueError(f"--only-run {args.only_run}: not a run of this plan")
     print(f"ablations: budget {args.budget} ({budget.note}); arms {','.join(arms)}; {seeds} seed(s); "
           f"{len(runs)} runs -> {out_dir}", flush=True)
     if args.dry_run:
@@ -902,6 +912,10 @@ def run(args) -> Dict:
         # as the demo: one intra-op thread on the shared 2-core machine (two were slower)
         torch.set_num_threads(1)
     try:
+        if args.only_run is not None:
+            return _execute_and_record(runs[0], budget, settings, out_dir, tokenizer_dir)
+        if args.jobs > 1:
+            return _run_plan_in_processes(runs, args, settings, out_dir, arms)
         return _run_plan(runs, budget, settings, out_dir, tokenizer_dir, arms)
     finally:
         torch.set_num_threads(threads)
@@ -918,16 +932,13 @@ def _run_plan(runs: Sequence[Run], budget: Budget, settings: Settings, out_dir: 
             results.append(result)
             print(f"[{i}/{len(runs)}] {r.name}: finished earlier ({_headline_text(result, headline)})", flush=True)
             continue
-        t0 = time.perf_counter()
         try:
-            result = execute_run(r, budget, settings, out_dir, tokenizer_dir)
+            result = _execute_and_record(r, budget, settings, out_dir, tokenizer_dir)
         except BaseException:
             print(f"[{i}/{len(runs)}] {r.name}: failed; its logs are in "
                   f"{out_dir / 'runs' / r.variant / f'seed{r.seed}'} (a rerun resumes it)",
                   file=sys.stderr, flush=True)
             raise
-        result["timings"]["total_s"] = time.perf_counter() - t0
-        atomic_write_json(path, result)
         results.append(result)
         spent.append(result["timings"]["total_s"])
         left = len(runs) - i
@@ -938,6 +949,98 @@ def _run_plan(runs: Sequence[Run], budget: Budget, settings: Settings, out_dir: 
     print(markdown(summary), end="", flush=True)
     print(f"saved {out_dir / 'summary.md'}, {out_dir / 'summary.json'}, {out_dir / 'ablations.png'}", flush=True)
     return summary
+
+
+def _execute_and_record(run: Run, budget: Budget, settings: Settings, out_dir: Path,
+                        tokenizer_dir: Path) -> Dict:
+    """execute_run, timed, its result written atomically to results/<run>.json."""
+    t0 = time.perf_counter()
+    result = execute_run(run, budget, settings, out_dir, tokenizer_dir)
+    result["timings"]["total_s"] = time.perf_counter() - t0
+    atomic_write_json(out_dir / "results" / f"{run.name}.json", result)
+    return result
+
+
+def _run_plan_in_processes(runs: Sequence[Run], args, settings: Settings, out_dir: Path,
+                           arms: Sequence[str]) -> Dict:
+    """--jobs N: up to N runs at a time, each a child process of this runner with --only-run
+    (its own seeds, process group and threads: a run's results are those of a sequential
+    plan). Progress and the summary as in `_run_plan`; the first failure stops launching new
+    runs, lets the running ones finish (their results are kept) and raises."""
+    headline = headline_metric(settings.eval_splits)
+    results: Dict[str, Dict] = {}
+    pending = []
+    for r in runs:
+        found = _load_result(out_dir / "results" / f"{r.name}.json", settings)
+        if found is None:
+            pending.append(r)
+        else:
+            results[r.name] = found
+            print(f"[{len(results)}/{len(runs)}] {r.name}: finished earlier "
+                  f"({_headline_text(found, headline)})", flush=True)
+    base = [sys.executable, "-m", "vlmo_fast.training.ablations", *_child_args(args)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    running: Dict[str, Tuple[subprocess.Popen, float, Run]] = {}
+    failed: List[str] = []
+    spent: List[float] = []
+    while pending or running:
+        while pending and len(running) < args.jobs and not failed:
+            r = pending.pop(0)
+            log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a", encoding="utf-8") as f:
+                proc = subprocess.Popen(base + ["--only-run", r.name], cwd=ROOT, env=env,
+                                        stdout=f, stderr=subprocess.STDOUT)
+            running[r.name] = (proc, time.perf_counter(), r)
+        if failed and not running:
+            break
+        time.sleep(2.0)
+        for name, (proc, t0, r) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[name]
+            log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
+            if rc != 0:
+                failed.append(name)
+                print(f"{name}: failed (exit {rc}); its logs are in {log.parent} (a rerun resumes it)",
+                      file=sys.stderr, flush=True)
+                continue
+            result = _load_result(out_dir / "results" / f"{name}.json", settings)
+            if result is None:
+                failed.append(name)
+                print(f"{name}: exited without its result JSON; see {log}", file=sys.stderr, flush=True)
+                continue
+            results[name] = result
+            spent.append(time.perf_counter() - t0)
+            left = len(pending) + len(running)
+            eta = _duration(math.ceil(left / args.jobs) * sum(spent) / len(spent)) if left else "0s"
+            print(f"[{len(results)}/{len(runs)}] {name}: {_headline_text(result, headline)} in "
+                  f"{_duration(spent[-1])}; ~{eta} left", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; a rerun resumes them "
+                           "and skips the finished ones")
+    ordered = [results[r.name] for r in runs]
+    summary = write_summary(out_dir, ordered, arms, settings.eval_splits)
+    print(markdown(summary), end="", flush=True)
+    print(f"saved {out_dir / 'summary.md'}, {out_dir / 'summary.json'}, {out_dir / 'ablations.png'}", flush=True)
+    return summary
+
+
+def _child_args(args) -> List[str]:
+    """This runner's own arguments for a --jobs child (everything but --jobs and --dry-run)."""
+    out = []
+    for action in build_parser()._actions:
+        dest = action.dest
+        if dest in ("help", "jobs", "dry_run", "only_run") or not action.option_strings:
+            continue
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        out += [action.option_strings[0], str(value)]
+    return out
 
 
 def _headline_text(result: Dict, headline: str) -> str:
@@ -953,3 +1056,7 @@ def _headline_text(result: Dict, headline: str) -> str:
 def main(argv=None) -> Dict:
     from ..errors import run_or_exit
     return run_or_exit(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hard-negatives", default="global", choices=["global", "local", "none"])
     a("--hard-negative-warmup", type=int, default=0, metavar="STEPS",
       help="vl stage: draw ITM negatives uniformly for the first STEPS steps, then hard ones")
+    a("--hard-negative-scale", type=float, default=1.0, metavar="S",
+      help="vl stage: draw ITM negatives from softmax(S x ITC logits): 1 = the reference's hard "
+      "negatives, 0 = uniform, in between = milder ones (the demo's tiny model uses a lower S)")
     a("--itc-accum", default="standard", choices=["standard", "cached"],
       help="standard: ITC over each micro-batch's global batch; cached: GradCache, one ITC over "
       "the whole accumulated batch")
@@ -122,6 +125,8 @@ def validate_args(args) -> None:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.hard_negative_warmup < 0:
         bad(f"--hard-negative-warmup must be >= 0, got {args.hard_negative_warmup}")
+    if not 0.0 <= args.hard_negative_scale <= 1.0:
+        bad(f"--hard-negative-scale must be in [0, 1], got {args.hard_negative_scale}")
     for stage in STAGE_ORDER:
         v = getattr(args, f"{stage}_lr")
         if v is not None and v <= 0:
@@ -303,7 +308,8 @@ class Job:
         step_module = PretrainStep(model, stage, hard_negatives=args.hard_negatives, layout=args.layout,
                                    loss_weights=parse_loss_weights(args.loss_weights),
                                    mlm_probability=args.mlm_probability, generator=gen,
-                                   hard_negative_warmup=args.hard_negative_warmup).to(self.device)
+                                   hard_negative_warmup=args.hard_negative_warmup,
+                                   hard_negative_scale=args.hard_negative_scale).to(self.device)
         trainable = sum(p.numel() for p in step_module.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in step_module.parameters() if not p.requires_grad)
 

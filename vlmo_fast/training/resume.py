@@ -70,8 +70,8 @@ NEVER_REASONS = {
     "precision": "the master weights and the loss scale belong to the precision",
     "bf16": "the master weights and the loss scale belong to the precision",
     "ds_config.bf16.enabled": "the master weights and the loss scale belong to the precision",
-    "hard_negatives": _STEP, "itc_accum": _STEP, "layout": _STEP, "loss_weights": _STEP,
-    "mlm_probability": _STEP, "mask_ratio": _STEP,
+    "hard_negatives": _STEP, "hard_negative_warmup": _STEP, "hard_negative_scale": _STEP,
+    "itc_accum": _STEP, "layout": _STEP, "loss_weights": _STEP, "mlm_probability": _STEP, "mask_ratio": _STEP,
 }
 
 

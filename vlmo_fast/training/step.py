@@ -170,7 +170,7 @@ class PretrainStep(nn.Module):
     def __init__(self, model: nn.Module, stage: str, *, hard_negatives: str = "global",
                  layout: str = "auto", loss_weights: Optional[Dict[str, float]] = None,
                  mlm_probability: float = 0.15, generator: Optional[torch.Generator] = None,
-                 hard_negative_warmup: int = 0):
+                 hard_negative_warmup: int = 0, hard_negative_scale: float = 1.0):
         super().__init__()
         if stage not in ("vision", "text", "vl"):
             raise ValueError(f"stage must be 'vision', 'text' or 'vl', got {stage!r}")
@@ -191,6 +191,13 @@ class PretrainStep(nn.Module):
         # optimizer steps 1..hard_negative_warmup draw ITM negatives uniformly (as "none") before
         # the hard ones: the optimizer step is set by the training loop (`set_step`)
         self.hard_negative_warmup, self.step = hard_negative_warmup, 0
+        if isinstance(hard_negative_scale, bool) or not isinstance(hard_negative_scale, (int, float)) \
+                or not 0.0 <= hard_negative_scale <= 1.0:
+            raise ValueError(f"hard_negative_scale must be a number in [0, 1], got {hard_negative_scale!r}")
+        # the ITM negatives are drawn from softmax(scale * ITC logits): 1 is the reference,
+        # 0 uniform; in between, negatives lean towards the similar ones without being the
+        # nearest (a tiny model's ITM cannot learn from the nearest ones: see the README)
+        self.hard_negative_scale = float(hard_negative_scale)
         self.loss_weights, self.mlm_probability = weights, mlm_probability
         self.generator = generator
         if stage == "vision":
@@ -353,8 +360,11 @@ class PretrainStep(nn.Module):
                 image_ids_all, 0, rank
         sim_i2t = scale * img.float() @ txt_all.float().t()
         sim_t2i = scale * txt.float() @ img_all.float().t()
-        if self.hard_negatives == "none" or self.step <= self.hard_negative_warmup:
+        # (step 0: a forward outside the training loop, which never set a step: no warm-up)
+        if self.hard_negatives == "none" or 0 < self.step <= self.hard_negative_warmup:
             sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
+        elif self.hard_negative_scale != 1.0:
+            sim_i2t, sim_t2i = self.hard_negative_scale * sim_i2t, self.hard_negative_scale * sim_t2i
         exclude = image_ids[:, None] == ids_all[None, :]
         # a row whose every column shows its own image keeps only the positive excluded
         # (its negative is then another caption of the same image: better than no ITM row)
