@@ -191,6 +191,11 @@ def test_tiny_budget_end_to_end_then_a_rerun_skips_finished_runs(tmp_path, capsy
                         f"zeroshot_{split}_top1", f"nlvr2_{split}_acc"):
                 assert 0.0 <= m[key] <= 1.0, (name, key)
         assert not result["skipped"] and result["settings"]["budget"] == "tiny"
+        # ITM accuracy over the last 10 % of the vl stage's logged steps (4 steps: the last one)
+        rows = [json.loads(line) for line in (out / "runs" / result["variant"] / "seed0" / "pretrain" / "vl"
+                                              / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in rows if "itm_acc" in r][-1]
+        assert m["itm_train_acc"] == pytest.approx(last["itm_acc"]) and m["itm_train_loss"] == pytest.approx(last["itm"])
     # each variant's switch reached its model (config.json of the exported weights)
     def config(name):
         return json.loads((out / "runs" / name / "seed0" / "pretrain" / "vl" / "final" / "config.json").read_text())
@@ -199,6 +204,7 @@ def test_tiny_budget_end_to_end_then_a_rerun_skips_finished_runs(tmp_path, capsy
     assert set(summary["arms"]) == {"ffn", "attention"}
     md = (out / "summary.md").read_text()
     assert "MoME without the VL expert" in md and "inconclusive" in md   # one seed: never a verdict
+    assert "ITM acc (train, last 10 % of vl)" in md and "ITC+ITM re-rank mean R (test)" in md
     assert (out / "ablations.png").stat().st_size > 1000
 
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
@@ -207,6 +213,17 @@ def test_tiny_budget_end_to_end_then_a_rerun_skips_finished_runs(tmp_path, capsy
     _, text = _run(capsys, "--output-dir", str(out))
     assert all(f"{name}: finished earlier" in text for name in names)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and metrics_log.read_text() == log_before
+
+    # a result written before the runner recorded the ITM tail gets it from the run's vl log
+    path = out / "results" / "vlmo-seed0.json"
+    result = json.loads(path.read_text())
+    full = dict(result["metrics"])
+    for key in ("itm_train_acc", "itm_train_loss"):
+        del result["metrics"][key]
+    path.write_text(json.dumps(result))
+    _, text = _run(capsys, "--output-dir", str(out))
+    assert text.count("finished earlier") == 4
+    assert json.loads(path.read_text())["metrics"] == full
 
     # a run without its result JSON is finished from what its jobs left: pretraining and the
     # fine-tune are done (final/DONE), only the missing evaluation runs again
@@ -266,7 +283,8 @@ def test_tiny_budget_on_a_manifest_of_real_png_files(tmp_path, capsys):
     assert result["eval_on_training_data"] is True
     assert sorted(result["skipped"]) == ["nlvr2_test", "zeroshot_test"]
     assert set(result["metrics"]) == {"retrieval_test_r1", "retrieval_test_r10", "retrieval_test_mean",
-                                      "rerank_test_mean"}
+                                      "rerank_test_mean", "itm_train_acc", "itm_train_loss"}
+    assert result["chance"]["itm_train_acc"] == pytest.approx(2 / 3)
     retrieval = json.loads((out / "runs" / "vlmo" / "seed0" / "eval" / "retrieval-test.json").read_text())
     assert retrieval["sizes"] == {"images": 12, "texts": 12}
     assert (out / "tokenizer" / "vocab.txt").is_file()

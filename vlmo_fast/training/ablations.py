@@ -652,12 +652,48 @@ def execute_run(run: Run, budget: Budget, settings: Settings, out_dir: Path, tok
 
     vl_log = pretrain_dir / "vl" / "metrics.jsonl"
     last = _last_metrics(vl_log)
+    metrics.update(vl_training_tail(vl_log))
+    if "itm_train_acc" in metrics:
+        chance["itm_train_acc"] = ITM_PRIOR_ACCURACY
     return {"run": run.name, "variant": run.variant, "label": variant.label, "seed": run.seed,
             "processes": variant.processes, "settings": settings.to_dict(),
             "pretrain_argv": argv, "weights": str(final), "metrics": metrics, "chance": chance,
             "skipped": skipped, "evaluations": evaluations, "last_vl_step": last,
             "timings": timings, "eval_on_training_data": settings.data != "embedded"
             and settings.eval_data == settings.data}
+
+
+# ITM rows per image-text pair: 1 positive, 2 negatives; predicting "no match" always is right
+# on 2 of 3, the accuracy a model that learned nothing reaches
+ITM_PRIOR_ACCURACY = 2.0 / 3.0
+TAIL_FRACTION = 0.1
+
+
+def vl_training_tail(path: Path) -> Dict[str, float]:
+    """ITM accuracy and loss averaged over the last 10 % of the vl stage's logged steps
+    (one batch is too few rows to say whether ITM learned): {"itm_train_acc", "itm_train_loss"},
+    or {} without a vl log (a run without ITM rows logs none)."""
+    from .logs import read_metrics
+    rows = [r for r in read_metrics(path) if "itm_acc" in r and "itm" in r]
+    if not rows:
+        return {}
+    tail = rows[-max(1, int(round(TAIL_FRACTION * len(rows)))):]
+    return {"itm_train_acc": sum(float(r["itm_acc"]) for r in tail) / len(tail),
+            "itm_train_loss": sum(float(r["itm"]) for r in tail) / len(tail)}
+
+
+def _complete_result(result: Dict, path: Path, run_dir: Path) -> Dict:
+    """A result written before the runner recorded the vl stage's ITM tail gets it from the
+    run's own metrics log (when the run folder is there), and is written back."""
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict) or "itm_train_acc" in metrics:
+        return result
+    tail = vl_training_tail(run_dir / "pretrain" / "vl" / "metrics.jsonl")
+    if tail:
+        metrics.update(tail)
+        result.setdefault("chance", {})["itm_train_acc"] = ITM_PRIOR_ACCURACY
+        atomic_write_json(path, result)
+    return result
 
 
 def _last_metrics(path: Path) -> Dict:
@@ -732,16 +768,21 @@ def _table_metrics(summary: Dict) -> List[str]:
     order = []
     for split in summary["splits"]:
         order += [f"retrieval_{split}_mean", f"retrieval_{split}_r1", f"retrieval_{split}_r10",
-                  f"zeroshot_{split}_top1", f"nlvr2_{split}_acc"]
+                  f"rerank_{split}_mean", f"zeroshot_{split}_top1", f"nlvr2_{split}_acc"]
+    order.append("itm_train_acc")
     return [m for m in order if m in present]
 
 
 METRIC_NAMES = {"retrieval_{}_mean": "retrieval mean R ({})", "retrieval_{}_r1": "R@1 ({})",
                 "retrieval_{}_r10": "R@10 ({})", "zeroshot_{}_top1": "zero-shot top-1 ({})",
                 "nlvr2_{}_acc": "NLVR2 acc ({})", "rerank_{}_mean": "ITC+ITM re-rank mean R ({})"}
+SPLITLESS_METRIC_NAMES = {"itm_train_acc": "ITM acc (train, last 10 % of vl)",
+                          "itm_train_loss": "ITM loss (train, last 10 % of vl)"}
 
 
 def metric_name(metric: str, splits: Sequence[str]) -> str:
+    if metric in SPLITLESS_METRIC_NAMES:
+        return SPLITLESS_METRIC_NAMES[metric]
     for split in sorted(splits, key=len, reverse=True):   # test_comp before test
         for pattern, name in METRIC_NAMES.items():
             if metric == pattern.format(split):
@@ -862,6 +903,9 @@ def _load_result(path: Path, settings: Settings) -> Optional[Dict]:
     if differ:
         raise ValueError(f"{path} holds a run made with other settings (they differ in {', '.join(differ)}); "
                          "use another --output-dir or delete it")
+    variant, seed = result.get("variant"), result.get("seed")
+    if isinstance(variant, str) and isinstance(seed, int):
+        result = _complete_result(result, path, path.parent.parent / "runs" / variant / f"seed{seed}")
     return result
 
 
