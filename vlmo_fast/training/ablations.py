@@ -171,7 +171,7 @@ BUDGETS: Dict[str, Budget] = {
     # preset at 64 pixels, batch 32, lr 2e-3, 100 + 100 + 800 steps when this was written),
     # evaluated on the whole test splits; a 200-step NLVR2 fine-tune.
     "small": Budget(arms=tuple(ARMS), seeds=3, pretrain=demo_pretrain_args(),
-                    note="the demo's job: 4.4M parameters, 64-pixel images, the demo's vl steps"),
+                    note="the demo's job: 0.5M parameters, 64-pixel images, the demo's vl steps"),
     # The paper's scale, documented only (GPUs, real data): base preset at 224 pixels, vision
     # stage from a BEiT checkpoint, vl stage 200k steps at batch 1024, lr 2e-4, warmup 2500,
     # AdamW (0.9, 0.98), weight decay 0.01 (train/pretrain.py's defaults); text stage as the
