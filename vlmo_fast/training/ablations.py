@@ -1029,40 +1029,47 @@ def _run_plan_in_processes(runs: Sequence[Run], args, settings: Settings, out_di
     running: Dict[str, Tuple[subprocess.Popen, float, Run]] = {}
     failed: List[str] = []
     spent: List[float] = []
-    while pending or running:
-        while pending and len(running) < args.jobs and not failed:
-            r = pending.pop(0)
-            log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a", encoding="utf-8") as f:
-                proc = subprocess.Popen(base + ["--only-run", r.name], cwd=ROOT, env=env,
-                                        stdout=f, stderr=subprocess.STDOUT)
-            running[r.name] = (proc, time.perf_counter(), r)
-        if failed and not running:
-            break
-        time.sleep(2.0)
-        for name, (proc, t0, r) in list(running.items()):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            del running[name]
-            log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
-            if rc != 0:
-                failed.append(name)
-                print(f"{name}: failed (exit {rc}); its logs are in {log.parent} (a rerun resumes it)",
-                      file=sys.stderr, flush=True)
-                continue
-            result = _load_result(out_dir / "results" / f"{name}.json", settings)
-            if result is None:
-                failed.append(name)
-                print(f"{name}: exited without its result JSON; see {log}", file=sys.stderr, flush=True)
-                continue
-            results[name] = result
-            spent.append(time.perf_counter() - t0)
-            left = len(pending) + len(running)
-            eta = _duration(math.ceil(left / args.jobs) * sum(spent) / len(spent)) if left else "0s"
-            print(f"[{len(results)}/{len(runs)}] {name}: {_headline_text(result, headline)} in "
-                  f"{_duration(spent[-1])}; ~{eta} left", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs and not failed:
+                r = pending.pop(0)
+                log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a", encoding="utf-8") as f:
+                    proc = subprocess.Popen(base + ["--only-run", r.name], cwd=ROOT, env=env,
+                                            stdout=f, stderr=subprocess.STDOUT)
+                running[r.name] = (proc, time.perf_counter(), r)
+            if failed and not running:
+                break
+            time.sleep(2.0)
+            for name, (proc, t0, r) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
+                if rc != 0:
+                    failed.append(name)
+                    print(f"{name}: failed (exit {rc}); its logs are in {log.parent} (a rerun resumes it)",
+                          file=sys.stderr, flush=True)
+                    continue
+                result = _load_result(out_dir / "results" / f"{name}.json", settings)
+                if result is None:
+                    failed.append(name)
+                    print(f"{name}: exited without its result JSON; see {log}", file=sys.stderr, flush=True)
+                    continue
+                results[name] = result
+                spent.append(time.perf_counter() - t0)
+                left = len(pending) + len(running)
+                eta = _duration(math.ceil(left / args.jobs) * sum(spent) / len(spent)) if left else "0s"
+                print(f"[{len(results)}/{len(runs)}] {name}: {_headline_text(result, headline)} in "
+                      f"{_duration(spent[-1])}; ~{eta} left", flush=True)
+    finally:
+        # interrupted (Ctrl-C, an error here): stop the runs in flight; a rerun resumes them
+        for proc, _, _ in running.values():
+            proc.terminate()
+        for proc, _, _ in running.values():
+            proc.wait()
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; a rerun resumes them "
                            "and skips the finished ones")
