@@ -301,3 +301,11 @@ def test_tiny_budget_on_a_manifest_of_real_png_files(tmp_path, capsys):
         assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6), name
         assert (out2 / "runs" / name.split("-seed")[0] / "seed0" / "runner.log").is_file()
     assert summary2["arms"] == summary["arms"]
+
+
+@pytest.mark.parametrize("flag, value", [("--hard-negative-scale", "1.5"), ("--hard-negative-scale", "-0.1"),
+                                         ("--hard-negative-warmup", "-1")])
+def test_pretrain_refuses_bad_hard_negative_flags_before_any_work(flag, value):
+    from vlmo_fast.training.pretrain import validate_args
+    with pytest.raises(ValueError, match=f"{flag} must be"):
+        validate_args(_pretrain_args(flag, value))

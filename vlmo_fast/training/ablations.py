@@ -316,6 +316,13 @@ class Run:
     def name(self) -> str:
         return f"{self.variant}-seed{self.seed}"
 
+    def folder(self, out_dir: Path) -> Path:
+        """Where the run's jobs write (pretrain/, eval/, nlvr2/, logs)."""
+        return out_dir / "runs" / self.variant / f"seed{self.seed}"
+
+    def result_path(self, out_dir: Path) -> Path:
+        return out_dir / "results" / f"{self.name}.json"
+
 
 def parse_arms(text: Optional[str], budget: Budget) -> Tuple[str, ...]:
     if text is None:
@@ -589,7 +596,7 @@ def execute_run(run: Run, budget: Budget, settings: Settings, out_dir: Path, tok
     from .pretrain import build_parser as pretrain_parser
     from .pretrain import run as run_pretrain
     variant = VARIANTS[run.variant]
-    run_dir = out_dir / "runs" / run.variant / f"seed{run.seed}"
+    run_dir = run.folder(out_dir)
     pretrain_dir = run_dir / "pretrain"
     argv = pretrain_argv(run, budget, settings, tokenizer_dir, pretrain_dir)
     final = pretrain_dir / "vl" / "final"
@@ -905,7 +912,7 @@ def _load_result(path: Path, settings: Settings) -> Optional[Dict]:
                          "use another --output-dir or delete it")
     variant, seed = result.get("variant"), result.get("seed")
     if isinstance(variant, str) and isinstance(seed, int):
-        result = _complete_result(result, path, path.parent.parent / "runs" / variant / f"seed{seed}")
+        result = _complete_result(result, path, Run(variant, seed).folder(path.parent.parent))
     return result
 
 
@@ -940,7 +947,7 @@ def run(args) -> Dict:
             return {"runs": [r.name for r in runs]}
         for r in runs:
             argv = pretrain_argv(r, budget, settings, out_dir / "tokenizer",
-                                 out_dir / "runs" / r.variant / f"seed{r.seed}" / "pretrain")
+                                 r.folder(out_dir) / "pretrain")
             launcher = (f"deepspeed --num_gpus {VARIANTS[r.variant].processes} "
                         if VARIANTS[r.variant].processes > 1 else "python ")
             print(f"{r.name}: {launcher}train/pretrain.py " + shlex.join(argv))
@@ -970,8 +977,7 @@ def _run_plan(runs: Sequence[Run], budget: Budget, settings: Settings, out_dir: 
     headline = headline_metric(settings.eval_splits)
     results, spent = [], []
     for i, r in enumerate(runs, 1):
-        path = out_dir / "results" / f"{r.name}.json"
-        result = _load_result(path, settings)
+        result = _load_result(r.result_path(out_dir), settings)
         if result is not None:
             results.append(result)
             print(f"[{i}/{len(runs)}] {r.name}: finished earlier ({_headline_text(result, headline)})", flush=True)
@@ -979,17 +985,26 @@ def _run_plan(runs: Sequence[Run], budget: Budget, settings: Settings, out_dir: 
         try:
             result = _execute_and_record(r, budget, settings, out_dir, tokenizer_dir)
         except BaseException:
-            print(f"[{i}/{len(runs)}] {r.name}: failed; its logs are in "
-                  f"{out_dir / 'runs' / r.variant / f'seed{r.seed}'} (a rerun resumes it)",
+            print(f"[{i}/{len(runs)}] {r.name}: failed; its logs are in {r.folder(out_dir)} (a rerun resumes it)",
                   file=sys.stderr, flush=True)
             raise
         results.append(result)
         spent.append(result["timings"]["total_s"])
-        left = len(runs) - i
-        eta = _duration(left * sum(spent) / len(spent)) if left else "0s"
-        print(f"[{i}/{len(runs)}] {r.name}: {_headline_text(result, headline)} in "
-              f"{_duration(spent[-1])}; ~{eta} left", flush=True)
-    summary = write_summary(out_dir, results, arms, settings.eval_splits)
+        _print_finished(i, len(runs), r.name, result, headline, spent, len(runs) - i)
+    return _summarize_and_print(out_dir, results, arms, settings.eval_splits)
+
+
+def _print_finished(done: int, total: int, name: str, result: Dict, headline: str, spent: Sequence[float],
+                    rounds_left: int) -> None:
+    """The one progress line per finished run; the time left is rounds_left x the mean run time."""
+    eta = _duration(rounds_left * sum(spent) / len(spent)) if rounds_left else "0s"
+    print(f"[{done}/{total}] {name}: {_headline_text(result, headline)} in {_duration(spent[-1])}; "
+          f"~{eta} left", flush=True)
+
+
+def _summarize_and_print(out_dir: Path, results: Sequence[Dict], arms: Sequence[str],
+                         splits: Sequence[str]) -> Dict:
+    summary = write_summary(out_dir, results, arms, splits)
     print(markdown(summary), end="", flush=True)
     print(f"saved {out_dir / 'summary.md'}, {out_dir / 'summary.json'}, {out_dir / 'ablations.png'}", flush=True)
     return summary
@@ -1001,7 +1016,7 @@ def _execute_and_record(run: Run, budget: Budget, settings: Settings, out_dir: P
     t0 = time.perf_counter()
     result = execute_run(run, budget, settings, out_dir, tokenizer_dir)
     result["timings"]["total_s"] = time.perf_counter() - t0
-    atomic_write_json(out_dir / "results" / f"{run.name}.json", result)
+    atomic_write_json(run.result_path(out_dir), result)
     return result
 
 
@@ -1015,7 +1030,7 @@ def _run_plan_in_processes(runs: Sequence[Run], args, settings: Settings, out_di
     results: Dict[str, Dict] = {}
     pending = []
     for r in runs:
-        found = _load_result(out_dir / "results" / f"{r.name}.json", settings)
+        found = _load_result(r.result_path(out_dir), settings)
         if found is None:
             pending.append(r)
         else:
@@ -1033,7 +1048,7 @@ def _run_plan_in_processes(runs: Sequence[Run], args, settings: Settings, out_di
         while pending or running:
             while pending and len(running) < args.jobs and not failed:
                 r = pending.pop(0)
-                log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
+                log = r.folder(out_dir) / "runner.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "a", encoding="utf-8") as f:
                     proc = subprocess.Popen(base + ["--only-run", r.name], cwd=ROOT, env=env,
@@ -1047,23 +1062,21 @@ def _run_plan_in_processes(runs: Sequence[Run], args, settings: Settings, out_di
                 if rc is None:
                     continue
                 del running[name]
-                log = out_dir / "runs" / r.variant / f"seed{r.seed}" / "runner.log"
+                log = r.folder(out_dir) / "runner.log"
                 if rc != 0:
                     failed.append(name)
                     print(f"{name}: failed (exit {rc}); its logs are in {log.parent} (a rerun resumes it)",
                           file=sys.stderr, flush=True)
                     continue
-                result = _load_result(out_dir / "results" / f"{name}.json", settings)
+                result = _load_result(r.result_path(out_dir), settings)
                 if result is None:
                     failed.append(name)
                     print(f"{name}: exited without its result JSON; see {log}", file=sys.stderr, flush=True)
                     continue
                 results[name] = result
                 spent.append(time.perf_counter() - t0)
-                left = len(pending) + len(running)
-                eta = _duration(math.ceil(left / args.jobs) * sum(spent) / len(spent)) if left else "0s"
-                print(f"[{len(results)}/{len(runs)}] {name}: {_headline_text(result, headline)} in "
-                      f"{_duration(spent[-1])}; ~{eta} left", flush=True)
+                _print_finished(len(results), len(runs), name, result, headline, spent,
+                                math.ceil((len(pending) + len(running)) / args.jobs))
     finally:
         # interrupted (Ctrl-C, an error here): stop the runs in flight; a rerun resumes them
         for proc, _, _ in running.values():
@@ -1073,11 +1086,7 @@ def _run_plan_in_processes(runs: Sequence[Run], args, settings: Settings, out_di
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; a rerun resumes them "
                            "and skips the finished ones")
-    ordered = [results[r.name] for r in runs]
-    summary = write_summary(out_dir, ordered, arms, settings.eval_splits)
-    print(markdown(summary), end="", flush=True)
-    print(f"saved {out_dir / 'summary.md'}, {out_dir / 'summary.json'}, {out_dir / 'ablations.png'}", flush=True)
-    return summary
+    return _summarize_and_print(out_dir, [results[r.name] for r in runs], arms, settings.eval_splits)
 
 
 def _child_args(args) -> List[str]:
